@@ -1,0 +1,178 @@
+//! Command-line contract of the `retinanet` binary (DESIGN.md section 1).
+//!
+//! Outside scripts call these commands exactly as written here: keep the
+//! names, flags and outputs stable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "retinanet",
+    version,
+    about = "Train, evaluate and run RetinaNet object detectors on COCO-format data",
+    long_about = "Train, evaluate and run RetinaNet object detectors on COCO-format data, \
+on CPU, CUDA or Metal. `retinanet train` with no arguments trains the `shapes` preset \
+on a synthetic dataset it generates on first use."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a detector (default: the `shapes` preset on synthetic data).
+    Train(TrainArgs),
+    /// Score a model on a split, or a COCO results file against ground truth.
+    Eval(EvalArgs),
+    /// Run a model on images or folders and draw or print its detections.
+    Predict(PredictArgs),
+    /// Generate the synthetic shapes dataset (COCO layout).
+    Synth(SynthArgs),
+    /// Validate a dataset and print its statistics.
+    Inspect(InspectArgs),
+    /// Time a training step or inference on random data.
+    Bench(BenchArgs),
+}
+
+/// Options shared by every command that reads a config.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// Preset name (shapes, bccd, retinanet_r50_fpn_coco,
+    /// torchvision_retinanet_r50_fpn) or path to a TOML config.
+    #[arg(long, value_name = "CFG")]
+    pub config: Option<String>,
+    /// Override a config key, e.g. `--set train.batch_size=8`
+    /// (VALUE is parsed as TOML, falling back to a string). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
+    #[arg(long, default_value = "auto", value_name = "D")]
+    pub device: String,
+    /// Run folder (default runs/<config-name>, suffixed -2, -3 ... if taken).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue a run exactly: a run folder or a checkpoint folder.
+    #[arg(long, value_name = "RUN_OR_CKPT")]
+    pub resume: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model weights: a run folder, a checkpoint folder or a .safetensors file.
+    #[arg(long, value_name = "W", conflicts_with_all = ["gt", "dt"])]
+    pub weights: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Split to evaluate with --weights (train, val, or an annotation file name).
+    #[arg(long, default_value = "val")]
+    pub split: String,
+    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
+    #[arg(long, default_value = "auto", value_name = "D")]
+    pub device: String,
+    /// Output folder for detections and precision-recall plots.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// COCO ground-truth annotation file (scoring without a model).
+    #[arg(long, value_name = "GT.json", requires = "dt")]
+    pub gt: Option<PathBuf>,
+    /// COCO results file to score against --gt.
+    #[arg(long, value_name = "DT.json", requires = "gt")]
+    pub dt: Option<PathBuf>,
+    /// Print exactly one JSON object on stdout and nothing else there.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Model weights: a run folder, a checkpoint folder or a .safetensors file.
+    #[arg(long, value_name = "W")]
+    pub weights: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Image files or folders of images.
+    #[arg(value_name = "INPUT", required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Output folder for drawn images and predictions.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Keep detections scoring at least this.
+    #[arg(long, value_name = "X")]
+    pub score_thresh: Option<f32>,
+    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
+    #[arg(long, default_value = "auto", value_name = "D")]
+    pub device: String,
+    /// Print the detections as one JSON array on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Dataset folder to write (images/ and annotations/ inside).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Number of training images.
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    pub train: usize,
+    /// Number of validation images.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub val: usize,
+    /// Image side in pixels (square images).
+    #[arg(long, default_value_t = 192, value_name = "PX")]
+    pub size: u32,
+    /// Random seed: the same seed gives byte-identical files.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Split to inspect: train, val, or an annotation file relative to data.root.
+    #[arg(long, default_value = "train", value_name = "S")]
+    pub split: String,
+    /// Folder to draw sample images with their boxes into.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    Train,
+    Infer,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// What to time: a full training step, or inference.
+    #[arg(long, value_enum, default_value_t = BenchMode::Train)]
+    pub mode: BenchMode,
+    /// Square input side in pixels.
+    #[arg(long, default_value_t = 512, value_name = "PX")]
+    pub size: u32,
+    /// Images per step.
+    #[arg(long, default_value_t = 2, value_name = "B")]
+    pub batch: usize,
+    /// Timed steps after warm-up.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub steps: usize,
+    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
+    #[arg(long, default_value = "auto", value_name = "D")]
+    pub device: String,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}

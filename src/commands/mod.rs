@@ -1,0 +1,22 @@
+//! One module per subcommand. Commands read files, call the library and
+//! print; they do no tensor math.
+
+use anyhow::{bail, Result};
+
+use crate::cli::Command;
+
+/// Runs one parsed command.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Train(_) => not_built("train", "the model and trainer"),
+        Command::Eval(_) => not_built("eval", "the COCO evaluator"),
+        Command::Predict(_) => not_built("predict", "the model"),
+        Command::Synth(_) => not_built("synth", "the synthetic generator"),
+        Command::Inspect(_) => not_built("inspect", "the dataset inspector"),
+        Command::Bench(_) => not_built("bench", "the model and trainer"),
+    }
+}
+
+fn not_built(command: &str, what: &str) -> Result<()> {
+    bail!("`retinanet {command}` is not built yet: {what} has not landed in this version")
+}

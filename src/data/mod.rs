@@ -1,0 +1,4 @@
+//! Datasets: COCO annotations, image decoding, transforms, batching, and the
+//! synthetic shapes generator.
+
+pub mod coco;

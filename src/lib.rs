@@ -1,0 +1,8 @@
+//! candle-retinanet: RetinaNet object detection in Rust on Candle.
+//!
+//! Data flows one way: dataset -> transforms -> batches -> model -> loss
+//! (training) or postprocess -> detections -> COCO evaluation / drawing.
+
+pub mod cli;
+pub mod commands;
+pub mod data;
