@@ -1,0 +1,689 @@
+//! Typed configuration: every key has a serde default, presets are compiled
+//! in, and `--set a.b=VALUE` overrides are checked against the schema.
+//!
+//! Resolution order (later wins): the struct defaults, the preset or file
+//! named by `--config` (which may name its own `base`, detectron2-style),
+//! then each `--set`. Unknown keys and mistyped values are rejected with the
+//! key's full path, before serde sees the tree.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::data::coco::LabelMode;
+
+/// Presets shipped in `configs/`, compiled into the binary.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("shapes", include_str!("../configs/shapes.toml")),
+    ("bccd", include_str!("../configs/bccd.toml")),
+    ("retinanet_r50_fpn_coco", include_str!("../configs/retinanet_r50_fpn_coco.toml")),
+    ("torchvision_retinanet_r50_fpn", include_str!("../configs/torchvision_retinanet_r50_fpn.toml")),
+];
+
+/// The preset used when `--config` is not given.
+pub const DEFAULT_PRESET: &str = "shapes";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Preset name or file this config inherits from ("" for none).
+    pub base: String,
+    /// Run name, used for the default output folder `runs/<name>`.
+    pub name: String,
+    pub data: DataConfig,
+    pub input: InputConfig,
+    pub model: ModelConfig,
+    pub loss: LossConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            base: String::new(),
+            name: DEFAULT_PRESET.to_string(),
+            data: DataConfig::default(),
+            input: InputConfig::default(),
+            model: ModelConfig::default(),
+            loss: LossConfig::default(),
+            train: TrainConfig::default(),
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+/// Where the dataset lives and how it is read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset folder. Empty: the synthetic shapes set, generated on first
+    /// use into the cache folder (see `data.synth`).
+    pub root: String,
+    /// Training annotations, relative to `root`.
+    pub train: String,
+    /// Validation annotations, relative to `root`.
+    pub val: String,
+    /// Image folder, relative to `root`.
+    pub images: String,
+    /// How category ids become labels.
+    pub label_mode: LabelMode,
+    /// Drop training images without annotations (they are kept as negatives
+    /// by default).
+    pub drop_empty: bool,
+    /// Skip (and count) images that are missing or cannot be decoded,
+    /// instead of stopping with an error.
+    pub skip_bad_images: bool,
+    /// Class names, filled in from the dataset when the config is resolved.
+    pub classes: Vec<String>,
+    pub synth: SynthConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            root: String::new(),
+            train: "annotations/instances_train.json".into(),
+            val: "annotations/instances_val.json".into(),
+            images: "images".into(),
+            label_mode: LabelMode::Contiguous,
+            drop_empty: false,
+            skip_bad_images: false,
+            classes: Vec::new(),
+            synth: SynthConfig::default(),
+        }
+    }
+}
+
+/// The synthetic shapes dataset used when `data.root` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SynthConfig {
+    pub train: usize,
+    pub val: usize,
+    /// Square image side in pixels.
+    pub size: u32,
+    pub seed: u64,
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        Self { train: 2000, val: 200, size: 192, seed: 0 }
+    }
+}
+
+/// The model's input transform (torchvision's GeneralizedRCNNTransform).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InputConfig {
+    /// Target short side; training picks one per image at random, evaluation
+    /// uses the last.
+    pub min_size: Vec<u32>,
+    /// Cap on the long side.
+    pub max_size: u32,
+    /// Batches are zero-padded to a multiple of this.
+    pub size_divisible: u32,
+    /// Per-channel mean and std of RGB in [0, 1] (ImageNet's by default).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Probability of a horizontal flip in training.
+    pub hflip_prob: f32,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        Self {
+            min_size: vec![800],
+            max_size: 1333,
+            size_divisible: 32,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            hflip_prob: 0.5,
+        }
+    }
+}
+
+/// Normalisation layers of the backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackboneNorm {
+    /// Fixed statistics and affine (pretrained backbones); folded into the
+    /// preceding convolution at load time.
+    FrozenBn,
+    /// BatchNorm with batch statistics in training, running ones in eval.
+    Bn,
+    /// GroupNorm (`model.backbone.gn_groups` groups).
+    Gn,
+}
+
+/// Where P6 is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum P6Source {
+    /// torchvision v1: `LastLevelP6P7(256, 256)` on P5.
+    P5,
+    /// The paper, detectron2 and torchvision v2: on C5.
+    C5,
+}
+
+/// Normalisation in the head towers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadNorm {
+    None,
+    /// GroupNorm(32) after each tower conv, as torchvision v2.
+    Gn,
+}
+
+/// Anchor conventions differ in rounding and ordering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnchorConvention {
+    /// Integer-truncated sizes, rounded base anchors, ratio-major order,
+    /// stride = padded size // grid size.
+    Torchvision,
+    /// Float sizes, size-major order, exact strides.
+    Detectron2,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Classification outputs; 0 takes the number from the dataset.
+    pub num_classes: usize,
+    pub backbone: BackboneConfig,
+    pub fpn: FpnConfig,
+    pub head: HeadConfig,
+    pub anchors: AnchorConfig,
+    pub box_coder: BoxCoderConfig,
+    pub postprocess: PostprocessConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            num_classes: 0,
+            backbone: BackboneConfig::default(),
+            fpn: FpnConfig::default(),
+            head: HeadConfig::default(),
+            anchors: AnchorConfig::default(),
+            box_coder: BoxCoderConfig::default(),
+            postprocess: PostprocessConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackboneConfig {
+    /// ResNet depth: 18, 34 (BasicBlock), 50, 101 (Bottleneck).
+    pub depth: usize,
+    /// Stem channels; torchvision's ResNets use 64. Stage widths scale with it.
+    pub width: usize,
+    pub norm: BackboneNorm,
+    /// BatchNorm epsilon: 0.0 for torchvision's COCO RetinaNet weights,
+    /// 1e-5 for PyTorch's default.
+    pub norm_eps: f64,
+    /// Groups when `norm = "gn"`.
+    pub gn_groups: usize,
+    /// detectron2's FREEZE_AT: 0 trains everything, 1 freezes the stem,
+    /// 2 the stem and layer1, and so on.
+    pub freeze_at: usize,
+    /// Pretrained weights: "" for none, a local .safetensors path, or
+    /// `hf:<repo>[/<file>]`.
+    pub weights: String,
+}
+
+impl Default for BackboneConfig {
+    fn default() -> Self {
+        Self {
+            depth: 50,
+            width: 64,
+            norm: BackboneNorm::FrozenBn,
+            norm_eps: 1e-5,
+            gn_groups: 32,
+            freeze_at: 2,
+            weights: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FpnConfig {
+    /// Channels of P3-P7 (and of the head towers).
+    pub channels: usize,
+    pub p6_from: P6Source,
+}
+
+impl Default for FpnConfig {
+    fn default() -> Self {
+        Self { channels: 256, p6_from: P6Source::P5 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadConfig {
+    /// Convolutions in each tower before the output layer.
+    pub num_convs: usize,
+    pub norm: HeadNorm,
+    /// Initial foreground probability of every anchor (sets the cls bias).
+    pub prior_prob: f64,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self { num_convs: 4, norm: HeadNorm::None, prior_prob: 0.01 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnchorConfig {
+    /// Base anchor size on each level P3..P7.
+    pub sizes: Vec<f64>,
+    /// Scales applied to each base size.
+    pub scales: Vec<f64>,
+    /// Aspect ratios h / w.
+    pub ratios: Vec<f64>,
+    pub convention: AnchorConvention,
+}
+
+impl Default for AnchorConfig {
+    fn default() -> Self {
+        Self {
+            sizes: vec![32.0, 64.0, 128.0, 256.0, 512.0],
+            scales: vec![1.0, 2f64.powf(1.0 / 3.0), 2f64.powf(2.0 / 3.0)],
+            ratios: vec![0.5, 1.0, 2.0],
+            convention: AnchorConvention::Torchvision,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BoxCoderConfig {
+    /// Weights (wx, wy, ww, wh) of the encoded deltas.
+    pub weights: [f64; 4],
+}
+
+impl Default for BoxCoderConfig {
+    fn default() -> Self {
+        Self { weights: [1.0; 4] }
+    }
+}
+
+/// torchvision's RetinaNet postprocess parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostprocessConfig {
+    /// Per level, keep (anchor, class) pairs scoring above this.
+    pub score_thresh: f64,
+    /// Per level, keep at most this many candidates.
+    pub topk_candidates: usize,
+    /// Class-wise NMS: suppress boxes with IoU above this.
+    pub nms_thresh: f64,
+    /// Keep the best this many detections per image.
+    pub detections_per_img: usize,
+}
+
+impl Default for PostprocessConfig {
+    fn default() -> Self {
+        Self { score_thresh: 0.05, topk_candidates: 1000, nms_thresh: 0.5, detections_per_img: 300 }
+    }
+}
+
+/// Box regression loss on foreground anchors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxLoss {
+    L1,
+    SmoothL1,
+    Giou,
+}
+
+/// How the summed losses are normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossNormalizer {
+    /// torchvision: per image, sum / max(1, foreground anchors), then mean.
+    PerImage,
+    /// detectron2: batch sum / EMA of the foreground count.
+    Ema,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossConfig {
+    pub focal_alpha: f64,
+    pub focal_gamma: f64,
+    pub box_loss: BoxLoss,
+    /// Beta of the smooth L1 loss.
+    pub smooth_l1_beta: f64,
+    pub normalizer: LossNormalizer,
+    /// Anchors with IoU >= this are foreground.
+    pub fg_iou_thresh: f64,
+    /// Anchors with IoU < this are background; between the two, ignored.
+    pub bg_iou_thresh: f64,
+    /// Give each ground-truth box its best anchors even below `fg_iou_thresh`.
+    pub allow_low_quality_matches: bool,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            focal_alpha: 0.25,
+            focal_gamma: 2.0,
+            box_loss: BoxLoss::L1,
+            smooth_l1_beta: 0.1,
+            normalizer: LossNormalizer::PerImage,
+            fg_iou_thresh: 0.5,
+            bg_iou_thresh: 0.4,
+            allow_low_quality_matches: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// SGD with momentum and weight decay.
+    Sgd,
+    AdamW,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Multiply by `lr_gamma` at each of `lr_steps`.
+    Multistep,
+    /// Cosine decay from `lr` to 0 over the run.
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Total optimiser steps; 0 derives it from `epochs`. When set, it wins.
+    pub max_steps: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Steps between checkpoints (one is also written at the end).
+    pub checkpoint_every: usize,
+    /// Epochs between evaluations on the val split (0: only at the end).
+    pub eval_every: usize,
+    /// Steps between log lines and `metrics.jsonl` entries.
+    pub log_every: usize,
+    pub optimizer: OptimizerKind,
+    /// Base learning rate for `batch_size` images per step.
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// No weight decay on normalisation and bias parameters.
+    pub no_decay_norm_bias: bool,
+    /// Linear warmup length in steps, starting at `warmup_factor * lr`.
+    pub warmup_steps: usize,
+    pub warmup_factor: f64,
+    pub schedule: LrSchedule,
+    /// Steps at which the multistep schedule decays.
+    pub lr_steps: Vec<usize>,
+    pub lr_gamma: f64,
+    /// Clip gradients to this global L2 norm (0: no clipping).
+    pub clip_grad_norm: f64,
+    pub precision: Precision,
+    /// Image decoding threads of the loader.
+    pub workers: usize,
+    /// Batches decoded ahead of the training step.
+    pub prefetch: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 12,
+            max_steps: 0,
+            batch_size: 16,
+            seed: 0,
+            checkpoint_every: 1000,
+            eval_every: 1,
+            log_every: 20,
+            optimizer: OptimizerKind::Sgd,
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            no_decay_norm_bias: false,
+            warmup_steps: 1000,
+            warmup_factor: 0.001,
+            schedule: LrSchedule::Multistep,
+            lr_steps: Vec::new(),
+            lr_gamma: 0.1,
+            clip_grad_norm: 0.0,
+            precision: Precision::F32,
+            workers: 2,
+            prefetch: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Images per inference batch.
+    pub batch_size: usize,
+    /// COCOeval maxDets.
+    pub max_dets: Vec<usize>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { batch_size: 8, max_dets: vec![1, 10, 100] }
+    }
+}
+
+impl Config {
+    /// Resolves `--config` (a preset name or a TOML path; None: the default
+    /// preset) and applies each `--set KEY=VALUE`.
+    pub fn resolve(config: Option<&str>, overrides: &[String]) -> Result<Self> {
+        let name = config.unwrap_or(DEFAULT_PRESET);
+        let mut tree = load_tree(name, 0)?;
+        for item in overrides {
+            apply_override(&mut tree, item)?;
+        }
+        if !tree.contains_key("name") {
+            tree.insert("name".into(), toml::Value::String(config_source_name(name)));
+        }
+        let config = Self::from_tree(tree)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a resolved config as written beside a run (`config.toml`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let tree: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+        let config = Self::from_tree(tree).with_context(|| path.display().to_string())?;
+        config.validate().with_context(|| path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks a merged TOML tree against the schema and deserialises it;
+    /// errors name the key's full path.
+    fn from_tree(tree: toml::Table) -> Result<Self> {
+        let schema = toml::Value::try_from(Config::default()).expect("the default config serialises");
+        check_against_schema(&tree, &schema, "")?;
+        serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|e| anyhow!("config key {}: {}", e.path(), one_line(&e.inner().to_string())))
+    }
+
+    /// The config as TOML, for `config.toml` beside every run and checkpoint.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config serialises")
+    }
+
+    /// Checks value ranges that types alone cannot express.
+    pub fn validate(&self) -> Result<()> {
+        let b = &self.model.backbone;
+        if ![18, 34, 50, 101].contains(&b.depth) {
+            bail!("config key model.backbone.depth: expected 18, 34, 50 or 101, got {}", b.depth);
+        }
+        if self.input.min_size.is_empty() || self.input.min_size.contains(&0) {
+            bail!("config key input.min_size: expected a non-empty list of positive sizes");
+        }
+        if self.input.size_divisible == 0 {
+            bail!("config key input.size_divisible: expected a positive integer");
+        }
+        if self.train.batch_size == 0 {
+            bail!("config key train.batch_size: expected a positive integer");
+        }
+        if self.model.anchors.sizes.len() != 5 {
+            bail!("config key model.anchors.sizes: expected 5 sizes (P3-P7), got {}", self.model.anchors.sizes.len());
+        }
+        if !(0.0..=1.0).contains(&self.input.hflip_prob) {
+            bail!("config key input.hflip_prob: expected a probability in [0, 1]");
+        }
+        Ok(())
+    }
+}
+
+/// The run name a config source gives: the preset name or the file stem.
+fn config_source_name(source: &str) -> String {
+    Path::new(source).file_stem().map_or_else(|| source.to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Inheritance deeper than this is taken to be a cycle.
+const MAX_BASE_DEPTH: usize = 8;
+
+/// Reads a preset or file into a TOML table, merging in its `base` chain.
+fn load_tree(source: &str, depth: usize) -> Result<toml::Table> {
+    if depth > MAX_BASE_DEPTH {
+        bail!("config {source}: `base` chain is deeper than {MAX_BASE_DEPTH} (a cycle?)");
+    }
+    let (origin, text) = match PRESETS.iter().find(|(name, _)| *name == source) {
+        Some((name, text)) => (format!("preset {name}"), text.to_string()),
+        None => {
+            let path = Path::new(source);
+            if !path.exists() {
+                let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
+                bail!("config {source}: no such preset or file (presets: {})", names.join(", "));
+            }
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {source}"))?;
+            (source.to_string(), text)
+        }
+    };
+    let mut tree: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", one_line(&e.to_string())))?;
+    let base = match tree.remove("base") {
+        None => return Ok(tree),
+        Some(toml::Value::String(base)) if base.is_empty() => return Ok(tree),
+        Some(toml::Value::String(base)) => base,
+        Some(other) => bail!("{origin}: config key base: expected a string, got {}", other.type_str()),
+    };
+    let mut merged = load_tree(&base, depth + 1).with_context(|| format!("{origin}: base {base}"))?;
+    merge(&mut merged, tree);
+    Ok(merged)
+}
+
+/// Deep-merges `over` into `into`; tables merge key by key, values replace.
+fn merge(into: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies one `a.b.c=VALUE`; VALUE is TOML, or else a bare string.
+fn apply_override(tree: &mut toml::Table, item: &str) -> Result<()> {
+    let Some((key, raw)) = item.split_once('=') else {
+        bail!("--set {item}: expected KEY=VALUE");
+    };
+    let key = key.trim();
+    let value = parse_value(raw.trim());
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("--set {item}: empty key"))?;
+    let mut table = tree;
+    for (i, part) in parts.iter().enumerate() {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("--set {item}: config key {} is not a table", parts[..=i].join(".")))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// Rejects keys the schema lacks (listing the valid ones at that level) and
+/// values whose TOML type differs from the default's.
+fn check_against_schema(tree: &toml::Table, schema: &toml::Value, prefix: &str) -> Result<()> {
+    let schema = schema.as_table().expect("schema level is a table");
+    for (key, value) in tree {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let Some(expected) = schema.get(key) else {
+            let mut valid: Vec<&str> = schema.keys().map(String::as_str).collect();
+            valid.sort_unstable();
+            let level = if prefix.is_empty() { "the top level".to_string() } else { prefix.to_string() };
+            bail!("unknown config key {path}; valid keys at {level}: {}", valid.join(", "));
+        };
+        match (expected, value) {
+            (toml::Value::Table(_), toml::Value::Table(t)) => check_against_schema(t, expected, &path)?,
+            _ => check_type(&path, expected, value)?,
+        }
+    }
+    Ok(())
+}
+
+fn check_type(path: &str, expected: &toml::Value, value: &toml::Value) -> Result<()> {
+    use toml::Value as V;
+    let ok = match (expected, value) {
+        (V::Float(_), V::Integer(_)) => true, // 1 where 1.0 is expected
+        (V::Array(e), V::Array(v)) => match e.first() {
+            Some(first) => v.iter().all(|item| check_type(path, first, item).is_ok()),
+            None => true,
+        },
+        (e, v) => std::mem::discriminant(e) == std::mem::discriminant(v),
+    };
+    if ok {
+        return Ok(());
+    }
+    let expected_kind = match expected {
+        V::Array(e) => format!("an array of {}", e.first().map_or("values", kind_name)),
+        other => kind_name(other).to_string(),
+    };
+    bail!("config key {path}: expected {expected_kind}, got {} {value}", kind_name(value))
+}
+
+fn kind_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a datetime",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
