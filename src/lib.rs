@@ -7,3 +7,5 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod model;
+pub mod ops;

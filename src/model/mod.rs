@@ -1,0 +1,5 @@
+//! RetinaNet (Lin et al. 2017) as torchvision's detection package builds it:
+//! one file per concern, parameter names equal to torchvision's state_dict.
+
+pub mod anchors;
+pub mod box_coder;

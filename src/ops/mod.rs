@@ -1,0 +1,5 @@
+//! Tensor and box operations the model needs beyond Candle's: box geometry
+//! and NMS (torchvision.ops.boxes) and a max-pool with a backward pass.
+
+pub mod boxes;
+pub mod maxpool;
