@@ -3,3 +3,8 @@
 
 pub mod anchors;
 pub mod box_coder;
+pub mod fpn;
+pub mod head;
+pub mod postprocess;
+pub mod resnet;
+pub mod retinanet;
