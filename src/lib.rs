@@ -7,5 +7,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod model;
+pub mod ops;
 pub mod train;
 pub mod viz;

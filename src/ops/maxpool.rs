@@ -1,0 +1,179 @@
+//! The ResNet stem's 3x3 stride-2 max-pool with padding 1, with a backward
+//! pass: Candle's `max_pool2d` only differentiates when kernel == stride.
+//!
+//! The gradient of each output goes to its window's argmax; the first
+//! maximum in row-major window order wins, as in PyTorch (padding never
+//! wins). On the CPU this is a `CustomOp1`; on other devices the pooled
+//! values are gathered from the input at argmax indices found on the CPU, so
+//! `index_select`'s backward routes the gradient the same way.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+
+const KERNEL: usize = 3;
+const STRIDE: usize = 2;
+const PADDING: usize = 1;
+
+/// Output side of the pool for an input side.
+fn out_size(n: usize) -> usize {
+    (n + 2 * PADDING - KERNEL) / STRIDE + 1
+}
+
+/// (batch, channels, height, width).
+type Dims4 = (usize, usize, usize, usize);
+
+/// Flat input index of each output's window maximum, for a contiguous
+/// [n, c, h, w] input. Returns the indices and the output shape.
+fn argmax_indices(x: &[f32], (n, c, h, w): Dims4) -> (Vec<u32>, Shape) {
+    let (oh, ow) = (out_size(h), out_size(w));
+    let mut idx = Vec::with_capacity(n * c * oh * ow);
+    for plane in 0..n * c {
+        let base = plane * h * w;
+        for oy in 0..oh {
+            let y0 = (oy * STRIDE).saturating_sub(PADDING);
+            let y1 = (oy * STRIDE + KERNEL - PADDING).min(h);
+            for ox in 0..ow {
+                let x0 = (ox * STRIDE).saturating_sub(PADDING);
+                let x1 = (ox * STRIDE + KERNEL - PADDING).min(w);
+                let mut best = base + y0 * w + x0;
+                for y in y0..y1 {
+                    for xx in x0..x1 {
+                        let i = base + y * w + xx;
+                        // NaN propagates like PyTorch's `val > max || isnan(val)`.
+                        if x[i] > x[best] || x[i].is_nan() && !x[best].is_nan() {
+                            best = i;
+                        }
+                    }
+                }
+                idx.push(best as u32);
+            }
+        }
+    }
+    (idx, Shape::from((n, c, oh, ow)))
+}
+
+/// The input as a contiguous f32 CPU vector with its 4 dimensions.
+fn cpu_values(x: &Tensor) -> Result<(Vec<f32>, Dims4)> {
+    let dims = x.dims4()?;
+    let values = x.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((values, dims))
+}
+
+/// The CPU custom op.
+struct MaxPool3x3S2P1;
+
+impl CustomOp1 for MaxPool3x3S2P1 {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2-p1"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{}: expected an f32 tensor, got {:?}", self.name(), storage.dtype());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: expected a contiguous tensor", self.name());
+        };
+        let x = &data[start..end];
+        let (idx, shape) = argmax_indices(x, layout.shape().dims4()?);
+        let out = idx.iter().map(|&i| x[i as usize]).collect();
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    /// Scatters each output gradient to its window's argmax.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (x, dims) = cpu_values(arg)?;
+        let (idx, _) = argmax_indices(&x, dims);
+        let grad = grad_res.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.len()];
+        for (&i, g) in idx.iter().zip(grad) {
+            out[i as usize] += g;
+        }
+        Ok(Some(Tensor::from_vec(out, arg.shape(), &candle_core::Device::Cpu)?.to_device(arg.device())?))
+    }
+}
+
+/// Max-pool 3x3, stride 2, padding 1: [n, c, h, w] -> [n, c, (h-1)/2+1, (w-1)/2+1].
+/// Differentiable on every device.
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(MaxPool3x3S2P1);
+    }
+    let (values, dims) = cpu_values(&x.detach())?;
+    let (idx, shape) = argmax_indices(&values, dims);
+    let len = idx.len();
+    let idx = Tensor::from_vec(idx, len, x.device())?;
+    x.flatten_all()?.index_select(&idx, 0)?.reshape(shape)
+}
+
+/// The same pool without a backward pass, for frozen stems: Candle's native
+/// kernel on an edge-replicated input (replicated values never change a
+/// window's maximum).
+pub fn max_pool_3x3_s2_p1_inference(x: &Tensor) -> Result<Tensor> {
+    let padded = x.pad_with_same(2, PADDING, PADDING)?.pad_with_same(3, PADDING, PADDING)?;
+    padded.max_pool2d_with_stride(KERNEL, STRIDE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// A deterministic input with distinct values (no ties).
+    fn input(dims: (usize, usize, usize, usize)) -> Result<Var> {
+        let n = dims.0 * dims.1 * dims.2 * dims.3;
+        let v: Vec<f32> = (0..n).map(|k| ((k as f32) * 0.7311).sin() * 3.0 + (k as f32) * 1e-3).collect();
+        Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu)?)
+    }
+
+    #[test]
+    fn forward_matches_the_native_pool_on_odd_and_even_sizes() -> Result<()> {
+        for dims in [(2, 3, 7, 9), (1, 2, 8, 6), (1, 1, 1, 1)] {
+            let x = input(dims)?;
+            let ours = max_pool_3x3_s2_p1(x.as_tensor())?;
+            let native = max_pool_3x3_s2_p1_inference(x.as_tensor())?;
+            assert_eq!(ours.dims(), native.dims());
+            assert_eq!(ours.flatten_all()?.to_vec1::<f32>()?, native.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(())
+    }
+
+    /// d(sum(w * pool(x)))/dx against central finite differences.
+    #[test]
+    fn gradient_matches_finite_differences() -> Result<()> {
+        let dims = (1, 2, 7, 6);
+        let x = input(dims)?;
+        let out_dims = max_pool_3x3_s2_p1(x.as_tensor())?.dims().to_vec();
+        let m: usize = out_dims.iter().product();
+        let w = Tensor::from_vec(
+            (0..m).map(|k| 1.0 + (k as f32 * 0.37).cos()).collect::<Vec<_>>(),
+            out_dims,
+            &Device::Cpu,
+        )?;
+        let loss = |t: &Tensor| -> Result<Tensor> { (max_pool_3x3_s2_p1(t)? * &w)?.sum_all() };
+        let grads = loss(x.as_tensor())?.backward()?;
+        let analytic = grads.get(x.as_tensor()).expect("gradient of x").flatten_all()?.to_vec1::<f32>()?;
+        let base = x.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let eps = 1e-3f32;
+        for (k, &a) in analytic.iter().enumerate() {
+            let probe = |delta: f32| -> Result<f32> {
+                let mut v = base.clone();
+                v[k] += delta;
+                loss(&Tensor::from_vec(v, dims, &Device::Cpu)?)?.to_scalar::<f32>()
+            };
+            let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
+            assert!((numeric - a).abs() < 1e-2, "element {k}: finite difference {numeric}, backward {a}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ties_send_the_gradient_to_the_first_maximum() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu)?)?;
+        let grads = max_pool_3x3_s2_p1(x.as_tensor())?.sum_all()?.backward()?;
+        let g = grads.get(x.as_tensor()).expect("gradient of x").flatten_all()?.to_vec1::<f32>()?;
+        // Outputs 2x2; windows start at (0,0), (0,1), (1,0), (1,1) after padding.
+        assert_eq!(g, vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! Tensor and box operations the model needs beyond Candle's: box geometry
+//! and NMS (torchvision.ops.boxes), a convolution whose backward works for
+//! every size and a max-pool with a backward pass.
+
+pub mod boxes;
+pub mod conv;
+pub mod maxpool;
