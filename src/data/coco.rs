@@ -47,7 +47,7 @@ pub struct CocoAnnotation {
     pub iscrowd: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct CocoCategory {
     pub id: u64,
     pub name: String,
