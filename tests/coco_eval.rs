@@ -4,6 +4,7 @@
 //! a message naming the file and the entry.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use candle_retinanet::data::coco::read_coco_json;
 use candle_retinanet::eval::{evaluate, read_results, AreaRange, EvalParams, EvalResult};
@@ -184,4 +185,121 @@ fn malformed_results_name_the_file_and_the_entry() {
         read_results(&path, &gt).unwrap().is_empty(),
         "an empty list is valid"
     );
+}
+
+fn retinanet(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_retinanet"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_json_prints_one_object_with_the_stats() {
+    let case = fixtures().join("crowd");
+    let (gt, dt) = (case.join("gt.json"), case.join("dt.json"));
+    let out = retinanet(&[
+        "eval",
+        "--gt",
+        gt.to_str().unwrap(),
+        "--dt",
+        dt.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let expected: Expected =
+        serde_json::from_slice(&std::fs::read(case.join("expected.json")).unwrap()).unwrap();
+    let stats: Vec<f64> = report["stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(stats, expected.stats);
+    assert_eq!(report["images"], 25);
+    assert!(report["seconds"].as_f64().unwrap() >= 0.0);
+    let first = &report["per_class"][0];
+    assert_eq!(
+        (first["category_id"].as_u64(), first["name"].as_str()),
+        (Some(1), Some("class_1"))
+    );
+    assert_eq!(first["ap"].as_f64().unwrap(), expected.per_class[0].ap);
+}
+
+#[test]
+fn cli_table_plots_and_errors() {
+    let case = fixtures().join("basic");
+    let (gt, dt) = (case.join("gt.json"), case.join("dt.json"));
+    let out_dir = scratch("cli-out");
+    let out = retinanet(&[
+        "eval",
+        "--gt",
+        gt.to_str().unwrap(),
+        "--dt",
+        dt.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let expected: Expected =
+        serde_json::from_slice(&std::fs::read(case.join("expected.json")).unwrap()).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..12],
+        expected
+            .summary
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()[..]
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("class_3")),
+        "per-class table:\n{stdout}"
+    );
+    assert!(out_dir.join("eval.json").exists());
+    for id in 1..=5 {
+        let png = out_dir.join(format!("pr_{id}_class_{id}.png"));
+        assert!(
+            std::fs::metadata(&png).is_ok_and(|m| m.len() > 1000),
+            "{}",
+            png.display()
+        );
+    }
+
+    let bad = scratch("cli-bad").join("dt.json");
+    std::fs::write(
+        &bad,
+        r#"[{"image_id": 999, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 1}]"#,
+    )
+    .unwrap();
+    let out = retinanet(&[
+        "eval",
+        "--gt",
+        gt.to_str().unwrap(),
+        "--dt",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("dt.json: entry 0: image_id 999 is not in the ground truth"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = retinanet(&["eval", "--weights", "model.safetensors"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
 }

@@ -5,11 +5,13 @@ use anyhow::{bail, Result};
 
 use crate::cli::Command;
 
+pub mod eval;
+
 /// Runs one parsed command.
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Train(_) => not_built("train", "the model and trainer"),
-        Command::Eval(_) => not_built("eval", "the COCO evaluator"),
+        Command::Eval(args) => eval::run(&args),
         Command::Predict(_) => not_built("predict", "the model"),
         Command::Synth(_) => not_built("synth", "the synthetic generator"),
         Command::Inspect(_) => not_built("inspect", "the dataset inspector"),
