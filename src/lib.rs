@@ -7,6 +7,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod model;
 pub mod ops;
 pub mod train;

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 
 use crate::cli::Command;
 
+pub mod eval;
 pub mod inspect;
 pub mod synth;
 
@@ -12,7 +13,7 @@ pub mod synth;
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Train(_) => not_built("train", "the model and trainer"),
-        Command::Eval(_) => not_built("eval", "the COCO evaluator"),
+        Command::Eval(args) => eval::run(&args),
         Command::Predict(_) => not_built("predict", "the model"),
         Command::Synth(args) => synth::run(args),
         Command::Inspect(args) => inspect::run(args),
