@@ -5,6 +5,8 @@
 use candle_core::{Result, Tensor, D};
 
 use crate::config::{BoxLoss, LossConfig, LossNormalizer};
+use crate::model::box_coder::BoxCoder;
+use crate::ops::boxes::elementwise_generalized_iou;
 
 /// Element-wise sigmoid focal loss, as torchvision's `sigmoid_focal_loss`
 /// with `reduction="none"`:
@@ -57,13 +59,12 @@ pub struct LossTargets {
     pub cls_weights: Tensor,
     /// Flat indices `image * a + anchor` of foreground anchors, `[f]` (u32).
     pub fg_indices: Tensor,
-    /// Encoded regression targets of the foreground anchors, `[f, 4]`.
-    pub box_targets: Tensor,
+    /// The ground-truth box each foreground anchor matched, `[f, 4]`.
+    pub matched_boxes: Tensor,
+    /// The foreground anchors themselves, `[f, 4]`.
+    pub fg_anchors: Tensor,
     /// Per-foreground-anchor weight, `[f, 1]`.
     pub box_weights: Tensor,
-    /// The foreground anchors themselves `[x1, y1, x2, y2]`, `[f, 4]`
-    /// (the GIoU loss decodes predictions with them).
-    pub fg_anchors: Tensor,
 }
 
 /// The two loss terms, each a scalar.
@@ -122,20 +123,16 @@ impl Normalizer {
 }
 
 /// Computes both terms from head outputs `cls_logits [n, a, k]` and
-/// `bbox_regression [n, a, 4]`.
+/// `bbox_regression [n, a, 4]`. Box losses compare encoded deltas (L1,
+/// smooth L1) or decoded boxes (GIoU), on foreground anchors only.
 pub fn retinanet_loss(
     cls_logits: &Tensor,
     bbox_regression: &Tensor,
     targets: &LossTargets,
     cfg: &LossConfig,
-    box_coder_weights: [f64; 4],
+    box_coder: &BoxCoder,
 ) -> Result<LossTerms> {
-    let focal = sigmoid_focal_loss(
-        cls_logits,
-        &targets.cls_targets,
-        cfg.focal_alpha,
-        cfg.focal_gamma,
-    )?;
+    let focal = sigmoid_focal_loss(cls_logits, &targets.cls_targets, cfg.focal_alpha, cfg.focal_gamma)?;
     let classification = focal.broadcast_mul(&targets.cls_weights)?.sum_all()?;
     let box_regression = if targets.fg_indices.dim(0)? == 0 {
         // No foreground: zero, but still attached to the graph.
@@ -144,25 +141,23 @@ pub fn retinanet_loss(
         let flat = bbox_regression.flatten_to(1)?; // [n * a, 4]
         let predicted = flat.index_select(&targets.fg_indices, 0)?; // [f, 4]
         let per_anchor = match cfg.box_loss {
-            BoxLoss::L1 => (predicted - &targets.box_targets)?
-                .abs()?
-                .sum_keepdim(D::Minus1)?,
+            BoxLoss::L1 => (predicted - encoded_targets(targets, box_coder)?)?.abs()?.sum_keepdim(D::Minus1)?,
             BoxLoss::SmoothL1 => {
-                smooth_l1(&(predicted - &targets.box_targets)?, cfg.smooth_l1_beta)?
+                smooth_l1(&(predicted - encoded_targets(targets, box_coder)?)?, cfg.smooth_l1_beta)?
             }
-            BoxLoss::Giou => giou_loss(
-                &predicted,
-                &targets.box_targets,
-                &targets.fg_anchors,
-                box_coder_weights,
-            )?,
+            BoxLoss::Giou => {
+                let boxes = box_coder.decode(&predicted, &targets.fg_anchors)?;
+                elementwise_generalized_iou(&boxes, &targets.matched_boxes)?.affine(-1.0, 1.0)?.unsqueeze(1)?
+            }
         };
         per_anchor.broadcast_mul(&targets.box_weights)?.sum_all()?
     };
-    Ok(LossTerms {
-        classification,
-        box_regression,
-    })
+    Ok(LossTerms { classification, box_regression })
+}
+
+/// Regression targets: matched boxes encoded against their anchors.
+fn encoded_targets(targets: &LossTargets, box_coder: &BoxCoder) -> Result<Tensor> {
+    box_coder.encode(&targets.matched_boxes, &targets.fg_anchors)
 }
 
 /// Smooth L1 summed over the last axis: `0.5 d^2 / beta` where `|d| < beta`,
@@ -174,65 +169,7 @@ fn smooth_l1(diff: &Tensor, beta: f64) -> Result<Tensor> {
     }
     let quadratic = (abs.sqr()? * (0.5 / beta))?;
     let linear = (&abs - 0.5 * beta)?;
-    abs.lt(beta)?
-        .where_cond(&quadratic, &linear)?
-        .sum_keepdim(D::Minus1)
-}
-
-/// `1 - GIoU` between the boxes decoded from `predicted` and `target`
-/// deltas on the same anchors, `[f, 1]` (torchvision v2's box loss).
-fn giou_loss(
-    predicted: &Tensor,
-    target: &Tensor,
-    anchors: &Tensor,
-    weights: [f64; 4],
-) -> Result<Tensor> {
-    let p = decode_deltas(predicted, anchors, weights)?;
-    let t = decode_deltas(target, anchors, weights)?;
-    let col = |b: &Tensor, i: usize| b.narrow(1, i, 1);
-    let (px1, py1, px2, py2) = (col(&p, 0)?, col(&p, 1)?, col(&p, 2)?, col(&p, 3)?);
-    let (tx1, ty1, tx2, ty2) = (col(&t, 0)?, col(&t, 1)?, col(&t, 2)?, col(&t, 3)?);
-    let iw = (px2.minimum(&tx2)? - px1.maximum(&tx1)?)?.relu()?;
-    let ih = (py2.minimum(&ty2)? - py1.maximum(&ty1)?)?.relu()?;
-    let inter = (iw * ih)?;
-    let area_p = ((&px2 - &px1)? * (&py2 - &py1)?)?;
-    let area_t = ((&tx2 - &tx1)? * (&ty2 - &ty1)?)?;
-    let union = ((area_p + area_t)? - &inter)?;
-    let eps = 1e-7;
-    let iou = (&inter / (&union + eps)?)?;
-    let cw = (px2.maximum(&tx2)? - px1.minimum(&tx1)?)?;
-    let ch = (py2.maximum(&ty2)? - py1.minimum(&ty1)?)?;
-    let enclosing = ((cw * ch)? + eps)?;
-    let giou = (iou - ((&enclosing - &union)? / &enclosing)?)?;
-    giou.affine(-1.0, 1.0)
-}
-
-/// Tensor form of the box decoding (with the `log(1000/16)` clamp) for the
-/// GIoU loss: deltas `[f, 4]` on anchors `[f, 4]` to boxes `[f, 4]`.
-fn decode_deltas(deltas: &Tensor, anchors: &Tensor, weights: [f64; 4]) -> Result<Tensor> {
-    let clamp = (1000.0f64 / 16.0).ln();
-    let col = |b: &Tensor, i: usize| b.narrow(1, i, 1);
-    let widths = (col(anchors, 2)? - col(anchors, 0)?)?;
-    let heights = (col(anchors, 3)? - col(anchors, 1)?)?;
-    let cx = (col(anchors, 0)? + (&widths * 0.5)?)?;
-    let cy = (col(anchors, 1)? + (&heights * 0.5)?)?;
-    let dx = (col(deltas, 0)? / weights[0])?;
-    let dy = (col(deltas, 1)? / weights[1])?;
-    let dw = (col(deltas, 2)? / weights[2])?.clamp(f64::NEG_INFINITY, clamp)?;
-    let dh = (col(deltas, 3)? / weights[3])?.clamp(f64::NEG_INFINITY, clamp)?;
-    let pcx = ((dx * &widths)? + cx)?;
-    let pcy = ((dy * &heights)? + cy)?;
-    let half_w = (dw.exp()? * widths)?.affine(0.5, 0.0)?;
-    let half_h = (dh.exp()? * heights)?.affine(0.5, 0.0)?;
-    Tensor::cat(
-        &[
-            (&pcx - &half_w)?,
-            (&pcy - &half_h)?,
-            (pcx + half_w)?,
-            (pcy + half_h)?,
-        ],
-        1,
-    )
+    abs.lt(beta)?.where_cond(&quadratic, &linear)?.sum_keepdim(D::Minus1)
 }
 
 #[cfg(test)]
@@ -330,19 +267,29 @@ mod tests {
     }
 
     #[test]
-    fn giou_loss_is_zero_for_a_perfect_box_and_grows_with_error() {
+    fn box_losses_vanish_on_a_perfect_prediction() {
         let d = Device::Cpu;
-        let anchors = Tensor::new(&[[0f32, 0.0, 10.0, 10.0]], &d).unwrap();
-        let target = Tensor::new(&[[0.1f32, 0.0, 0.2, 0.0]], &d).unwrap();
-        let same = giou_loss(&target, &target, &anchors, [1.0; 4])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()[0][0];
-        let off = Tensor::new(&[[1.5f32, 0.0, 0.2, 0.0]], &d).unwrap();
-        let worse = giou_loss(&off, &target, &anchors, [1.0; 4])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()[0][0];
-        assert!(same.abs() < 1e-5 && worse > 0.5, "{same} {worse}");
+        let coder = BoxCoder::new(&crate::config::BoxCoderConfig::default());
+        let anchor = Tensor::new(&[[0f32, 0.0, 10.0, 10.0]], &d).unwrap();
+        let gt = Tensor::new(&[[1f32, 0.0, 12.0, 9.0]], &d).unwrap();
+        let perfect = coder.encode(&gt, &anchor).unwrap().unsqueeze(0).unwrap(); // [1, 1, 4]
+        let targets = LossTargets {
+            cls_targets: Tensor::new(&[[[1f32]]], &d).unwrap(),
+            cls_weights: Tensor::new(&[[[1f32]]], &d).unwrap(),
+            fg_indices: Tensor::new(&[0u32], &d).unwrap(),
+            matched_boxes: gt,
+            fg_anchors: anchor,
+            box_weights: Tensor::new(&[[1f32]], &d).unwrap(),
+        };
+        let logits = Tensor::new(&[[[0f32]]], &d).unwrap();
+        for box_loss in [BoxLoss::L1, BoxLoss::SmoothL1, BoxLoss::Giou] {
+            let cfg = LossConfig { box_loss, ..LossConfig::default() };
+            let terms = retinanet_loss(&logits, &perfect, &targets, &cfg, &coder).unwrap();
+            let value = terms.box_regression.to_scalar::<f32>().unwrap();
+            assert!(value.abs() < 1e-5, "{box_loss:?}: {value}");
+            let off = (&perfect + 0.5).unwrap();
+            let worse = retinanet_loss(&logits, &off, &targets, &cfg, &coder).unwrap();
+            assert!(worse.box_regression.to_scalar::<f32>().unwrap() > 0.05, "{box_loss:?}");
+        }
     }
 }

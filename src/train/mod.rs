@@ -5,3 +5,4 @@ pub mod loss;
 pub mod matcher;
 pub mod optim;
 pub mod schedule;
+pub mod targets;
