@@ -167,8 +167,7 @@ fn sampled_errors(ours: &[f32], index: &[i64], theirs: &[f32]) -> (f32, f32) {
 }
 
 fn config(meta: &Meta) -> ModelConfig {
-    let mut cfg = ModelConfig::default();
-    cfg.num_classes = 91;
+    let mut cfg = ModelConfig { num_classes: 91, ..ModelConfig::default() };
     cfg.backbone.norm = BackboneNorm::FrozenBn;
     cfg.backbone.norm_eps = 1e-5; // BatchNorm2d's eps: weights=None keeps plain BN
     cfg.postprocess.score_thresh = meta.score_thresh;
