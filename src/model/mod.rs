@@ -8,3 +8,4 @@ pub mod head;
 pub mod postprocess;
 pub mod resnet;
 pub mod retinanet;
+pub mod weights;

@@ -1,0 +1,275 @@
+//! Parity with torchvision's `retinanet_resnet50_fpn` on identical weights.
+//!
+//! The fixture comes from `tests/fixtures/torchvision/make_parity.py`
+//! (torch 2.15 / torchvision 0.29, run by hand). In short:
+//!
+//! ```python
+//! model = retinanet_resnet50_fpn(weights=None, weights_backbone=None,
+//!                                score_thresh=0.3, detections_per_img=300)
+//! keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+//! model.load_state_dict({k: weight_values(t, k, shape) for t, k in enumerate(keys)}, strict=False)
+//! model.eval()
+//! images, _ = model.transform([img])              # 480x640 -> 800x1066, padded to 800x1088
+//! features = list(model.backbone(images.tensors).values())
+//! head = model.head(features); anchors = model.anchor_generator(images, features)
+//! detections = model([img])                        # boxes in original pixels
+//! ```
+//!
+//! `weight_values` hashes (tensor position, element index) to a uniform in
+//! [-1, 1) and scales it per kind of tensor; `weight_values` below is the
+//! same formula. The test checks the transformed input (checksums and
+//! samples), every anchor exactly, the head outputs (per-level checksums and
+//! 20,000 sampled entries each), and all detections (labels and order
+//! exactly, boxes within 1e-2 px, scores within 1e-4).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_retinanet::config::{BackboneNorm, ModelConfig};
+use candle_retinanet::model::weights::{build, LoadMode};
+use serde::Deserialize;
+
+const FIXTURE: &str = "tests/fixtures/torchvision";
+const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+#[derive(Deserialize)]
+struct Meta {
+    keys: Vec<(String, Vec<usize>)>,
+    image_size: (usize, usize),
+    resized_size: (usize, usize),
+    padded_size: (usize, usize),
+    score_thresh: f64,
+    detections_per_img: usize,
+    input_stride: usize,
+    input_checksum: [f64; 2],
+    cls_logits_checksums: Vec<[f64; 2]>,
+    bbox_regression_checksums: Vec<[f64; 2]>,
+    anchors_per_level: Vec<usize>,
+    num_detections: usize,
+}
+
+/// make_parity.py's `uniform`: a 32-bit integer hash of (t, k) in [-1, 1).
+fn uniform(t: usize, k: usize) -> f64 {
+    let mut x = (k as u32).wrapping_add((t as u32).wrapping_mul(0x9E37_79B9));
+    for _ in 0..2 {
+        x = (x ^ (x >> 16)).wrapping_mul(0x045D_9F3B);
+    }
+    x ^= x >> 16;
+    f64::from(x) / 2f64.powi(32) * 2.0 - 1.0
+}
+
+/// make_parity.py's `weight_values`.
+fn weight_values(t: usize, name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let gain = if name.contains("cls_logits") {
+        2.0
+    } else if name.contains("bbox_reg") || name.contains("fpn") {
+        1.0
+    } else {
+        2f64.sqrt()
+    };
+    (0..n)
+        .map(|k| {
+            let v = uniform(t, k);
+            let x = if name.ends_with("running_var") {
+                1.0 + 0.25 * (v + 1.0)
+            } else if name.ends_with("running_mean") {
+                0.1 * v
+            } else if shape.len() == 4 {
+                let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
+                v * 3f64.sqrt() * gain / fan_in.sqrt()
+            } else if name.ends_with("cls_logits.bias") {
+                -3.0 + 0.5 * v
+            } else if name.ends_with("weight") {
+                0.6 + 0.2 * v
+            } else {
+                0.1 * v
+            };
+            x as f32
+        })
+        .collect()
+}
+
+/// make_parity.py's `image`: [3, h, w] in [0, 1].
+fn image(h: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(3 * h * w);
+    for c in 0..3 {
+        let c = c as f64;
+        for y in 0..h {
+            for x in 0..w {
+                let (x, y) = (x as f64, y as f64);
+                let a = 0.021 * x * (c + 1.0) + 0.017 * y * (3.0 - c) + c;
+                let b = 0.003 * x * y / (c + 1.0);
+                out.push((0.5 + 0.5 * a.sin() * b.cos()) as f32);
+            }
+        }
+    }
+    out
+}
+
+/// Source index and weights of PyTorch's bilinear resize (align_corners=False,
+/// scale = in / out) for each output position.
+fn bilinear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
+    let scale = input as f32 / output as f32;
+    (0..output)
+        .map(|i| {
+            let src = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = src as usize;
+            let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
+            let l1 = src - i0 as f32;
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
+/// torchvision's GeneralizedRCNNTransform for one image: normalise, resize
+/// bilinearly to `resized`, zero-pad to `padded`; returns [1, 3, ph, pw].
+fn transform(img: &[f32], (h, w): (usize, usize), resized: (usize, usize), padded: (usize, usize)) -> Vec<f32> {
+    let rows = bilinear_taps(h, resized.0);
+    let cols = bilinear_taps(w, resized.1);
+    let mut out = vec![0f32; 3 * padded.0 * padded.1];
+    for c in 0..3 {
+        let plane: Vec<f32> = img[c * h * w..(c + 1) * h * w].iter().map(|v| (v - MEAN[c]) / STD[c]).collect();
+        for (y, &(y0, y1, ly0, ly1)) in rows.iter().enumerate() {
+            for (x, &(x0, x1, lx0, lx1)) in cols.iter().enumerate() {
+                let p = |yy: usize, xx: usize| plane[yy * w + xx];
+                let v = ly0 * (lx0 * p(y0, x0) + lx1 * p(y0, x1)) + ly1 * (lx0 * p(y1, x0) + lx1 * p(y1, x1));
+                out[(c * padded.0 + y) * padded.1 + x] = v;
+            }
+        }
+    }
+    out
+}
+
+fn checksum(values: &[f32]) -> [f64; 2] {
+    values.iter().fold([0.0, 0.0], |[s, a], &v| [s + f64::from(v), a + f64::from(v).abs()])
+}
+
+/// Sum and sum of |x| agree to `tol` relative to the sum of |x|.
+fn check_checksum(what: &str, ours: [f64; 2], theirs: [f64; 2], tol: f64) -> Result<()> {
+    let scale = theirs[1].max(1e-12);
+    ensure!(
+        (ours[0] - theirs[0]).abs() / scale < tol && (ours[1] - theirs[1]).abs() / scale < tol,
+        "{what}: checksum {ours:?}, torchvision {theirs:?}"
+    );
+    Ok(())
+}
+
+/// Largest absolute and relative (to 1 + |torchvision|) errors at `index`.
+fn sampled_errors(ours: &[f32], index: &[i64], theirs: &[f32]) -> (f32, f32) {
+    index.iter().zip(theirs).fold((0.0, 0.0), |(abs, rel), (&i, &t)| {
+        let d = (ours[i as usize] - t).abs();
+        (abs.max(d), rel.max(d / (1.0 + t.abs())))
+    })
+}
+
+fn config(meta: &Meta) -> ModelConfig {
+    let mut cfg = ModelConfig { num_classes: 91, ..ModelConfig::default() };
+    cfg.backbone.norm = BackboneNorm::FrozenBn;
+    cfg.backbone.norm_eps = 1e-5; // BatchNorm2d's eps: weights=None keeps plain BN
+    cfg.postprocess.score_thresh = meta.score_thresh;
+    cfg.postprocess.detections_per_img = meta.detections_per_img;
+    cfg
+}
+
+#[test]
+fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
+    let meta: Meta = serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json"))?)?;
+    let fixture = candle_core::safetensors::load(dir.join("parity.safetensors"), &Device::Cpu)?;
+    let get = |name: &str| fixture.get(name).with_context(|| format!("fixture tensor {name}"));
+    let dev = Device::Cpu;
+
+    // Input: normalise, resize, pad.
+    let (h, w) = meta.image_size;
+    let input = transform(&image(h, w), (h, w), meta.resized_size, meta.padded_size);
+    check_checksum("transformed input", checksum(&input), meta.input_checksum, 1e-5)?;
+    let samples = get("input_samples")?.to_vec1::<f32>()?;
+    for (k, s) in samples.iter().enumerate() {
+        let ours = input[k * meta.input_stride];
+        ensure!((ours - s).abs() < 1e-5, "input element {}: {ours} vs torchvision {s}", k * meta.input_stride);
+    }
+
+    // Weights by torchvision's state_dict names.
+    let tensors: HashMap<String, Tensor> = meta
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(t, (name, shape))| {
+            Ok((name.clone(), Tensor::from_vec(weight_values(t, name, shape), shape.as_slice(), &dev)?))
+        })
+        .collect::<Result<_>>()?;
+    let cfg = config(&meta);
+    let model = build(&cfg, 91, &dev, Some((&tensors, LoadMode::Exact)))?.model;
+
+    let (ph, pw) = meta.padded_size;
+    let images = Tensor::from_vec(input, (1, 3, ph, pw), &dev)?;
+    let out = model.forward(&images, false)?;
+
+    // Anchors: exact.
+    let anchors = get("anchors")?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    ensure!(out.anchors.boxes.len() == anchors.len(), "{} anchors vs {}", out.anchors.boxes.len(), anchors.len());
+    ensure!(out.anchors.level_sizes == meta.anchors_per_level, "anchors per level {:?}", out.anchors.level_sizes);
+    for (i, (ours, theirs)) in out.anchors.boxes.iter().zip(&anchors).enumerate() {
+        ensure!(ours.as_slice() == theirs.as_slice(), "anchor {i}: {ours:?} vs torchvision {theirs:?}");
+    }
+
+    // Head outputs: per-level checksums and sampled entries.
+    let cls = out.cls_logits.squeeze(0)?;
+    let reg = out.bbox_regression.squeeze(0)?;
+    let mut start = 0;
+    for (level, &len) in meta.anchors_per_level.iter().enumerate() {
+        let c = cls.narrow(0, start, len)?.flatten_all()?.to_vec1::<f32>()?;
+        let r = reg.narrow(0, start, len)?.flatten_all()?.to_vec1::<f32>()?;
+        check_checksum(&format!("cls_logits P{}", level + 3), checksum(&c), meta.cls_logits_checksums[level], 1e-4)?;
+        check_checksum(
+            &format!("bbox_regression P{}", level + 3),
+            checksum(&r),
+            meta.bbox_regression_checksums[level],
+            1e-4,
+        )?;
+        start += len;
+    }
+    let cls_all = cls.flatten_all()?.to_vec1::<f32>()?;
+    let reg_all = reg.flatten_all()?.to_vec1::<f32>()?;
+    let (cls_abs, cls_rel) = sampled_errors(
+        &cls_all,
+        &get("cls_logits_index")?.to_vec1::<i64>()?,
+        &get("cls_logits_samples")?.to_vec1::<f32>()?,
+    );
+    let (reg_abs, reg_rel) = sampled_errors(
+        &reg_all,
+        &get("bbox_regression_index")?.to_vec1::<i64>()?,
+        &get("bbox_regression_samples")?.to_vec1::<f32>()?,
+    );
+    println!("cls_logits: max abs error {cls_abs:.2e}, rel {cls_rel:.2e}; bbox_regression: abs {reg_abs:.2e}, rel {reg_rel:.2e}");
+    ensure!(cls_rel < 1e-4 && reg_rel < 1e-4, "head outputs differ: cls {cls_rel:.2e}, reg {reg_rel:.2e}");
+
+    // Detections in resized pixels, then mapped back to the original image
+    // as torchvision's transform.postprocess does.
+    let dets = &model.postprocess(&out, &[meta.resized_size])?[0];
+    let labels = get("labels")?.to_vec1::<i64>()?;
+    let scores = get("scores")?.to_vec1::<f32>()?;
+    let boxes_resized = get("boxes_resized")?.to_vec2::<f32>()?;
+    let boxes = get("boxes")?.to_vec2::<f32>()?;
+    ensure!(dets.labels.len() == meta.num_detections, "{} detections vs {}", dets.labels.len(), meta.num_detections);
+    ensure!(meta.num_detections >= 100, "the fixture should hold 100+ detections");
+    let ratio_h = h as f32 / meta.resized_size.0 as f32;
+    let ratio_w = w as f32 / meta.resized_size.1 as f32;
+    let (mut box_err, mut score_err) = (0f32, 0f32);
+    for i in 0..dets.labels.len() {
+        ensure!(dets.labels[i] as i64 == labels[i], "detection {i}: label {} vs {}", dets.labels[i], labels[i]);
+        score_err = score_err.max((dets.scores[i] - scores[i]).abs());
+        let b = dets.boxes[i];
+        let original = [b[0] * ratio_w, b[1] * ratio_h, b[2] * ratio_w, b[3] * ratio_h];
+        for k in 0..4 {
+            box_err = box_err.max((b[k] - boxes_resized[i][k]).abs()).max((original[k] - boxes[i][k]).abs());
+        }
+    }
+    println!("{} detections: max box error {box_err:.2e} px, max score error {score_err:.2e}", dets.labels.len());
+    ensure!(box_err < 1e-2 && score_err < 1e-4, "detections differ: boxes {box_err}, scores {score_err}");
+    Ok(())
+}
