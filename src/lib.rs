@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod hub;
 pub mod inference;
 pub mod model;
 pub mod ops;

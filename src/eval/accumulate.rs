@@ -33,15 +33,9 @@ pub fn accumulate_category(evals: &[ImageEval], params: &EvalParams) -> Category
             continue;
         }
         for (m, &max_det) in params.max_dets.iter().enumerate() {
-            let kept: Vec<(u32, u32)> = ranked
-                .iter()
-                .copied()
-                .filter(|&(_, d)| (d as usize) < max_det)
-                .collect();
+            let kept: Vec<(u32, u32)> = ranked.iter().copied().filter(|&(_, d)| (d as usize) < max_det).collect();
             for t in 0..t_len {
-                let outcomes = kept
-                    .iter()
-                    .map(|&(e, d)| evals[e as usize].outcome(a, t, t_len, d as usize));
+                let outcomes = kept.iter().map(|&(e, d)| evals[e as usize].outcome(a, t, t_len, d as usize));
                 let (recall, precision) = curve(outcomes, npig, &params.recall_thresholds);
                 curves.recall[(t * a_len + a) * m_len + m] = recall;
                 for (r, p) in precision.into_iter().enumerate() {
@@ -61,12 +55,7 @@ fn rank_detections(evals: &[ImageEval]) -> Vec<(u32, u32)> {
     let mut ranked: Vec<(f64, u32, u32)> = evals
         .iter()
         .enumerate()
-        .flat_map(|(e, ev)| {
-            ev.scores
-                .iter()
-                .enumerate()
-                .map(move |(d, &s)| (s, e as u32, d as u32))
-        })
+        .flat_map(|(e, ev)| ev.scores.iter().enumerate().map(move |(d, &s)| (s, e as u32, d as u32)))
         .collect();
     ranked.sort_by(|x, y| y.0.partial_cmp(&x.0).unwrap_or(std::cmp::Ordering::Equal));
     ranked.into_iter().map(|(_, e, d)| (e, d)).collect()
@@ -78,11 +67,7 @@ fn rank_detections(evals: &[ImageEval]) -> Vec<(u32, u32)> {
 /// `pr = tp / (fp + tp + eps)`, precision made non-increasing from the
 /// right, `searchsorted(rc, recThrs, 'left')`, and 0 from the first
 /// threshold past the last detection on.
-fn curve(
-    outcomes: impl Iterator<Item = Outcome>,
-    npig: usize,
-    rec_thrs: &[f64],
-) -> (f64, Vec<f64>) {
+fn curve(outcomes: impl Iterator<Item = Outcome>, npig: usize, rec_thrs: &[f64]) -> (f64, Vec<f64>) {
     let (mut tp, mut fp) = (0.0f64, 0.0f64);
     let mut rc = Vec::new();
     let mut pr = Vec::new();
@@ -120,26 +105,15 @@ mod tests {
     #[test]
     fn precision_is_interpolated_from_the_right() {
         // tp, fp, tp with 2 ground-truth boxes: rc = .5 .5 1, pr = 1 .5 .667.
-        let (recall, q) = curve(
-            [TruePositive, FalsePositive, TruePositive].into_iter(),
-            2,
-            &[0.0, 0.5, 0.6, 1.0],
-        );
+        let (recall, q) = curve([TruePositive, FalsePositive, TruePositive].into_iter(), 2, &[0.0, 0.5, 0.6, 1.0]);
         assert_eq!(recall, 1.0);
         let two_thirds = 2.0 / (3.0 + EPS);
-        assert_eq!(
-            q,
-            vec![1.0 / (1.0 + EPS), 1.0 / (1.0 + EPS), two_thirds, two_thirds]
-        );
+        assert_eq!(q, vec![1.0 / (1.0 + EPS), 1.0 / (1.0 + EPS), two_thirds, two_thirds]);
     }
 
     #[test]
     fn thresholds_past_the_last_recall_get_zero() {
-        let (recall, q) = curve(
-            [FalsePositive, TruePositive].into_iter(),
-            4,
-            &[0.0, 0.25, 0.26],
-        );
+        let (recall, q) = curve([FalsePositive, TruePositive].into_iter(), 4, &[0.0, 0.25, 0.26]);
         assert_eq!(recall, 0.25);
         // pr = [0, 1 / (2 + eps)], made non-increasing from the right.
         let half = 1.0 / (2.0 + EPS);
@@ -150,11 +124,7 @@ mod tests {
 
     #[test]
     fn ranking_is_stable_across_images() {
-        let eval = |scores: Vec<f64>| ImageEval {
-            scores,
-            outcomes: vec![],
-            not_ignored: vec![],
-        };
+        let eval = |scores: Vec<f64>| ImageEval { scores, outcomes: vec![], not_ignored: vec![] };
         let ranked = rank_detections(&[eval(vec![0.9, 0.5]), eval(vec![0.9, 0.7])]);
         assert_eq!(ranked, vec![(0, 0), (1, 0), (1, 1), (0, 1)]);
     }

@@ -48,11 +48,7 @@ impl<T: Copy> Buckets<T> {
             next[key] += 1;
         }
         let items = items.into_iter().flatten().collect();
-        Self {
-            images,
-            offsets,
-            items,
-        }
+        Self { images, offsets, items }
     }
 
     /// The items of category index `k` on image index `i`, in input order.
@@ -74,22 +70,9 @@ impl EvalIndex {
             }
         }
         categories.sort_by_key(|(id, _)| *id);
-        let image_of = image_ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| (id, i))
-            .collect();
-        let category_of = categories
-            .iter()
-            .enumerate()
-            .map(|(k, (id, _))| (*id, k))
-            .collect();
-        Self {
-            image_ids,
-            categories,
-            image_of,
-            category_of,
-        }
+        let image_of = image_ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let category_of = categories.iter().enumerate().map(|(k, (id, _))| (*id, k)).collect();
+        Self { image_ids, categories, image_of, category_of }
     }
 
     fn key(&self, category_id: u64, image_id: u64) -> Option<usize> {
@@ -117,44 +100,19 @@ impl EvalIndex {
             let [_, _, w, h] = ann.bbox;
             let area = ann.area.unwrap_or(w * h);
             let id_is_zero = ann.id == Some(0);
-            keyed.push((
-                key,
-                GtBox {
-                    bbox: ann.bbox,
-                    area,
-                    crowd: ann.iscrowd,
-                    id_is_zero,
-                },
-            ));
+            keyed.push((key, GtBox { bbox: ann.bbox, area, crowd: ann.iscrowd, id_is_zero }));
         }
-        Ok(Buckets::new(
-            &keyed,
-            self.categories.len(),
-            self.image_ids.len(),
-        ))
+        Ok(Buckets::new(&keyed, self.categories.len(), self.image_ids.len()))
     }
 
     /// Detections by (category, image); errors name the detection's index.
     pub fn detections(&self, dts: &[Detection]) -> Result<Buckets<DtBox>> {
         let mut keyed = Vec::with_capacity(dts.len());
         for (n, d) in dts.iter().enumerate() {
-            let key = self
-                .detection_key(d)
-                .with_context(|| format!("detection {n}"))?;
-            keyed.push((
-                key,
-                DtBox {
-                    bbox: d.bbox,
-                    area: d.area(),
-                    score: d.score,
-                },
-            ));
+            let key = self.detection_key(d).with_context(|| format!("detection {n}"))?;
+            keyed.push((key, DtBox { bbox: d.bbox, area: d.area(), score: d.score }));
         }
-        Ok(Buckets::new(
-            &keyed,
-            self.categories.len(),
-            self.image_ids.len(),
-        ))
+        Ok(Buckets::new(&keyed, self.categories.len(), self.image_ids.len()))
     }
 
     /// The group of a detection; errors when a number is not finite, or the
@@ -166,10 +124,7 @@ impl EvalIndex {
             bail!("image_id {} is not in the ground truth", d.image_id);
         };
         let Some(&k) = self.category_of.get(&d.category_id) else {
-            bail!(
-                "category_id {} is not in the ground-truth categories",
-                d.category_id
-            );
+            bail!("category_id {} is not in the ground-truth categories", d.category_id);
         };
         Ok(k * self.image_ids.len() + i)
     }

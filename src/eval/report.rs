@@ -22,12 +22,7 @@ pub struct EvalReport<'a> {
 
 impl<'a> EvalReport<'a> {
     pub fn new(result: &'a EvalResult, seconds: f64) -> Self {
-        Self {
-            stats: result.stats,
-            per_class: &result.per_class,
-            images: result.image_ids.len(),
-            seconds,
-        }
+        Self { stats: result.stats, per_class: &result.per_class, images: result.image_ids.len(), seconds }
     }
 
     /// The object as one line of JSON.

@@ -4,5 +4,7 @@ pub mod checkpoint;
 pub mod loss;
 pub mod matcher;
 pub mod optim;
+pub mod progress;
 pub mod schedule;
 pub mod targets;
+pub mod trainer;
