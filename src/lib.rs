@@ -3,6 +3,7 @@
 //! Data flows one way: dataset -> transforms -> batches -> model -> loss
 //! (training) or postprocess -> detections -> COCO evaluation / drawing.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;

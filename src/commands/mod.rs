@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 
 use crate::cli::Command;
 
+pub mod bench;
 pub mod eval;
 pub mod inspect;
 pub mod synth;
@@ -18,7 +19,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Predict(_) => not_built("predict", "the model"),
         Command::Synth(args) => synth::run(args),
         Command::Inspect(args) => inspect::run(args),
-        Command::Bench(_) => not_built("bench", "the model and trainer"),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -6,5 +6,6 @@ pub mod matcher;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+pub mod step;
 pub mod targets;
 pub mod trainer;

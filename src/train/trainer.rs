@@ -7,16 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use candle_nn::VarMap;
 
 use super::checkpoint::{self, Checkpoint, TrainState};
-use super::loss::{retinanet_loss, Normalizer};
-use super::matcher::Matcher;
-use super::optim::Optimizer;
 use super::progress::{MetricsEntry, MetricsLog, Progress, Window};
 use super::schedule::learning_rate;
-use super::targets::build_targets;
+use super::step::{StepOutcome, StepRunner};
 use crate::config::{Config, Precision};
 use crate::data::coco::{CategoryMap, CocoJson};
 use crate::data::loader::{Batch, Loader, LoaderOptions};
@@ -99,13 +96,8 @@ pub struct Trainer {
     config: Config,
     device: Device,
     run: RunPaths,
-    model: RetinaNet,
-    varmap: VarMap,
-    optimizer: Optimizer,
-    normalizer: Normalizer,
-    matcher: Matcher,
+    runner: StepRunner,
     categories: CategoryMap,
-    num_classes: usize,
     loader: Loader,
     val: ValSplit,
     state: TrainState,
@@ -141,12 +133,11 @@ impl Trainer {
         for note in notes {
             eprintln!("note: {note}");
         }
-        let mut optimizer = Optimizer::new(weights::trainable_vars(&varmap, &config.model), &config.train);
-        let mut normalizer = Normalizer::new(config.loss.normalizer);
+        let mut runner = StepRunner::new(model, varmap, &config, &device);
         let state = match checkpoint {
             Some(ckpt) => {
-                optimizer.load_state(ckpt.optimizer, ckpt.state.optimizer_steps)?;
-                normalizer.ema = ckpt.state.normalizer_ema;
+                runner.optimizer.load_state(ckpt.optimizer, ckpt.state.optimizer_steps)?;
+                runner.normalizer.ema = ckpt.state.normalizer_ema;
                 ckpt.state
             }
             None => TrainState {
@@ -154,7 +145,7 @@ impl Trainer {
                 epoch: 0,
                 batch_in_epoch: 0,
                 optimizer_steps: 0,
-                normalizer_ema: normalizer.ema,
+                normalizer_ema: runner.normalizer.ema,
                 best_ap: None,
                 best_step: None,
                 seed: config.train.seed,
@@ -172,22 +163,12 @@ impl Trainer {
         let val = ValSplit { loader: make_loader(&config, val, false), ground_truth };
         let metrics = MetricsLog::open(&run.metrics(), resume.map(|_| state.step))?;
         let progress = Progress::new(total_steps, state.step);
-        let matcher = Matcher {
-            high_threshold: config.loss.fg_iou_thresh as f32,
-            low_threshold: config.loss.bg_iou_thresh as f32,
-            allow_low_quality_matches: config.loss.allow_low_quality_matches,
-        };
         Ok(Self {
             config,
             device,
             run,
-            model,
-            varmap,
-            optimizer,
-            normalizer,
-            matcher,
+            runner,
             categories,
-            num_classes,
             loader,
             val,
             state,
@@ -265,40 +246,14 @@ impl Trainer {
     /// One optimiser step; returns the two loss terms. A non-finite loss or
     /// gradient stops the run with what is needed to find the cause.
     fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<(f64, f64)> {
-        let images = batch.images.to_device(&self.device)?;
-        let outputs = self.model.forward(&images, true)?;
-        let (targets, _) = build_targets(
-            &batch.targets,
-            &outputs.anchors.boxes,
-            self.num_classes,
-            &self.matcher,
-            &mut self.normalizer,
-            &self.device,
-        )?;
-        let terms = retinanet_loss(
-            &outputs.cls_logits,
-            &outputs.bbox_regression,
-            &targets,
-            &self.config.loss,
-            self.model.box_coder(),
-        )?;
-        let loss_cls = terms.classification.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let loss_box = terms.box_regression.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !(loss_cls.is_finite() && loss_box.is_finite()) {
-            bail!(self.non_finite("loss", batch, &format!("cls {loss_cls}, box {loss_box}")));
+        match self.runner.step(batch, lr)? {
+            StepOutcome::Updated { loss_cls, loss_box, .. } => {
+                self.state.optimizer_steps = self.runner.optimizer.steps();
+                self.state.normalizer_ema = self.runner.normalizer.ema;
+                Ok((loss_cls, loss_box))
+            }
+            StepOutcome::NonFinite { what, detail } => bail!(self.non_finite(what, batch, &detail)),
         }
-        let grads = terms.total()?.backward()?;
-        let norm = self.optimizer.grad_norm(&grads)?;
-        if !norm.is_finite() {
-            bail!(self.non_finite("gradient", batch, &format!("cls {loss_cls}, box {loss_box}, gradient norm {norm}")));
-        }
-        let max_norm = self.config.train.clip_grad_norm;
-        // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6), at most 1.
-        let scale = if max_norm > 0.0 { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
-        self.optimizer.step(&grads, lr, scale)?;
-        self.state.optimizer_steps = self.optimizer.steps();
-        self.state.normalizer_ema = self.normalizer.ema;
-        Ok((loss_cls, loss_box))
     }
 
     /// The message for a non-finite loss or gradient (detectron2 raises
@@ -323,7 +278,7 @@ impl Trainer {
         self.progress.println(&format!("evaluating on {total} val images at step {}", self.state.step));
         let started = Instant::now();
         let (result, _) =
-            evaluate_split(&self.model, &self.val.loader, &self.val.ground_truth, &self.categories, &self.device, |_| {})?;
+            evaluate_split(&self.runner.model, &self.val.loader, &self.val.ground_truth, &self.categories, &self.device, |_| {})?;
         write_eval_json(&self.run.eval_json(), &result, started.elapsed().as_secs_f64())?;
         let ap = result.stats[0];
         self.progress.println(&format!("step {}: AP {:.4} AP50 {:.4}", self.state.step, ap, result.stats[1]));
@@ -343,12 +298,12 @@ impl Trainer {
 
     /// Writes a checkpoint and points `name` ("last" or "best") at it.
     fn save(&self, name: &str) -> Result<()> {
-        let data = self.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+        let data = self.runner.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
         let model = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
         drop(data);
         let ckpt = Checkpoint {
             model,
-            optimizer: self.optimizer.state_tensors(),
+            optimizer: self.runner.optimizer.state_tensors(),
             state: self.state.clone(),
             config_toml: self.config.to_toml(),
         };
