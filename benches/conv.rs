@@ -40,8 +40,9 @@ fn main() -> candle_core::Result<()> {
         let ours_fb = median_seconds(|| conv2d(x.as_tensor(), w.as_tensor(), p, s)?.sum_all()?.backward().map(|_| ()))?;
         let candle_f = median_seconds(|| x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1).map(|_| ()))?;
         // Candle's backward needs sizes the strides divide (see ops::conv).
-        let candle_fb = median_seconds(|| x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1)?.sum_all()?.backward().map(|_| ()))
-            .unwrap_or(f64::NAN);
+        let candle_fb =
+            median_seconds(|| x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1)?.sum_all()?.backward().map(|_| ()))
+                .unwrap_or(f64::NAN);
         println!("{name:<26} {ours_f:>12.4} {ours_fb:>12.4} {candle_f:>12.4} {candle_fb:>12.4}");
     }
     Ok(())

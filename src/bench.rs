@@ -34,12 +34,20 @@ pub struct BenchReport {
 }
 
 /// Times `steps` steps of `mode` after [`WARMUP_STEPS`] untimed ones.
-pub fn run(mut config: Config, mode: BenchMode, size: usize, batch: usize, steps: usize, device: &Device) -> Result<BenchReport> {
+pub fn run(
+    mut config: Config,
+    mode: BenchMode,
+    size: usize,
+    batch: usize,
+    steps: usize,
+    device: &Device,
+) -> Result<BenchReport> {
     if size < 32 || batch == 0 || steps == 0 {
         bail!("bench needs --size >= 32, --batch >= 1 and --steps >= 1");
     }
     if config.model.num_classes == 0 {
-        config.model.num_classes = if config.data.classes.is_empty() { DEFAULT_CLASSES } else { config.data.classes.len() };
+        config.model.num_classes =
+            if config.data.classes.is_empty() { DEFAULT_CLASSES } else { config.data.classes.len() };
     }
     let loaded = weights::build(&config.model, config.model.num_classes, device, None)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
@@ -55,7 +63,8 @@ pub fn run(mut config: Config, mode: BenchMode, size: usize, batch: usize, steps
                 }
             }
             BenchMode::Infer => {
-                let sizes: Vec<_> = data.targets.iter().map(|t| (t.image_id, t.resized_size, t.original_size)).collect();
+                let sizes: Vec<_> =
+                    data.targets.iter().map(|t| (t.image_id, t.resized_size, t.original_size)).collect();
                 crate::inference::detect_images(&runner.model, &data.images, &sizes, device)?;
             }
         }

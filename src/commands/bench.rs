@@ -16,8 +16,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         println!(
             "{:?} {}x{} batch {}: {:.4} s/step (median of {}), {:.2} images/s, peak RSS {:.0} MiB",
-            report.mode, report.size, report.size, report.batch, report.seconds_per_step_median, report.steps,
-            report.images_per_second, report.peak_rss_mib
+            report.mode,
+            report.size,
+            report.size,
+            report.batch,
+            report.seconds_per_step_median,
+            report.steps,
+            report.images_per_second,
+            report.peak_rss_mib
         );
     }
     Ok(())

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::accumulate::{accumulate_category, CategoryCurves};
 use super::grid::Grid;
 use super::image_eval::{evaluate_image, ImageEval};
-use super::index::EvalIndex;
+use super::index::{images_with_boxes, EvalIndex};
 use super::params::EvalParams;
 use super::results::Detection;
 use super::summary::{mean_of, stat_line, stat_specs, stats};
@@ -53,13 +53,13 @@ pub fn evaluate(gt: &CocoJson, dts: &[Detection], params: &EvalParams) -> Result
     let index = EvalIndex::new(gt);
     let gts = index.ground_truth(gt)?;
     let dts = index.detections(dts)?;
-    let images = index.image_ids.len();
     let curves: Vec<CategoryCurves> = (0..index.categories.len())
         .into_par_iter()
         .map(|k| {
-            let evals: Vec<ImageEval> = (0..images)
+            // Images in id order, as pycocotools concatenates them.
+            let evals: Vec<ImageEval> = images_with_boxes(&gts, &dts, k)
                 .into_par_iter()
-                .filter_map(|i| evaluate_image(gts.get(k, i), dts.get(k, i), &params))
+                .filter_map(|(g, d)| evaluate_image(g, d, &params))
                 .collect();
             accumulate_category(&evals, &params)
         })

@@ -43,16 +43,19 @@ pub enum Outcome {
 pub struct ImageEval {
     /// `[D]` detection scores, best first, `D <= max(max_dets)`.
     pub scores: Vec<f64>,
-    /// `[A, T, D]` outcome of each detection, row-major.
+    /// `[A, D, T]` outcome of each detection, row-major.
     pub outcomes: Vec<Outcome>,
+    /// `T`, the number of IoU thresholds.
+    pub thresholds: usize,
     /// `[A]` ground-truth boxes not ignored in each area range.
     pub not_ignored: Vec<usize>,
 }
 
 impl ImageEval {
-    /// Outcome of detection `d` for area range `a` at IoU threshold `t`.
-    pub fn outcome(&self, a: usize, t: usize, thresholds: usize, d: usize) -> Outcome {
-        self.outcomes[(a * thresholds + t) * self.scores.len() + d]
+    /// `[T]` outcomes of detection `d` for area range `a`.
+    pub fn outcomes_at(&self, a: usize, d: usize) -> &[Outcome] {
+        let start = (a * self.scores.len() + d) * self.thresholds;
+        &self.outcomes[start..start + self.thresholds]
     }
 }
 
@@ -66,20 +69,20 @@ pub fn evaluate_image(gts: &[GtBox], dts: &[DtBox], params: &EvalParams) -> Opti
     let dts = best_first(dts, params.max_det());
     let ious = iou_matrix(&dts, gts);
     let thresholds = params.iou_thresholds.len();
-    let mut outcomes = Vec::with_capacity(params.area_ranges.len() * thresholds * dts.len());
+    let per_area = dts.len() * thresholds;
+    let mut outcomes = vec![Outcome::Ignored; params.area_ranges.len() * per_area];
     let mut not_ignored = Vec::with_capacity(params.area_ranges.len());
-    for range in &params.area_ranges {
+    for (a, range) in params.area_ranges.iter().enumerate() {
         let ignore: Vec<bool> = gts.iter().map(|g| g.crowd || range.excludes(g.area)).collect();
         let order = ignored_last(&ignore);
         not_ignored.push(ignore.iter().filter(|&&ig| !ig).count());
         let dt_outside: Vec<bool> = dts.iter().map(|d| range.excludes(d.area)).collect();
-        for &t in &params.iou_thresholds {
-            let matcher = Matcher { gts, ious: &ious, order: &order, ignore: &ignore };
-            outcomes.extend(matcher.match_all(t, &dt_outside));
-        }
+        let matcher = Matcher { gts, ious: &ious, order: &order, ignore: &ignore };
+        let out = &mut outcomes[a * per_area..(a + 1) * per_area];
+        matcher.match_all(&params.iou_thresholds, &dt_outside, out);
     }
     let scores = dts.iter().map(|d| d.score).collect();
-    Some(ImageEval { scores, outcomes, not_ignored })
+    Some(ImageEval { scores, outcomes, thresholds, not_ignored })
 }
 
 /// Detections sorted by score, best first, ties in input order (numpy's
@@ -135,19 +138,21 @@ struct Matcher<'a> {
 }
 
 impl Matcher<'_> {
-    /// `[D]` outcomes at IoU threshold `t`; `dt_outside[d]` says whether
-    /// detection `d` is outside the area range.
-    fn match_all(&self, t: f64, dt_outside: &[bool]) -> Vec<Outcome> {
+    /// Fills `out`, `[D, T]`, with each detection's outcome at each IoU
+    /// threshold; `dt_outside[d]` says whether detection `d` is outside
+    /// the area range.
+    fn match_all(&self, thresholds: &[f64], dt_outside: &[bool], out: &mut [Outcome]) {
         let mut taken = vec![false; self.gts.len()];
-        (0..dt_outside.len())
-            .map(|d| {
-                let best = self.best_match(d, t, &taken);
+        for (t, &threshold) in thresholds.iter().enumerate() {
+            taken.fill(false);
+            for (d, &outside) in dt_outside.iter().enumerate() {
+                let best = self.best_match(d, threshold, &taken);
                 if let Some(g) = best {
                     taken[g] = true;
                 }
-                self.outcome(best, dt_outside[d])
-            })
-            .collect()
+                out[d * thresholds.len() + t] = self.outcome(best, outside);
+            }
+        }
     }
 
     /// The ground-truth box detection `d` matches, exactly as the loop in
@@ -242,7 +247,7 @@ mod tests {
         let params = EvalParams { iou_thresholds: vec![0.5], ..Default::default() };
         let e = evaluate_image(&[], &[dt([0.0, 0.0, 100.0, 100.0], 0.5)], &params).unwrap();
         // Area ranges: all, small, medium, large; the box is large.
-        let per_area: Vec<Outcome> = (0..4).map(|a| e.outcome(a, 0, 1, 0)).collect();
+        let per_area: Vec<Outcome> = (0..4).map(|a| e.outcomes_at(a, 0)[0]).collect();
         use Outcome::*;
         assert_eq!(per_area, [FalsePositive, Ignored, Ignored, FalsePositive]);
     }

@@ -76,7 +76,12 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(x: (usize, usize, usize, usize), w: (usize, usize, usize, usize), padding: usize, stride: usize) -> Result<Self> {
+    fn new(
+        x: (usize, usize, usize, usize),
+        w: (usize, usize, usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
         let (n, c_in, h, width) = x;
         let (c_out, wc_in, kh, kw) = w;
         if wc_in != c_in {

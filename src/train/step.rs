@@ -72,8 +72,13 @@ impl StepRunner {
             &mut self.normalizer,
             &self.device,
         )?;
-        let terms =
-            retinanet_loss(&outputs.cls_logits, &outputs.bbox_regression, &targets, &self.config.loss, self.model.box_coder())?;
+        let terms = retinanet_loss(
+            &outputs.cls_logits,
+            &outputs.bbox_regression,
+            &targets,
+            &self.config.loss,
+            self.model.box_coder(),
+        )?;
         let loss_cls = terms.classification.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let loss_box = terms.box_regression.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !(loss_cls.is_finite() && loss_box.is_finite()) {

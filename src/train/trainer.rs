@@ -127,7 +127,8 @@ impl Trainer {
         };
         let run = RunPaths { root: run_root };
         std::fs::create_dir_all(&run.root).with_context(|| format!("cannot create {}", run.root.display()))?;
-        std::fs::write(run.config(), config.to_toml()).with_context(|| format!("cannot write {}", run.config().display()))?;
+        std::fs::write(run.config(), config.to_toml())
+            .with_context(|| format!("cannot write {}", run.config().display()))?;
 
         let (model, varmap, notes) = build_model(&config, num_classes, &device, checkpoint.as_ref())?;
         for note in notes {
@@ -163,19 +164,7 @@ impl Trainer {
         let val = ValSplit { loader: make_loader(&config, val, false), ground_truth };
         let metrics = MetricsLog::open(&run.metrics(), resume.map(|_| state.step))?;
         let progress = Progress::new(total_steps, state.step);
-        Ok(Self {
-            config,
-            device,
-            run,
-            runner,
-            categories,
-            loader,
-            val,
-            state,
-            total_steps,
-            metrics,
-            progress,
-        })
+        Ok(Self { config, device, run, runner, categories, loader, val, state, total_steps, metrics, progress })
     }
 
     pub fn run_paths(&self) -> &RunPaths {
@@ -261,7 +250,11 @@ impl Trainer {
     fn non_finite(&self, what: &str, batch: &Batch, terms: &str) -> String {
         let ids: Vec<u64> = batch.targets.iter().map(|t| t.image_id).collect();
         let last = match checkpoint::load(&self.run.checkpoints().join("last"), &Device::Cpu) {
-            Ok(c) => format!("the last good checkpoint is {} (step {})", self.run.checkpoints().join("last").display(), c.state.step),
+            Ok(c) => format!(
+                "the last good checkpoint is {} (step {})",
+                self.run.checkpoints().join("last").display(),
+                c.state.step
+            ),
             Err(_) => "no checkpoint was written yet".to_string(),
         };
         format!(
@@ -277,8 +270,14 @@ impl Trainer {
         let total = self.val.loader.len_images();
         self.progress.println(&format!("evaluating on {total} val images at step {}", self.state.step));
         let started = Instant::now();
-        let (result, _) =
-            evaluate_split(&self.runner.model, &self.val.loader, &self.val.ground_truth, &self.categories, &self.device, |_| {})?;
+        let (result, _) = evaluate_split(
+            &self.runner.model,
+            &self.val.loader,
+            &self.val.ground_truth,
+            &self.categories,
+            &self.device,
+            |_| {},
+        )?;
         write_eval_json(&self.run.eval_json(), &result, started.elapsed().as_secs_f64())?;
         let ap = result.stats[0];
         self.progress.println(&format!("step {}: AP {:.4} AP50 {:.4}", self.state.step, ap, result.stats[1]));
@@ -322,7 +321,9 @@ fn resolve_num_classes(config: &mut Config, categories: &CategoryMap) -> Result<
             config.model.num_classes = needed;
             Ok(needed)
         }
-        n if n < needed => bail!("config key model.num_classes: {n} is fewer than the {needed} labels the dataset needs"),
+        n if n < needed => {
+            bail!("config key model.num_classes: {n} is fewer than the {needed} labels the dataset needs")
+        }
         n => Ok(n),
     }
 }
@@ -387,7 +388,12 @@ pub fn write_loss_plot(path: &Path, entries: &[MetricsEntry]) -> Result<()> {
             y_desc: "loss".into(),
             series: vec![("total".into(), total), ("classification".into(), cls), ("box regression".into(), bx)],
         },
-        Panel { title: "learning rate".into(), x_desc: "step".into(), y_desc: "lr".into(), series: vec![("lr".into(), lr)] },
+        Panel {
+            title: "learning rate".into(),
+            x_desc: "step".into(),
+            y_desc: "lr".into(),
+            series: vec![("lr".into(), lr)],
+        },
     ];
     write_panels(path, &panels, (800, 360))
 }
