@@ -17,8 +17,14 @@ use crate::data::coco::LabelMode;
 pub const PRESETS: &[(&str, &str)] = &[
     ("shapes", include_str!("../configs/shapes.toml")),
     ("bccd", include_str!("../configs/bccd.toml")),
-    ("retinanet_r50_fpn_coco", include_str!("../configs/retinanet_r50_fpn_coco.toml")),
-    ("torchvision_retinanet_r50_fpn", include_str!("../configs/torchvision_retinanet_r50_fpn.toml")),
+    (
+        "retinanet_r50_fpn_coco",
+        include_str!("../configs/retinanet_r50_fpn_coco.toml"),
+    ),
+    (
+        "torchvision_retinanet_r50_fpn",
+        include_str!("../configs/torchvision_retinanet_r50_fpn.toml"),
+    ),
 ];
 
 /// The preset used when `--config` is not given.
@@ -109,7 +115,12 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        Self { train: 2000, val: 200, size: 192, seed: 0 }
+        Self {
+            train: 2000,
+            val: 200,
+            size: 192,
+            seed: 0,
+        }
     }
 }
 
@@ -187,7 +198,7 @@ pub enum AnchorConvention {
     Detectron2,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// Classification outputs; 0 takes the number from the dataset.
@@ -198,20 +209,6 @@ pub struct ModelConfig {
     pub anchors: AnchorConfig,
     pub box_coder: BoxCoderConfig,
     pub postprocess: PostprocessConfig,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self {
-            num_classes: 0,
-            backbone: BackboneConfig::default(),
-            fpn: FpnConfig::default(),
-            head: HeadConfig::default(),
-            anchors: AnchorConfig::default(),
-            box_coder: BoxCoderConfig::default(),
-            postprocess: PostprocessConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,7 +256,10 @@ pub struct FpnConfig {
 
 impl Default for FpnConfig {
     fn default() -> Self {
-        Self { channels: 256, p6_from: P6Source::P5 }
+        Self {
+            channels: 256,
+            p6_from: P6Source::P5,
+        }
     }
 }
 
@@ -275,7 +275,11 @@ pub struct HeadConfig {
 
 impl Default for HeadConfig {
     fn default() -> Self {
-        Self { num_convs: 4, norm: HeadNorm::None, prior_prob: 0.01 }
+        Self {
+            num_convs: 4,
+            norm: HeadNorm::None,
+            prior_prob: 0.01,
+        }
     }
 }
 
@@ -331,7 +335,12 @@ pub struct PostprocessConfig {
 
 impl Default for PostprocessConfig {
     fn default() -> Self {
-        Self { score_thresh: 0.05, topk_candidates: 1000, nms_thresh: 0.5, detections_per_img: 300 }
+        Self {
+            score_thresh: 0.05,
+            topk_candidates: 1000,
+            nms_thresh: 0.5,
+            detections_per_img: 300,
+        }
     }
 }
 
@@ -487,7 +496,10 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { batch_size: 8, max_dets: vec![1, 10, 100] }
+        Self {
+            batch_size: 8,
+            max_dets: vec![1, 10, 100],
+        }
     }
 }
 
@@ -510,20 +522,30 @@ impl Config {
 
     /// Parses a resolved config as written beside a run (`config.toml`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let tree: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let tree: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
         let config = Self::from_tree(tree).with_context(|| path.display().to_string())?;
-        config.validate().with_context(|| path.display().to_string())?;
+        config
+            .validate()
+            .with_context(|| path.display().to_string())?;
         Ok(config)
     }
 
     /// Checks a merged TOML tree against the schema and deserialises it;
     /// errors name the key's full path.
     fn from_tree(tree: toml::Table) -> Result<Self> {
-        let schema = toml::Value::try_from(Config::default()).expect("the default config serialises");
+        let schema =
+            toml::Value::try_from(Config::default()).expect("the default config serialises");
         check_against_schema(&tree, &schema, "")?;
-        serde_path_to_error::deserialize(toml::Value::Table(tree))
-            .map_err(|e| anyhow!("config key {}: {}", e.path(), one_line(&e.inner().to_string())))
+        serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+            anyhow!(
+                "config key {}: {}",
+                e.path(),
+                one_line(&e.inner().to_string())
+            )
+        })
     }
 
     /// The config as TOML, for `config.toml` beside every run and checkpoint.
@@ -535,7 +557,10 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let b = &self.model.backbone;
         if ![18, 34, 50, 101].contains(&b.depth) {
-            bail!("config key model.backbone.depth: expected 18, 34, 50 or 101, got {}", b.depth);
+            bail!(
+                "config key model.backbone.depth: expected 18, 34, 50 or 101, got {}",
+                b.depth
+            );
         }
         if self.input.min_size.is_empty() || self.input.min_size.contains(&0) {
             bail!("config key input.min_size: expected a non-empty list of positive sizes");
@@ -547,7 +572,10 @@ impl Config {
             bail!("config key train.batch_size: expected a positive integer");
         }
         if self.model.anchors.sizes.len() != 5 {
-            bail!("config key model.anchors.sizes: expected 5 sizes (P3-P7), got {}", self.model.anchors.sizes.len());
+            bail!(
+                "config key model.anchors.sizes: expected 5 sizes (P3-P7), got {}",
+                self.model.anchors.sizes.len()
+            );
         }
         if !(0.0..=1.0).contains(&self.input.hflip_prob) {
             bail!("config key input.hflip_prob: expected a probability in [0, 1]");
@@ -558,7 +586,9 @@ impl Config {
 
 /// The run name a config source gives: the preset name or the file stem.
 fn config_source_name(source: &str) -> String {
-    Path::new(source).file_stem().map_or_else(|| source.to_string(), |s| s.to_string_lossy().into_owned())
+    Path::new(source)
+        .file_stem()
+        .map_or_else(|| source.to_string(), |s| s.to_string_lossy().into_owned())
 }
 
 /// Inheritance deeper than this is taken to be a cycle.
@@ -575,20 +605,31 @@ fn load_tree(source: &str, depth: usize) -> Result<toml::Table> {
             let path = Path::new(source);
             if !path.exists() {
                 let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
-                bail!("config {source}: no such preset or file (presets: {})", names.join(", "));
+                bail!(
+                    "config {source}: no such preset or file (presets: {})",
+                    names.join(", ")
+                );
             }
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {source}"))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {source}"))?;
             (source.to_string(), text)
         }
     };
-    let mut tree: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", one_line(&e.to_string())))?;
+    let mut tree: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", one_line(&e.to_string())))?;
     let base = match tree.remove("base") {
         None => return Ok(tree),
         Some(toml::Value::String(base)) if base.is_empty() => return Ok(tree),
         Some(toml::Value::String(base)) => base,
-        Some(other) => bail!("{origin}: config key base: expected a string, got {}", other.type_str()),
+        Some(other) => bail!(
+            "{origin}: config key base: expected a string, got {}",
+            other.type_str()
+        ),
     };
-    let mut merged = load_tree(&base, depth + 1).with_context(|| format!("{origin}: base {base}"))?;
+    let mut merged =
+        load_tree(&base, depth + 1).with_context(|| format!("{origin}: base {base}"))?;
+    // A run is named after the file given, not after what it inherits.
+    merged.remove("name");
     merge(&mut merged, tree);
     Ok(merged)
 }
@@ -613,13 +654,21 @@ fn apply_override(tree: &mut toml::Table, item: &str) -> Result<()> {
     let key = key.trim();
     let value = parse_value(raw.trim());
     let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("--set {item}: empty key"))?;
+    let last = parts
+        .pop()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| anyhow!("--set {item}: empty key"))?;
     let mut table = tree;
     for (i, part) in parts.iter().enumerate() {
-        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| anyhow!("--set {item}: config key {} is not a table", parts[..=i].join(".")))?;
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| {
+            anyhow!(
+                "--set {item}: config key {} is not a table",
+                parts[..=i].join(".")
+            )
+        })?;
     }
     table.insert(last.to_string(), value);
     Ok(())
@@ -637,15 +686,28 @@ fn parse_value(raw: &str) -> toml::Value {
 fn check_against_schema(tree: &toml::Table, schema: &toml::Value, prefix: &str) -> Result<()> {
     let schema = schema.as_table().expect("schema level is a table");
     for (key, value) in tree {
-        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
         let Some(expected) = schema.get(key) else {
             let mut valid: Vec<&str> = schema.keys().map(String::as_str).collect();
             valid.sort_unstable();
-            let level = if prefix.is_empty() { "the top level".to_string() } else { prefix.to_string() };
-            bail!("unknown config key {path}; valid keys at {level}: {}", valid.join(", "));
+            let level = if prefix.is_empty() {
+                "the top level".to_string()
+            } else {
+                prefix.to_string()
+            };
+            bail!(
+                "unknown config key {path}; valid keys at {level}: {}",
+                valid.join(", ")
+            );
         };
         match (expected, value) {
-            (toml::Value::Table(_), toml::Value::Table(t)) => check_against_schema(t, expected, &path)?,
+            (toml::Value::Table(_), toml::Value::Table(t)) => {
+                check_against_schema(t, expected, &path)?
+            }
             _ => check_type(&path, expected, value)?,
         }
     }
@@ -669,7 +731,10 @@ fn check_type(path: &str, expected: &toml::Value, value: &toml::Value) -> Result
         V::Array(e) => format!("an array of {}", e.first().map_or("values", kind_name)),
         other => kind_name(other).to_string(),
     };
-    bail!("config key {path}: expected {expected_kind}, got {} {value}", kind_name(value))
+    bail!(
+        "config key {path}: expected {expected_kind}, got {} {value}",
+        kind_name(value)
+    )
 }
 
 fn kind_name(v: &toml::Value) -> &'static str {

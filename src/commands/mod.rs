@@ -5,14 +5,18 @@ use anyhow::{bail, Result};
 
 use crate::cli::Command;
 
+pub mod eval;
+pub mod inspect;
+pub mod synth;
+
 /// Runs one parsed command.
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Train(_) => not_built("train", "the model and trainer"),
-        Command::Eval(_) => not_built("eval", "the COCO evaluator"),
+        Command::Eval(args) => eval::run(&args),
         Command::Predict(_) => not_built("predict", "the model"),
-        Command::Synth(_) => not_built("synth", "the synthetic generator"),
-        Command::Inspect(_) => not_built("inspect", "the dataset inspector"),
+        Command::Synth(args) => synth::run(args),
+        Command::Inspect(args) => inspect::run(args),
         Command::Bench(_) => not_built("bench", "the model and trainer"),
     }
 }

@@ -2,3 +2,8 @@
 //! synthetic shapes generator.
 
 pub mod coco;
+pub mod image_io;
+pub mod loader;
+pub mod source;
+pub mod synthetic;
+pub mod transforms;

@@ -1,0 +1,52 @@
+//! Image decoding to 8-bit RGB: JPEG (baseline and progressive) and PNG;
+//! grayscale, alpha, 16-bit and CMYK converted; EXIF orientation applied.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+
+/// Decodes an image file to RGB, upright as a viewer shows it.
+///
+/// The format is taken from the file's bytes, not its name, so a PNG named
+/// `.jpg` still decodes and a text file named `.jpg` is reported as such.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let reader = ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let mut decoder = reader
+        .into_decoder()
+        .with_context(|| format!("{}: not a supported image", path.display()))?;
+    // A broken EXIF block must not make a good image unreadable.
+    let orientation = decoder.orientation().ok();
+    let mut image = DynamicImage::from_decoder(decoder)
+        .with_context(|| format!("{}: corrupt image", path.display()))?;
+    if let Some(orientation) = orientation {
+        image.apply_orientation(orientation);
+    }
+    if image.width() == 0 || image.height() == 0 {
+        anyhow::bail!("{}: image has zero width or height", path.display());
+    }
+    Ok(image.into_rgb8())
+}
+
+/// Reads only the header: (width, height) after EXIF orientation.
+pub fn image_size(path: &Path) -> Result<(u32, u32)> {
+    let reader = ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let mut decoder = reader
+        .into_decoder()
+        .with_context(|| format!("{}: not a supported image", path.display()))?;
+    let (w, h) = decoder.dimensions();
+    let swapped = matches!(
+        decoder.orientation(),
+        Ok(image::metadata::Orientation::Rotate90
+            | image::metadata::Orientation::Rotate270
+            | image::metadata::Orientation::Rotate90FlipH
+            | image::metadata::Orientation::Rotate270FlipH)
+    );
+    Ok(if swapped { (h, w) } else { (w, h) })
+}

@@ -1,0 +1,253 @@
+//! Checkpoints that a crash never leaves half-written.
+//!
+//! Layout inside a run's `checkpoints/` folder:
+//! ```text
+//! step-00001000/   model.safetensors optimizer.safetensors state.json config.toml
+//! last -> step-00001000   (symbolic link)
+//! best -> step-00000500
+//! ```
+//! A checkpoint is written into a temporary folder, synced, renamed to its
+//! `step-N` name, and only then is the `last`/`best` link swapped, by
+//! renaming a new link over the old one (atomic on POSIX). At every moment
+//! `last` names a complete checkpoint. Folders no link names are removed.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// File names inside a checkpoint folder.
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Everything besides tensors that resuming needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Epoch of the next batch.
+    pub epoch: usize,
+    /// Index within `epoch` of the next batch.
+    pub batch_in_epoch: usize,
+    /// Optimiser steps counted by the optimiser (AdamW bias correction).
+    pub optimizer_steps: u64,
+    /// detectron2's EMA loss normaliser.
+    pub normalizer_ema: f64,
+    /// Best val AP so far and the step it was reached at.
+    pub best_ap: Option<f64>,
+    pub best_step: Option<usize>,
+    pub seed: u64,
+}
+
+/// What a checkpoint holds.
+pub struct Checkpoint {
+    pub model: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+    pub state: TrainState,
+    pub config_toml: String,
+}
+
+/// Writes `checkpoints/step-N` and points the link `name` ("last" or
+/// "best") at it.
+pub fn save(checkpoints: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
+    std::fs::create_dir_all(checkpoints)
+        .with_context(|| format!("cannot create {}", checkpoints.display()))?;
+    let folder_name = format!("step-{:08}", ckpt.state.step);
+    let folder = checkpoints.join(&folder_name);
+    if !folder.join(STATE_FILE).exists() {
+        write_folder(checkpoints, &folder, ckpt)?;
+    }
+    point_link(checkpoints, name, &folder_name)?;
+    remove_unlinked(checkpoints);
+    Ok(folder)
+}
+
+fn write_folder(checkpoints: &Path, folder: &Path, ckpt: &Checkpoint) -> Result<()> {
+    let tmp = checkpoints.join(format!(".tmp-{}-{}", ckpt.state.step, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let written = (|| -> Result<()> {
+        candle_core::safetensors::save(&ckpt.model, tmp.join(MODEL_FILE))?;
+        candle_core::safetensors::save(&ckpt.optimizer, tmp.join(OPTIMIZER_FILE))?;
+        std::fs::write(
+            tmp.join(STATE_FILE),
+            serde_json::to_string_pretty(&ckpt.state)?,
+        )?;
+        std::fs::write(tmp.join(CONFIG_FILE), &ckpt.config_toml)?;
+        for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE] {
+            File::open(tmp.join(f))?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if let Err(err) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(err)
+            .with_context(|| format!("cannot write checkpoint into {}", checkpoints.display()));
+    }
+    let _ = std::fs::remove_dir_all(folder); // a partial folder of an older crash
+    std::fs::rename(&tmp, folder)
+        .with_context(|| format!("cannot move checkpoint to {}", folder.display()))?;
+    sync_dir(checkpoints);
+    Ok(())
+}
+
+/// Swaps `checkpoints/<name>` to point at `target` by renaming a fresh link
+/// over it.
+fn point_link(checkpoints: &Path, name: &str, target: &str) -> Result<()> {
+    let link = checkpoints.join(name);
+    let tmp = checkpoints.join(format!(".{name}.link-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    symlink_dir(target, &tmp).with_context(|| format!("cannot create link {}", tmp.display()))?;
+    std::fs::rename(&tmp, &link).with_context(|| format!("cannot update {}", link.display()))?;
+    sync_dir(checkpoints);
+    Ok(())
+}
+
+#[cfg(unix)]
+fn symlink_dir(target: &str, link: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(windows)]
+fn symlink_dir(target: &str, link: &Path) -> std::io::Result<()> {
+    std::os::windows::fs::symlink_dir(target, link)
+}
+
+fn sync_dir(dir: &Path) {
+    // Directory fsync makes the renames durable; not all systems allow it.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Removes `step-N` folders and leftovers that no link points at.
+fn remove_unlinked(checkpoints: &Path) {
+    let linked: Vec<PathBuf> = ["last", "best"]
+        .iter()
+        .filter_map(|l| std::fs::read_link(checkpoints.join(l)).ok())
+        .collect();
+    let Ok(entries) = std::fs::read_dir(checkpoints) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_step = name.starts_with("step-");
+        let is_stale_tmp =
+            name.starts_with(".tmp-") && !name.ends_with(&format!("-{}", std::process::id()));
+        if (is_step && !linked.iter().any(|l| l.as_os_str() == entry.file_name())) || is_stale_tmp {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Reads a checkpoint folder (or a link to one).
+pub fn load(folder: &Path, device: &Device) -> Result<Checkpoint> {
+    let state_path = folder.join(STATE_FILE);
+    if !state_path.is_file() {
+        bail!(
+            "{}: not a checkpoint folder (no {STATE_FILE})",
+            folder.display()
+        );
+    }
+    let state: TrainState = serde_json::from_str(
+        &std::fs::read_to_string(&state_path)
+            .with_context(|| format!("cannot read {}", state_path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid checkpoint state", state_path.display()))?;
+    let read_tensors = |file: &str| -> Result<HashMap<String, Tensor>> {
+        let path = folder.join(file);
+        candle_core::safetensors::load(&path, device)
+            .with_context(|| format!("{}: not a readable safetensors file", path.display()))
+    };
+    let config_path = folder.join(CONFIG_FILE);
+    Ok(Checkpoint {
+        model: read_tensors(MODEL_FILE)?,
+        optimizer: read_tensors(OPTIMIZER_FILE)?,
+        state,
+        config_toml: std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read {}", config_path.display()))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(step: usize, value: f32) -> Checkpoint {
+        let t = Tensor::new(&[value, value], &Device::Cpu).unwrap();
+        Checkpoint {
+            model: HashMap::from([("w".to_string(), t.clone())]),
+            optimizer: HashMap::from([("first.w".to_string(), t)]),
+            state: TrainState {
+                step,
+                epoch: 0,
+                batch_in_epoch: step,
+                optimizer_steps: step as u64,
+                normalizer_ema: 100.0,
+                best_ap: None,
+                best_step: None,
+                seed: 0,
+            },
+            config_toml: "name = \"t\"\n".into(),
+        }
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("retinanet-ckpt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn last_and_best_links_and_garbage_collection() {
+        let dir = temp("links");
+        save(&dir, "last", &checkpoint(10, 1.0)).unwrap();
+        save(&dir, "best", &checkpoint(10, 1.0)).unwrap();
+        save(&dir, "last", &checkpoint(20, 2.0)).unwrap();
+        save(&dir, "last", &checkpoint(30, 3.0)).unwrap();
+        let last = load(&dir.join("last"), &Device::Cpu).unwrap();
+        assert_eq!(last.state.step, 30);
+        assert_eq!(last.model["w"].to_vec1::<f32>().unwrap(), vec![3.0, 3.0]);
+        assert_eq!(
+            load(&dir.join("best"), &Device::Cpu).unwrap().state.step,
+            10
+        );
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec!["best", "last", "step-00000010", "step-00000030"]
+        );
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_previous_checkpoint() {
+        let dir = temp("fail");
+        save(&dir, "last", &checkpoint(1, 1.0)).unwrap();
+        // A file where the temporary folder goes makes the write fail, as a
+        // full disk would, even for root.
+        let blocker = dir.join(format!(".tmp-2-{}", std::process::id()));
+        std::fs::write(&blocker, b"in the way").unwrap();
+        let err = save(&dir, "last", &checkpoint(2, 2.0)).err().unwrap();
+        assert!(format!("{err:#}").contains("cannot create"), "{err:#}");
+        assert_eq!(load(&dir.join("last"), &Device::Cpu).unwrap().state.step, 1);
+    }
+
+    #[test]
+    fn loading_a_non_checkpoint_names_it() {
+        let dir = temp("none");
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = load(&dir, &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("not a checkpoint folder"), "{err}");
+    }
+}

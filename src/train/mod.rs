@@ -1,0 +1,8 @@
+//! Training: anchor matching, losses, optimisers, schedules, checkpoints.
+
+pub mod checkpoint;
+pub mod loss;
+pub mod matcher;
+pub mod optim;
+pub mod schedule;
+pub mod targets;

@@ -1,0 +1,3 @@
+//! Pictures for people: boxes drawn on images, and plots.
+
+pub mod draw;

@@ -1,0 +1,143 @@
+//! The data loader: seeded order, mid-epoch resumption, ordered prefetch.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_retinanet::config::InputConfig;
+use candle_retinanet::data::coco::{Dataset, LoadOptions};
+use candle_retinanet::data::loader::{Batch, Loader, LoaderOptions};
+use candle_retinanet::data::synthetic::{write_dataset, SynthSpec};
+use candle_retinanet::data::transforms::Transform;
+
+/// 23 synthetic 64 px images, written once per test process.
+fn dataset() -> (Dataset, std::path::PathBuf) {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("retinanet-loader-{}", std::process::id()));
+        write_dataset(
+            &dir,
+            SynthSpec {
+                train: 23,
+                val: 1,
+                size: 64,
+                seed: 5,
+            },
+        )
+        .unwrap();
+        dir
+    });
+    (
+        Dataset::load(
+            &dir.join("annotations/instances_train.json"),
+            LoadOptions::default(),
+        )
+        .unwrap(),
+        dir.join("images"),
+    )
+}
+
+fn loader(workers: usize, prefetch: usize, seed: u64) -> Loader {
+    let (d, images) = dataset();
+    let input = InputConfig {
+        min_size: vec![48, 64],
+        max_size: 96,
+        ..InputConfig::default()
+    };
+    let options = LoaderOptions {
+        batch_size: 4,
+        train: true,
+        seed,
+        hflip_prob: 0.5,
+        drop_last: true,
+        workers,
+        prefetch,
+        skip_bad_images: false,
+    };
+    Loader::new(d.images, images, Transform::new(&input), options)
+}
+
+/// What identifies a batch's content: index, ids, boxes and every pixel.
+type Fingerprint = (usize, Vec<u64>, Vec<Vec<[f32; 4]>>, Vec<f32>);
+
+fn fingerprint(b: &Batch) -> Fingerprint {
+    let pixels = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (
+        b.index,
+        b.targets.iter().map(|t| t.image_id).collect(),
+        b.targets.iter().map(|t| t.boxes.clone()).collect(),
+        pixels,
+    )
+}
+
+fn epoch(loader: &Loader, epoch: usize, start: usize) -> Vec<Fingerprint> {
+    loader
+        .epoch(epoch, start)
+        .unwrap()
+        .map(|b| fingerprint(&b.unwrap()))
+        .collect()
+}
+
+#[test]
+fn same_seed_same_batches_other_epoch_other_order() {
+    let (a, b) = (loader(2, 2, 7), loader(2, 2, 7));
+    assert_eq!(
+        a.batches_per_epoch(),
+        5,
+        "23 images, batch 4, last partial batch dropped"
+    );
+    let first = epoch(&a, 0, 0);
+    assert_eq!(first.len(), 5);
+    assert_eq!(first, epoch(&b, 0, 0));
+    assert_ne!(a.epoch_order(0), a.epoch_order(1));
+    assert_ne!(a.epoch_order(0), loader(2, 2, 8).epoch_order(0));
+}
+
+#[test]
+fn resuming_mid_epoch_gives_the_remaining_batches() {
+    let l = loader(2, 3, 1);
+    let whole = epoch(&l, 2, 0);
+    let resumed = epoch(&l, 2, 3);
+    assert_eq!(resumed, whole[3..].to_vec());
+}
+
+#[test]
+fn prefetch_and_workers_do_not_reorder() {
+    let serial = epoch(&loader(1, 1, 4), 1, 0);
+    let parallel = epoch(&loader(2, 8, 4), 1, 0);
+    assert_eq!(
+        serial.iter().map(|b| b.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    assert_eq!(serial, parallel);
+}
+
+#[test]
+fn batches_are_padded_to_the_divisor_with_targets_inside() {
+    let l = loader(2, 2, 0);
+    for batch in l.epoch(0, 0).unwrap() {
+        let batch = batch.unwrap();
+        let (n, c, h, w) = batch.images.dims4().unwrap();
+        assert_eq!((n, c, h % 32, w % 32), (4, 3, 0, 0));
+        for t in &batch.targets {
+            assert!(t.resized_size.0 <= h && t.resized_size.1 <= w);
+            assert_eq!(t.boxes.len(), t.labels.len());
+            for b in &t.boxes {
+                assert!(
+                    b[0] >= 0.0
+                        && b[2] <= t.resized_size.1 as f32
+                        && b[1] >= 0.0
+                        && b[3] <= t.resized_size.0 as f32
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dropping_the_iterator_early_stops_cleanly() {
+    let l = loader(2, 1, 0);
+    let mut it = l.epoch(0, 0).unwrap();
+    assert!(it.next().unwrap().is_ok());
+    drop(it);
+    assert_eq!(epoch(&l, 0, 4).len(), 1);
+}
