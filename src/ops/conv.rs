@@ -22,7 +22,12 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Self {
-        Self { weight, bias, padding, stride }
+        Self {
+            weight,
+            bias,
+            padding,
+            stride,
+        }
     }
 
     /// Pads `dim` explicitly so that the kernel exactly fits the strides.
@@ -30,10 +35,13 @@ impl Conv2d {
         let n = x.dim(dim)?;
         let p = self.padding;
         if n + 2 * p < kernel {
-            candle_core::bail!("conv2d: input size {n} is smaller than the kernel {kernel} with padding {p}");
+            candle_core::bail!(
+                "conv2d: input size {n} is smaller than the kernel {kernel} with padding {p}"
+            );
         }
         let remainder = (n + 2 * p - kernel) % self.stride;
-        x.pad_with_zeros(dim, p, p)?.narrow(dim, 0, n + 2 * p - remainder)
+        x.pad_with_zeros(dim, p, p)?
+            .narrow(dim, 0, n + 2 * p - remainder)
     }
 }
 
@@ -64,19 +72,35 @@ mod tests {
     #[test]
     fn matches_candle_and_differentiates_any_size() -> Result<()> {
         let dev = Device::Cpu;
-        for (k, p, s, h, w) in [(3, 1, 2, 2, 3), (1, 0, 2, 6, 7), (7, 3, 2, 9, 12), (3, 1, 1, 5, 4)] {
+        for (k, p, s, h, w) in [
+            (3, 1, 2, 2, 3),
+            (1, 0, 2, 6, 7),
+            (7, 3, 2, 9, 12),
+            (3, 1, 1, 5, 4),
+        ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev)?)?;
             let weight = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, k, k), &dev)?)?;
             let bias = Tensor::randn(0f32, 1., 4, &dev)?;
             let conv = Conv2d::new(weight.as_tensor().clone(), Some(bias.clone()), p, s);
             let y = conv.forward(x.as_tensor())?;
-            let reference = x.conv2d(&weight, p, s, 1, 1)?.broadcast_add(&bias.reshape((1, 4, 1, 1))?)?;
+            let reference = x
+                .conv2d(&weight, p, s, 1, 1)?
+                .broadcast_add(&bias.reshape((1, 4, 1, 1))?)?;
             assert_eq!(y.dims(), reference.dims());
             let diff = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "k{k} p{p} s{s} {h}x{w}: {diff}");
             let grads = y.sqr()?.sum_all()?.backward()?;
-            assert_eq!(grads.get(x.as_tensor()).expect("input gradient").dims(), [2, 3, h, w]);
-            assert_eq!(grads.get(weight.as_tensor()).expect("weight gradient").dims(), [4, 3, k, k]);
+            assert_eq!(
+                grads.get(x.as_tensor()).expect("input gradient").dims(),
+                [2, 3, h, w]
+            );
+            assert_eq!(
+                grads
+                    .get(weight.as_tensor())
+                    .expect("weight gradient")
+                    .dims(),
+                [4, 3, k, k]
+            );
         }
         Ok(())
     }

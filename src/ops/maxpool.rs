@@ -55,7 +55,11 @@ fn argmax_indices(x: &[f32], (n, c, h, w): Dims4) -> (Vec<u32>, Shape) {
 /// The input as a contiguous f32 CPU vector with its 4 dimensions.
 fn cpu_values(x: &Tensor) -> Result<(Vec<f32>, Dims4)> {
     let dims = x.dims4()?;
-    let values = x.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let values = x
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok((values, dims))
 }
 
@@ -69,7 +73,11 @@ impl CustomOp1 for MaxPool3x3S2P1 {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("{}: expected an f32 tensor, got {:?}", self.name(), storage.dtype());
+            candle_core::bail!(
+                "{}: expected an f32 tensor, got {:?}",
+                self.name(),
+                storage.dtype()
+            );
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("{}: expected a contiguous tensor", self.name());
@@ -84,12 +92,18 @@ impl CustomOp1 for MaxPool3x3S2P1 {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (x, dims) = cpu_values(arg)?;
         let (idx, _) = argmax_indices(&x, dims);
-        let grad = grad_res.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad_res
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut out = vec![0f32; x.len()];
         for (&i, g) in idx.iter().zip(grad) {
             out[i as usize] += g;
         }
-        Ok(Some(Tensor::from_vec(out, arg.shape(), &candle_core::Device::Cpu)?.to_device(arg.device())?))
+        Ok(Some(
+            Tensor::from_vec(out, arg.shape(), &candle_core::Device::Cpu)?
+                .to_device(arg.device())?,
+        ))
     }
 }
 
@@ -110,7 +124,9 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
 /// kernel on an edge-replicated input (replicated values never change a
 /// window's maximum).
 pub fn max_pool_3x3_s2_p1_inference(x: &Tensor) -> Result<Tensor> {
-    let padded = x.pad_with_same(2, PADDING, PADDING)?.pad_with_same(3, PADDING, PADDING)?;
+    let padded = x
+        .pad_with_same(2, PADDING, PADDING)?
+        .pad_with_same(3, PADDING, PADDING)?;
     padded.max_pool2d_with_stride(KERNEL, STRIDE)
 }
 
@@ -122,7 +138,9 @@ mod tests {
     /// A deterministic input with distinct values (no ties).
     fn input(dims: (usize, usize, usize, usize)) -> Result<Var> {
         let n = dims.0 * dims.1 * dims.2 * dims.3;
-        let v: Vec<f32> = (0..n).map(|k| ((k as f32) * 0.7311).sin() * 3.0 + (k as f32) * 1e-3).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|k| ((k as f32) * 0.7311).sin() * 3.0 + (k as f32) * 1e-3)
+            .collect();
         Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu)?)
     }
 
@@ -133,7 +151,10 @@ mod tests {
             let ours = max_pool_3x3_s2_p1(x.as_tensor())?;
             let native = max_pool_3x3_s2_p1_inference(x.as_tensor())?;
             assert_eq!(ours.dims(), native.dims());
-            assert_eq!(ours.flatten_all()?.to_vec1::<f32>()?, native.flatten_all()?.to_vec1::<f32>()?);
+            assert_eq!(
+                ours.flatten_all()?.to_vec1::<f32>()?,
+                native.flatten_all()?.to_vec1::<f32>()?
+            );
         }
         Ok(())
     }
@@ -146,13 +167,19 @@ mod tests {
         let out_dims = max_pool_3x3_s2_p1(x.as_tensor())?.dims().to_vec();
         let m: usize = out_dims.iter().product();
         let w = Tensor::from_vec(
-            (0..m).map(|k| 1.0 + (k as f32 * 0.37).cos()).collect::<Vec<_>>(),
+            (0..m)
+                .map(|k| 1.0 + (k as f32 * 0.37).cos())
+                .collect::<Vec<_>>(),
             out_dims,
             &Device::Cpu,
         )?;
         let loss = |t: &Tensor| -> Result<Tensor> { (max_pool_3x3_s2_p1(t)? * &w)?.sum_all() };
         let grads = loss(x.as_tensor())?.backward()?;
-        let analytic = grads.get(x.as_tensor()).expect("gradient of x").flatten_all()?.to_vec1::<f32>()?;
+        let analytic = grads
+            .get(x.as_tensor())
+            .expect("gradient of x")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let base = x.as_tensor().flatten_all()?.to_vec1::<f32>()?;
         let eps = 1e-3f32;
         for (k, &a) in analytic.iter().enumerate() {
@@ -162,7 +189,10 @@ mod tests {
                 loss(&Tensor::from_vec(v, dims, &Device::Cpu)?)?.to_scalar::<f32>()
             };
             let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
-            assert!((numeric - a).abs() < 1e-2, "element {k}: finite difference {numeric}, backward {a}");
+            assert!(
+                (numeric - a).abs() < 1e-2,
+                "element {k}: finite difference {numeric}, backward {a}"
+            );
         }
         Ok(())
     }
@@ -171,7 +201,11 @@ mod tests {
     fn ties_send_the_gradient_to_the_first_maximum() -> Result<()> {
         let x = Var::from_tensor(&Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu)?)?;
         let grads = max_pool_3x3_s2_p1(x.as_tensor())?.sum_all()?.backward()?;
-        let g = grads.get(x.as_tensor()).expect("gradient of x").flatten_all()?.to_vec1::<f32>()?;
+        let g = grads
+            .get(x.as_tensor())
+            .expect("gradient of x")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         // Outputs 2x2; windows start at (0,0), (0,1), (1,0), (1,1) after padding.
         assert_eq!(g, vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
         Ok(())
