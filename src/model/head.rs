@@ -4,9 +4,10 @@
 //! then a 3x3 conv to A*K logits or A*4 deltas, shared across levels.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Init, VarBuilder};
+use candle_nn::{GroupNorm, Init, VarBuilder};
 
 use crate::config::{HeadConfig, HeadNorm};
+use crate::ops::conv::Conv2d;
 
 /// Weight init of every head conv: normal(std = 0.01).
 const HEAD_INIT: Init = Init::Randn {
@@ -23,14 +24,7 @@ fn conv3x3(c_in: usize, c_out: usize, bias: Option<Init>, vb: &VarBuilder) -> Re
     let bias = bias
         .map(|init| vb.get_with_hints(c_out, "bias", init))
         .transpose()?;
-    Ok(Conv2d::new(
-        weight,
-        bias,
-        Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        },
-    ))
+    Ok(Conv2d::new(weight, bias, 1, 1))
 }
 
 /// `conv.N.0` (+ `conv.N.1` GroupNorm) + ReLU, `num_convs` times.
