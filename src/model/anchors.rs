@@ -207,7 +207,8 @@ mod tests {
     }
 
     /// 800x1344 pads P6/P7 to 13x21 and 7x11: torchvision's strides become
-    /// 61x64 and 114x122.
+    /// 61x64 and 114x122. Expected values from torchvision 0.29's
+    /// `AnchorGenerator` on an `ImageList` of that size.
     #[test]
     fn torchvision_strides_and_layout() {
         let g = generator(AnchorConvention::Torchvision);
@@ -228,6 +229,14 @@ mod tests {
             last,
             [1220.0 - 287.0, 684.0 - 574.0, 1220.0 + 287.0, 684.0 + 574.0]
         );
+        // Column sums of torchvision's AnchorGenerator output for this size.
+        let mut sums = [0f64; 4];
+        for b in &a.boxes {
+            for (s, v) in sums.iter_mut().zip(b) {
+                *s += f64::from(*v);
+            }
+        }
+        assert_eq!(sums, [128035215.0, 73197873.0, 140555205.0, 85717863.0]);
         assert!(Arc::ptr_eq(&a, &g.anchors((800, 1344), &grids)));
     }
 }
