@@ -17,6 +17,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -111,61 +112,83 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// Input (row, col) read by kernel tap (ky, kx) at output (oy, ox), if
-    /// inside the image.
-    fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
-        (o * self.stride + k)
-            .checked_sub(self.padding)
-            .filter(|&i| i < size)
+    /// Outputs `o` whose tap `k` reads inside `0..size`: `o * stride + k - padding`
+    /// in range, as a half-open range of `o` within `0..out`.
+    fn valid(&self, k: usize, size: usize, out: usize) -> std::ops::Range<usize> {
+        let s = self.stride;
+        let lo = self.padding.saturating_sub(k).div_ceil(s);
+        // o * s + k - p < size  <=>  o * s < size + p - k
+        let hi = (size + self.padding).saturating_sub(k).div_ceil(s).min(out);
+        lo..hi.max(lo)
     }
 
-    /// [c_in, h, w] -> columns [c_in * kh * kw, oh * ow].
+    /// For tap (ky, kx), calls `f(oy * ow, input offset of the first read,
+    /// ox range)` for each output row whose reads fall inside the image;
+    /// consecutive `ox` read every `stride`-th input element.
+    fn for_each_run(
+        &self,
+        ky: usize,
+        kx: usize,
+        mut f: impl FnMut(usize, usize, std::ops::Range<usize>),
+    ) {
+        let (oh, ow) = self.out;
+        let cols = self.valid(kx, self.w, ow);
+        if cols.is_empty() {
+            return;
+        }
+        for oy in self.valid(ky, self.h, oh) {
+            let y = oy * self.stride + ky - self.padding;
+            let x0 = (cols.start * self.stride + kx).saturating_sub(self.padding);
+            f(oy * ow, y * self.w + x0, cols.clone());
+        }
+    }
+
+    /// [c_in, h, w] -> columns [c_in * kh * kw, oh * ow], zero where the
+    /// kernel reads padding. Parallel over column rows.
     fn im2col(&self, x: &[f32]) -> Vec<f32> {
         let (oh, ow) = self.out;
-        let mut cols = vec![0f32; self.c_in * self.k.0 * self.k.1 * oh * ow];
-        self.for_each_tap(|row, plane, ky, kx| {
-            let dst = &mut cols[row * oh * ow..(row + 1) * oh * ow];
-            for oy in 0..oh {
-                let Some(y) = self.source(oy, ky, self.h) else {
-                    continue;
-                };
-                for ox in 0..ow {
-                    if let Some(xx) = self.source(ox, kx, self.w) {
-                        dst[oy * ow + ox] = x[(plane * self.h + y) * self.w + xx];
+        let (kh, kw) = self.k;
+        let mut cols = vec![0f32; self.c_in * kh * kw * oh * ow];
+        cols.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (c, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+                let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
+                self.for_each_run(ky, kx, |out, src, range| {
+                    let dst = &mut dst[out + range.start..out + range.end];
+                    if self.stride == 1 {
+                        dst.copy_from_slice(&plane[src..src + dst.len()]);
+                    } else {
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = plane[src + i * self.stride];
+                        }
                     }
-                }
-            }
-        });
+                });
+            });
         cols
     }
 
     /// Adds columns [c_in * kh * kw, oh * ow] back onto [c_in, h, w].
+    /// Parallel over channels (each channel's taps write only its plane).
     fn col2im_add(&self, cols: &[f32], x: &mut [f32]) {
         let (oh, ow) = self.out;
-        self.for_each_tap(|row, plane, ky, kx| {
-            let src = &cols[row * oh * ow..(row + 1) * oh * ow];
-            for oy in 0..oh {
-                let Some(y) = self.source(oy, ky, self.h) else {
-                    continue;
-                };
-                for ox in 0..ow {
-                    if let Some(xx) = self.source(ox, kx, self.w) {
-                        x[(plane * self.h + y) * self.w + xx] += src[oy * ow + ox];
+        let (kh, kw) = self.k;
+        x.par_chunks_mut(self.h * self.w)
+            .enumerate()
+            .for_each(|(c, plane)| {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let row = (c * kh + ky) * kw + kx;
+                        let src_row = &cols[row * oh * ow..(row + 1) * oh * ow];
+                        self.for_each_run(ky, kx, |out, dst, range| {
+                            let src = &src_row[out + range.start..out + range.end];
+                            for (i, v) in src.iter().enumerate() {
+                                plane[dst + i * self.stride] += v;
+                            }
+                        });
                     }
                 }
-            }
-        });
-    }
-
-    /// Calls `f(row, channel, ky, kx)` for each column row, in weight order.
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
-        for c in 0..self.c_in {
-            for ky in 0..self.k.0 {
-                for kx in 0..self.k.1 {
-                    f((c * self.k.0 + ky) * self.k.1 + kx, c, ky, kx);
-                }
-            }
-        }
+            });
     }
 }
 
@@ -264,13 +287,14 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    const CASES: [(usize, usize, usize, usize, usize); 6] = [
+    const CASES: [(usize, usize, usize, usize, usize); 7] = [
         (3, 1, 2, 2, 3),
         (1, 0, 2, 6, 7),
         (7, 3, 2, 9, 12),
         (3, 1, 1, 5, 4),
         (1, 0, 1, 3, 5),
         (3, 1, 2, 8, 8),
+        (3, 1, 2, 1, 1),
     ];
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -313,6 +337,51 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// im2col against its definition, and col2im as its adjoint.
+    #[test]
+    fn im2col_and_col2im_are_adjoint() {
+        for (k, p, s, h, w) in CASES {
+            let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+            let geo = Geometry {
+                c_in: 2,
+                h,
+                w,
+                k: (k, k),
+                out: (oh, ow),
+                padding: p,
+                stride: s,
+            };
+            let x: Vec<f32> = (0..2 * h * w).map(|i| (i as f32 * 0.37).sin()).collect();
+            let cols = geo.im2col(&x);
+            for (row, chunk) in cols.chunks(oh * ow).enumerate() {
+                let (c, ky, kx) = (row / (k * k), row / k % k, row % k);
+                for (o, &v) in chunk.iter().enumerate() {
+                    let (y, xx) = (
+                        (o / ow * s + ky) as isize - p as isize,
+                        (o % ow * s + kx) as isize - p as isize,
+                    );
+                    let inside = (0..h as isize).contains(&y) && (0..w as isize).contains(&xx);
+                    let expected = if inside {
+                        x[(c * h + y as usize) * w + xx as usize]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(v, expected, "k{k} p{p} s{s} {h}x{w} row {row} out {o}");
+                }
+            }
+            // <im2col(x), g> == <x, col2im(g)>
+            let g: Vec<f32> = (0..cols.len()).map(|i| (i as f32 * 0.11).cos()).collect();
+            let mut back = vec![0f32; x.len()];
+            geo.col2im_add(&g, &mut back);
+            let lhs: f64 = cols.iter().zip(&g).map(|(a, b)| f64::from(a * b)).sum();
+            let rhs: f64 = x.iter().zip(&back).map(|(a, b)| f64::from(a * b)).sum();
+            assert!(
+                (lhs - rhs).abs() < 1e-3 * (1.0 + lhs.abs()),
+                "{lhs} vs {rhs}"
+            );
+        }
     }
 
     #[test]
