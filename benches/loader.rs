@@ -11,14 +11,11 @@ use candle_retinanet::data::source::load_split;
 use candle_retinanet::data::transforms::Transform;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let preset = args.first().map_or("bccd", String::as_str);
     let epochs: usize = args.get(1).map_or(Ok(2), |s| s.parse())?;
     let config = Config::resolve(Some(preset), &[])?;
-    let (dataset, files) = load_split(&config.data, "train")?;
+    let split = load_split(&config.data, "train")?;
     let t = &config.train;
     let options = LoaderOptions {
         batch_size: t.batch_size,
@@ -30,12 +27,7 @@ fn main() -> anyhow::Result<()> {
         prefetch: t.prefetch,
         skip_bad_images: false,
     };
-    let loader = Loader::new(
-        dataset.images,
-        files.images,
-        Transform::new(&config.input),
-        options,
-    );
+    let loader = Loader::new(dataset.images, files.images, Transform::new(&config.input), options);
     let start = Instant::now();
     let mut images = 0;
     for epoch in 0..epochs {

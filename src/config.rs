@@ -17,14 +17,8 @@ use crate::data::coco::LabelMode;
 pub const PRESETS: &[(&str, &str)] = &[
     ("shapes", include_str!("../configs/shapes.toml")),
     ("bccd", include_str!("../configs/bccd.toml")),
-    (
-        "retinanet_r50_fpn_coco",
-        include_str!("../configs/retinanet_r50_fpn_coco.toml"),
-    ),
-    (
-        "torchvision_retinanet_r50_fpn",
-        include_str!("../configs/torchvision_retinanet_r50_fpn.toml"),
-    ),
+    ("retinanet_r50_fpn_coco", include_str!("../configs/retinanet_r50_fpn_coco.toml")),
+    ("torchvision_retinanet_r50_fpn", include_str!("../configs/torchvision_retinanet_r50_fpn.toml")),
 ];
 
 /// The preset used when `--config` is not given.
@@ -115,12 +109,7 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        Self {
-            train: 2000,
-            val: 200,
-            size: 192,
-            seed: 0,
-        }
+        Self { train: 2000, val: 200, size: 192, seed: 0 }
     }
 }
 
@@ -256,10 +245,7 @@ pub struct FpnConfig {
 
 impl Default for FpnConfig {
     fn default() -> Self {
-        Self {
-            channels: 256,
-            p6_from: P6Source::P5,
-        }
+        Self { channels: 256, p6_from: P6Source::P5 }
     }
 }
 
@@ -275,11 +261,7 @@ pub struct HeadConfig {
 
 impl Default for HeadConfig {
     fn default() -> Self {
-        Self {
-            num_convs: 4,
-            norm: HeadNorm::None,
-            prior_prob: 0.01,
-        }
+        Self { num_convs: 4, norm: HeadNorm::None, prior_prob: 0.01 }
     }
 }
 
@@ -335,12 +317,7 @@ pub struct PostprocessConfig {
 
 impl Default for PostprocessConfig {
     fn default() -> Self {
-        Self {
-            score_thresh: 0.05,
-            topk_candidates: 1000,
-            nms_thresh: 0.5,
-            detections_per_img: 300,
-        }
+        Self { score_thresh: 0.05, topk_candidates: 1000, nms_thresh: 0.5, detections_per_img: 300 }
     }
 }
 
@@ -496,10 +473,7 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self {
-            batch_size: 8,
-            max_dets: vec![1, 10, 100],
-        }
+        Self { batch_size: 8, max_dets: vec![1, 10, 100] }
     }
 }
 
@@ -522,30 +496,21 @@ impl Config {
 
     /// Parses a resolved config as written beside a run (`config.toml`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let tree: toml::Table = toml::from_str(&text)
-            .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let tree: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
         let config = Self::from_tree(tree).with_context(|| path.display().to_string())?;
-        config
-            .validate()
-            .with_context(|| path.display().to_string())?;
+        config.validate().with_context(|| path.display().to_string())?;
         Ok(config)
     }
 
     /// Checks a merged TOML tree against the schema and deserialises it;
     /// errors name the key's full path.
     fn from_tree(tree: toml::Table) -> Result<Self> {
-        let schema =
-            toml::Value::try_from(Config::default()).expect("the default config serialises");
+        let schema = toml::Value::try_from(Config::default()).expect("the default config serialises");
         check_against_schema(&tree, &schema, "")?;
-        serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
-            anyhow!(
-                "config key {}: {}",
-                e.path(),
-                one_line(&e.inner().to_string())
-            )
-        })
+        serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|e| anyhow!("config key {}: {}", e.path(), one_line(&e.inner().to_string())))
     }
 
     /// The config as TOML, for `config.toml` beside every run and checkpoint.
@@ -557,10 +522,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let b = &self.model.backbone;
         if ![18, 34, 50, 101].contains(&b.depth) {
-            bail!(
-                "config key model.backbone.depth: expected 18, 34, 50 or 101, got {}",
-                b.depth
-            );
+            bail!("config key model.backbone.depth: expected 18, 34, 50 or 101, got {}", b.depth);
         }
         if self.input.min_size.is_empty() || self.input.min_size.contains(&0) {
             bail!("config key input.min_size: expected a non-empty list of positive sizes");
@@ -572,10 +534,7 @@ impl Config {
             bail!("config key train.batch_size: expected a positive integer");
         }
         if self.model.anchors.sizes.len() != 5 {
-            bail!(
-                "config key model.anchors.sizes: expected 5 sizes (P3-P7), got {}",
-                self.model.anchors.sizes.len()
-            );
+            bail!("config key model.anchors.sizes: expected 5 sizes (P3-P7), got {}", self.model.anchors.sizes.len());
         }
         if !(0.0..=1.0).contains(&self.input.hflip_prob) {
             bail!("config key input.hflip_prob: expected a probability in [0, 1]");
@@ -586,9 +545,7 @@ impl Config {
 
 /// The run name a config source gives: the preset name or the file stem.
 fn config_source_name(source: &str) -> String {
-    Path::new(source)
-        .file_stem()
-        .map_or_else(|| source.to_string(), |s| s.to_string_lossy().into_owned())
+    Path::new(source).file_stem().map_or_else(|| source.to_string(), |s| s.to_string_lossy().into_owned())
 }
 
 /// Inheritance deeper than this is taken to be a cycle.
@@ -605,29 +562,20 @@ fn load_tree(source: &str, depth: usize) -> Result<toml::Table> {
             let path = Path::new(source);
             if !path.exists() {
                 let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
-                bail!(
-                    "config {source}: no such preset or file (presets: {})",
-                    names.join(", ")
-                );
+                bail!("config {source}: no such preset or file (presets: {})", names.join(", "));
             }
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config {source}"))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {source}"))?;
             (source.to_string(), text)
         }
     };
-    let mut tree: toml::Table =
-        toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", one_line(&e.to_string())))?;
+    let mut tree: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", one_line(&e.to_string())))?;
     let base = match tree.remove("base") {
         None => return Ok(tree),
         Some(toml::Value::String(base)) if base.is_empty() => return Ok(tree),
         Some(toml::Value::String(base)) => base,
-        Some(other) => bail!(
-            "{origin}: config key base: expected a string, got {}",
-            other.type_str()
-        ),
+        Some(other) => bail!("{origin}: config key base: expected a string, got {}", other.type_str()),
     };
-    let mut merged =
-        load_tree(&base, depth + 1).with_context(|| format!("{origin}: base {base}"))?;
+    let mut merged = load_tree(&base, depth + 1).with_context(|| format!("{origin}: base {base}"))?;
     // A run is named after the file given, not after what it inherits.
     merged.remove("name");
     merge(&mut merged, tree);
@@ -654,21 +602,13 @@ fn apply_override(tree: &mut toml::Table, item: &str) -> Result<()> {
     let key = key.trim();
     let value = parse_value(raw.trim());
     let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts
-        .pop()
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| anyhow!("--set {item}: empty key"))?;
+    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("--set {item}: empty key"))?;
     let mut table = tree;
     for (i, part) in parts.iter().enumerate() {
-        let entry = table
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().ok_or_else(|| {
-            anyhow!(
-                "--set {item}: config key {} is not a table",
-                parts[..=i].join(".")
-            )
-        })?;
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("--set {item}: config key {} is not a table", parts[..=i].join(".")))?;
     }
     table.insert(last.to_string(), value);
     Ok(())
@@ -686,28 +626,15 @@ fn parse_value(raw: &str) -> toml::Value {
 fn check_against_schema(tree: &toml::Table, schema: &toml::Value, prefix: &str) -> Result<()> {
     let schema = schema.as_table().expect("schema level is a table");
     for (key, value) in tree {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         let Some(expected) = schema.get(key) else {
             let mut valid: Vec<&str> = schema.keys().map(String::as_str).collect();
             valid.sort_unstable();
-            let level = if prefix.is_empty() {
-                "the top level".to_string()
-            } else {
-                prefix.to_string()
-            };
-            bail!(
-                "unknown config key {path}; valid keys at {level}: {}",
-                valid.join(", ")
-            );
+            let level = if prefix.is_empty() { "the top level".to_string() } else { prefix.to_string() };
+            bail!("unknown config key {path}; valid keys at {level}: {}", valid.join(", "));
         };
         match (expected, value) {
-            (toml::Value::Table(_), toml::Value::Table(t)) => {
-                check_against_schema(t, expected, &path)?
-            }
+            (toml::Value::Table(_), toml::Value::Table(t)) => check_against_schema(t, expected, &path)?,
             _ => check_type(&path, expected, value)?,
         }
     }
@@ -731,10 +658,7 @@ fn check_type(path: &str, expected: &toml::Value, value: &toml::Value) -> Result
         V::Array(e) => format!("an array of {}", e.first().map_or("values", kind_name)),
         other => kind_name(other).to_string(),
     };
-    bail!(
-        "config key {path}: expected {expected_kind}, got {} {value}",
-        kind_name(value)
-    )
+    bail!("config key {path}: expected {expected_kind}, got {} {value}", kind_name(value))
 }
 
 fn kind_name(v: &toml::Value) -> &'static str {

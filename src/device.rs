@@ -43,7 +43,9 @@ mod tests {
     fn cpu_auto_and_errors() {
         assert!(parse_device("cpu").unwrap().is_cpu());
         assert!(parse_device("auto").is_ok());
-        for (spec, expected) in [("gpu", "expected auto, cpu"), ("cuda:x", "not a device number"), ("cpu:1", "expected auto")] {
+        for (spec, expected) in
+            [("gpu", "expected auto, cpu"), ("cuda:x", "not a device number"), ("cpu:1", "expected auto")]
+        {
             let err = parse_device(spec).unwrap_err().to_string();
             assert!(err.contains(expected), "{spec}: {err}");
         }

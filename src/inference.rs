@@ -22,7 +22,12 @@ pub struct ImageDetections {
 
 /// Runs the model (eval mode) on a batch on `device`.
 pub fn detect_batch(model: &RetinaNet, batch: &Batch, device: &Device) -> Result<Vec<ImageDetections>> {
-    detect_images(model, &batch.images, &batch.targets.iter().map(|t| (t.image_id, t.resized_size, t.original_size)).collect::<Vec<_>>(), device)
+    detect_images(
+        model,
+        &batch.images,
+        &batch.targets.iter().map(|t| (t.image_id, t.resized_size, t.original_size)).collect::<Vec<_>>(),
+        device,
+    )
 }
 
 /// Runs the model on padded `images [n, 3, h, w]`; `sizes` gives, per image,
@@ -54,7 +59,12 @@ pub fn to_coco_results(images: &[ImageDetections], categories: &CategoryMap) -> 
         for ((b, &score), &label) in im.boxes.iter().zip(&im.scores).zip(&im.labels) {
             let Some(category_id) = categories.category_id_of(label) else { continue };
             let [x1, y1, x2, y2] = b.map(f64::from);
-            results.push(Detection { image_id: im.image_id, category_id, bbox: [x1, y1, x2 - x1, y2 - y1], score: score as f64 });
+            results.push(Detection {
+                image_id: im.image_id,
+                category_id,
+                bbox: [x1, y1, x2 - x1, y2 - y1],
+                score: score as f64,
+            });
         }
     }
     results

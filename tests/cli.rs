@@ -3,11 +3,7 @@
 use std::process::{Command, Output};
 
 fn retinanet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_retinanet"))
-        .args(args)
-        .env("RETINANET_CACHE", cache())
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_retinanet")).args(args).env("RETINANET_CACHE", cache()).output().unwrap()
 }
 
 fn cache() -> std::path::PathBuf {
@@ -24,10 +20,7 @@ fn assert_one_error_line(o: &Output, needle: &str) {
     assert_eq!(o.status.code(), Some(1), "{err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "one line expected: {err}");
-    assert!(
-        lines[0].starts_with("error: ") && lines[0].contains(needle),
-        "{err}"
-    );
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{err}");
 }
 
 #[test]
@@ -35,90 +28,47 @@ fn every_command_has_help() {
     for cmd in ["train", "eval", "predict", "synth", "inspect", "bench"] {
         let o = retinanet(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0), "{cmd}");
-        assert!(
-            String::from_utf8_lossy(&o.stdout).contains("Usage: retinanet"),
-            "{cmd}"
-        );
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: retinanet"), "{cmd}");
     }
 }
 
 #[test]
 fn usage_errors_exit_with_2() {
-    assert_eq!(
-        retinanet(&["synth"]).status.code(),
-        Some(2),
-        "--out is required"
-    );
+    assert_eq!(retinanet(&["synth"]).status.code(), Some(2), "--out is required");
     assert_eq!(retinanet(&["frobnicate"]).status.code(), Some(2));
 }
 
 #[test]
 fn config_errors_are_one_line() {
-    assert_one_error_line(
-        &retinanet(&["inspect", "--set", "train.batchsize=2"]),
-        "unknown config key train.batchsize",
-    );
-    assert_one_error_line(
-        &retinanet(&["inspect", "--config", "nope"]),
-        "config nope: no such preset or file",
-    );
-    assert_one_error_line(
-        &retinanet(&["inspect", "--set", "data.root=/nonexistent"]),
-        "data.root /nonexistent",
-    );
+    assert_one_error_line(&retinanet(&["inspect", "--set", "train.batchsize=2"]), "unknown config key train.batchsize");
+    assert_one_error_line(&retinanet(&["inspect", "--config", "nope"]), "config nope: no such preset or file");
+    assert_one_error_line(&retinanet(&["inspect", "--set", "data.root=/nonexistent"]), "data.root /nonexistent");
 }
 
 #[test]
 fn synth_then_inspect() {
     let dir = std::env::temp_dir().join(format!("retinanet-cli-synth-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let o = retinanet(&[
-        "synth",
-        "--out",
-        dir.to_str().unwrap(),
-        "--train",
-        "12",
-        "--val",
-        "3",
-        "--size",
-        "96",
-    ]);
+    let o = retinanet(&["synth", "--out", dir.to_str().unwrap(), "--train", "12", "--val", "3", "--size", "96"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_one_error_line(
-        &retinanet(&["synth", "--out", dir.to_str().unwrap()]),
-        "not empty",
-    );
+    assert_one_error_line(&retinanet(&["synth", "--out", dir.to_str().unwrap()]), "not empty");
 
     let root = format!("data.root={}", dir.display());
     let samples = dir.join("samples");
-    let o = retinanet(&[
-        "inspect",
-        "--set",
-        &root,
-        "--split",
-        "val",
-        "--out",
-        samples.to_str().unwrap(),
-    ]);
+    let o = retinanet(&["inspect", "--set", &root, "--split", "val", "--out", samples.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout.contains("images:      3") && stdout.contains("problems: none"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("images:      3") && stdout.contains("problems: none"), "{stdout}");
     assert_eq!(std::fs::read_dir(&samples).unwrap().count(), 3);
 
     // A corrupt image and a wrong size are reported as problems.
     std::fs::write(dir.join("images/val_000000.png"), b"not a png").unwrap();
-    image::RgbImage::new(10, 10)
-        .save(dir.join("images/val_000001.png"))
-        .unwrap();
+    image::RgbImage::new(10, 10).save(dir.join("images/val_000001.png")).unwrap();
     let o = retinanet(&["inspect", "--set", &root, "--split", "val"]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("problems (2):"), "{stdout}");
     assert!(
-        stdout.contains("val_000000.png")
-            && stdout.contains("image is 10x10 but the annotations say 96x96"),
+        stdout.contains("val_000000.png") && stdout.contains("image is 10x10 but the annotations say 96x96"),
         "{stdout}"
     );
 }

@@ -11,41 +11,21 @@ fn every_preset_resolves_and_round_trips_through_toml() {
     for (name, _) in PRESETS {
         let config = Config::resolve(Some(name), &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(config.name, *name);
-        let path = std::env::temp_dir().join(format!(
-            "retinanet-config-{name}-{}.toml",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("retinanet-config-{name}-{}.toml", std::process::id()));
         std::fs::write(&path, config.to_toml()).unwrap();
-        assert_eq!(
-            Config::from_file(&path).unwrap(),
-            config,
-            "{name} changes when written and read back"
-        );
+        assert_eq!(Config::from_file(&path).unwrap(), config, "{name} changes when written and read back");
     }
 }
 
 #[test]
 fn presets_hold_their_recipes() {
     let coco = Config::resolve(Some("retinanet_r50_fpn_coco"), &[]).unwrap();
-    assert_eq!(
-        (
-            coco.train.batch_size,
-            coco.train.max_steps,
-            coco.train.warmup_steps
-        ),
-        (16, 90_000, 1000)
-    );
+    assert_eq!((coco.train.batch_size, coco.train.max_steps, coco.train.warmup_steps), (16, 90_000, 1000));
     assert_eq!(coco.train.lr_steps, vec![60_000, 80_000]);
-    assert_eq!(
-        (coco.input.min_size.clone(), coco.input.max_size),
-        (vec![800], 1333)
-    );
+    assert_eq!((coco.input.min_size.clone(), coco.input.max_size), (vec![800], 1333));
     assert_eq!(coco.model.fpn.p6_from, P6Source::C5);
     let tv = Config::resolve(Some("torchvision_retinanet_r50_fpn"), &[]).unwrap();
-    assert_eq!(
-        (tv.model.num_classes, tv.model.backbone.norm_eps),
-        (91, 0.0)
-    );
+    assert_eq!((tv.model.num_classes, tv.model.backbone.norm_eps), (91, 0.0));
     assert_eq!(tv.model.postprocess.detections_per_img, 300);
     assert_eq!(Config::resolve(None, &[]).unwrap().name, "shapes");
 }
@@ -67,72 +47,36 @@ fn overrides_parse_toml_values_with_string_fallback() {
     assert_eq!(c.input.min_size, vec![160, 192]);
     assert_eq!(c.model.backbone.norm, BackboneNorm::Gn);
     assert_eq!(c.data.root, "some/folder");
-    assert_eq!(
-        c.train.lr, 1.0,
-        "an integer is accepted where a number is expected"
-    );
+    assert_eq!(c.train.lr, 1.0, "an integer is accepted where a number is expected");
 }
 
 #[test]
 fn a_file_inherits_its_base() {
-    let path = std::env::temp_dir().join(format!(
-        "retinanet-config-child-{}.toml",
-        std::process::id()
-    ));
+    let path = std::env::temp_dir().join(format!("retinanet-config-child-{}.toml", std::process::id()));
     std::fs::write(&path, "base = \"bccd\"\n[train]\nepochs = 3\n").unwrap();
     let c = Config::resolve(Some(path.to_str().unwrap()), &[]).unwrap();
     assert_eq!(c.train.epochs, 3);
-    assert_eq!(
-        c.data.root, "../shared/data/bccd",
-        "the rest comes from the base"
-    );
+    assert_eq!(c.data.root, "../shared/data/bccd", "the rest comes from the base");
     assert!(c.name.starts_with("retinanet-config-child"));
 }
 
 #[test]
 fn unknown_keys_list_the_valid_ones_at_their_level() {
-    let err = format!(
-        "{:#}",
-        Config::resolve(None, &set(&["train.batchsize=2"])).unwrap_err()
-    );
+    let err = format!("{:#}", Config::resolve(None, &set(&["train.batchsize=2"])).unwrap_err());
     assert!(err.contains("unknown config key train.batchsize"), "{err}");
-    assert!(
-        err.contains("valid keys at train:") && err.contains("batch_size"),
-        "{err}"
-    );
-    let err = format!(
-        "{:#}",
-        Config::resolve(None, &set(&["modle.x=1"])).unwrap_err()
-    );
-    assert!(
-        err.contains("unknown config key modle") && err.contains("the top level"),
-        "{err}"
-    );
+    assert!(err.contains("valid keys at train:") && err.contains("batch_size"), "{err}");
+    let err = format!("{:#}", Config::resolve(None, &set(&["modle.x=1"])).unwrap_err());
+    assert!(err.contains("unknown config key modle") && err.contains("the top level"), "{err}");
 }
 
 #[test]
 fn wrong_types_name_the_key_and_the_expected_type() {
     let cases = [
-        (
-            "train.batch_size=abc",
-            "config key train.batch_size: expected an integer, got a string",
-        ),
-        (
-            "input.min_size=[1.5]",
-            "config key input.min_size: expected an array of an integer",
-        ),
-        (
-            "train.seed=true",
-            "config key train.seed: expected an integer, got a boolean",
-        ),
-        (
-            "model.backbone.norm=fancy",
-            "config key model.backbone.norm: unknown variant `fancy`",
-        ),
-        (
-            "model.backbone.depth=19",
-            "model.backbone.depth: expected 18, 34, 50 or 101",
-        ),
+        ("train.batch_size=abc", "config key train.batch_size: expected an integer, got a string"),
+        ("input.min_size=[1.5]", "config key input.min_size: expected an array of an integer"),
+        ("train.seed=true", "config key train.seed: expected an integer, got a boolean"),
+        ("model.backbone.norm=fancy", "config key model.backbone.norm: unknown variant `fancy`"),
+        ("model.backbone.depth=19", "model.backbone.depth: expected 18, 34, 50 or 101"),
     ];
     for (item, expected) in cases {
         let err = format!("{:#}", Config::resolve(None, &set(&[item])).unwrap_err());
@@ -143,16 +87,9 @@ fn wrong_types_name_the_key_and_the_expected_type() {
 #[test]
 fn unknown_presets_and_bad_files_are_named() {
     let err = format!("{:#}", Config::resolve(Some("nope"), &[]).unwrap_err());
-    assert!(
-        err.contains("nope") && err.contains("shapes, bccd"),
-        "{err}"
-    );
-    let path =
-        std::env::temp_dir().join(format!("retinanet-config-bad-{}.toml", std::process::id()));
+    assert!(err.contains("nope") && err.contains("shapes, bccd"), "{err}");
+    let path = std::env::temp_dir().join(format!("retinanet-config-bad-{}.toml", std::process::id()));
     std::fs::write(&path, "[train\nepochs = 3\n").unwrap();
-    let err = format!(
-        "{:#}",
-        Config::resolve(Some(path.to_str().unwrap()), &[]).unwrap_err()
-    );
+    let err = format!("{:#}", Config::resolve(Some(path.to_str().unwrap()), &[]).unwrap_err());
     assert!(err.contains(path.to_str().unwrap()), "{err}");
 }

@@ -13,40 +13,19 @@ use candle_retinanet::train::loss::sigmoid_focal_loss;
 
 #[test]
 fn focal_loss_and_gradient_equal_torchvision() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/focal/focal.json"
-    );
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let x: Vec<f32> = (0..64)
-        .map(|k| (12.0 * (0.7 * k as f64 + 0.3).sin()) as f32)
-        .collect();
-    let t: Vec<f32> = (0..64)
-        .map(|k| if k % 3 == 0 { 1.0 } else { 0.0 })
-        .collect();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/focal/focal.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let x: Vec<f32> = (0..64).map(|k| (12.0 * (0.7 * k as f64 + 0.3).sin()) as f32).collect();
+    let t: Vec<f32> = (0..64).map(|k| if k % 3 == 0 { 1.0 } else { 0.0 }).collect();
     let targets = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
     for case in fixture["cases"].as_array().unwrap() {
-        let (alpha, gamma) = (
-            case["alpha"].as_f64().unwrap(),
-            case["gamma"].as_f64().unwrap(),
-        );
+        let (alpha, gamma) = (case["alpha"].as_f64().unwrap(), case["gamma"].as_f64().unwrap());
         let logits = Var::new(x.as_slice(), &Device::Cpu).unwrap();
         let loss = sigmoid_focal_loss(logits.as_tensor(), &targets, alpha, gamma).unwrap();
-        let grad = loss
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(logits.as_tensor())
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let grad =
+            loss.sum_all().unwrap().backward().unwrap().get(logits.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         let loss = loss.to_vec1::<f32>().unwrap();
-        for (what, got, expected) in [
-            ("loss", &loss, &case["loss"]),
-            ("grad", &grad, &case["grad"]),
-        ] {
+        for (what, got, expected) in [("loss", &loss, &case["loss"]), ("grad", &grad, &case["grad"])] {
             for (k, (g, e)) in got.iter().zip(expected.as_array().unwrap()).enumerate() {
                 let e = e.as_f64().unwrap() as f32;
                 assert!(

@@ -15,9 +15,7 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 #[test]
 fn grayscale_png_becomes_rgb() {
     let path = temp_dir("gray").join("g.png");
-    ImageBuffer::from_fn(4, 3, |x, y| Luma([(x * 10 + y) as u8]))
-        .save(&path)
-        .unwrap();
+    ImageBuffer::from_fn(4, 3, |x, y| Luma([(x * 10 + y) as u8])).save(&path).unwrap();
     let rgb = load_rgb(&path).unwrap();
     assert_eq!(rgb.dimensions(), (4, 3));
     assert_eq!(rgb.get_pixel(3, 2).0, [32, 32, 32]);
@@ -26,30 +24,16 @@ fn grayscale_png_becomes_rgb() {
 #[test]
 fn gray_alpha_and_rgba_png_drop_alpha() {
     let dir = temp_dir("alpha");
-    ImageBuffer::from_fn(2, 2, |_, _| LumaA([7u8, 9]))
-        .save(dir.join("la.png"))
-        .unwrap();
-    ImageBuffer::from_fn(2, 2, |_, _| Rgba([1u8, 2, 3, 0]))
-        .save(dir.join("rgba.png"))
-        .unwrap();
-    assert_eq!(
-        load_rgb(&dir.join("la.png")).unwrap().get_pixel(1, 1).0,
-        [7, 7, 7]
-    );
-    assert_eq!(
-        load_rgb(&dir.join("rgba.png")).unwrap().get_pixel(1, 1).0,
-        [1, 2, 3]
-    );
+    ImageBuffer::from_fn(2, 2, |_, _| LumaA([7u8, 9])).save(dir.join("la.png")).unwrap();
+    ImageBuffer::from_fn(2, 2, |_, _| Rgba([1u8, 2, 3, 0])).save(dir.join("rgba.png")).unwrap();
+    assert_eq!(load_rgb(&dir.join("la.png")).unwrap().get_pixel(1, 1).0, [7, 7, 7]);
+    assert_eq!(load_rgb(&dir.join("rgba.png")).unwrap().get_pixel(1, 1).0, [1, 2, 3]);
 }
 
 #[test]
 fn sixteen_bit_png_is_scaled_to_eight_bits() {
     let path = temp_dir("16bit").join("deep.png");
-    ImageBuffer::from_fn(2, 1, |x, _| {
-        Rgb([if x == 0 { 0u16 } else { 65535 }, 32896, 257])
-    })
-    .save(&path)
-    .unwrap();
+    ImageBuffer::from_fn(2, 1, |x, _| Rgb([if x == 0 { 0u16 } else { 65535 }, 32896, 257])).save(&path).unwrap();
     let rgb = load_rgb(&path).unwrap();
     assert_eq!(rgb.get_pixel(0, 0).0, [0, 128, 1]);
     assert_eq!(rgb.get_pixel(1, 0).0, [255, 128, 1]);
@@ -73,19 +57,11 @@ fn exif_orientation(value: u16) -> Vec<u8> {
 fn exif_rotated_jpeg_is_turned_upright() {
     // Stored 40x20, left half black and right half white; orientation 6
     // means "rotate 90 degrees clockwise to view".
-    let stored = ImageBuffer::from_fn(40, 20, |x, _| {
-        if x < 20 {
-            Rgb([0u8; 3])
-        } else {
-            Rgb([255u8; 3])
-        }
-    });
+    let stored = ImageBuffer::from_fn(40, 20, |x, _| if x < 20 { Rgb([0u8; 3]) } else { Rgb([255u8; 3]) });
     let mut bytes = Vec::new();
     let mut encoder = JpegEncoder::new_with_quality(Cursor::new(&mut bytes), 95);
     encoder.set_exif_metadata(exif_orientation(6)).unwrap();
-    encoder
-        .write_image(stored.as_raw(), 40, 20, image::ExtendedColorType::Rgb8)
-        .unwrap();
+    encoder.write_image(stored.as_raw(), 40, 20, image::ExtendedColorType::Rgb8).unwrap();
     let path = temp_dir("exif").join("rotated.jpg");
     std::fs::write(&path, &bytes).unwrap();
 
@@ -103,17 +79,9 @@ fn assert_red_blue(path: &str) {
     let rgb = load_rgb(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
     assert_eq!(rgb.dimensions(), (24, 16), "{path}");
     let [r, _, b] = rgb.get_pixel(3, 8).0;
-    assert!(
-        r > 230 && b < 30,
-        "{path}: left is red, got {:?}",
-        rgb.get_pixel(3, 8)
-    );
+    assert!(r > 230 && b < 30, "{path}: left is red, got {:?}", rgb.get_pixel(3, 8));
     let [r, _, b] = rgb.get_pixel(20, 8).0;
-    assert!(
-        r < 30 && b > 230,
-        "{path}: right is blue, got {:?}",
-        rgb.get_pixel(20, 8)
-    );
+    assert!(r < 30 && b > 230, "{path}: right is blue, got {:?}", rgb.get_pixel(20, 8));
 }
 
 #[test]
@@ -125,11 +93,9 @@ fn progressive_and_cmyk_jpeg_become_rgb() {
 #[test]
 fn baseline_jpeg_decodes() {
     let path = temp_dir("jpeg").join("plain.jpg");
-    DynamicImage::ImageRgb8(ImageBuffer::from_fn(16, 8, |x, y| {
-        Rgb([(x * 16) as u8, (y * 32) as u8, 100])
-    }))
-    .save(&path)
-    .unwrap();
+    DynamicImage::ImageRgb8(ImageBuffer::from_fn(16, 8, |x, y| Rgb([(x * 16) as u8, (y * 32) as u8, 100])))
+        .save(&path)
+        .unwrap();
     assert_eq!(load_rgb(&path).unwrap().dimensions(), (16, 8));
 }
 

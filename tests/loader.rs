@@ -14,35 +14,15 @@ fn dataset() -> (Dataset, std::path::PathBuf) {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("retinanet-loader-{}", std::process::id()));
-        write_dataset(
-            &dir,
-            SynthSpec {
-                train: 23,
-                val: 1,
-                size: 64,
-                seed: 5,
-            },
-        )
-        .unwrap();
+        write_dataset(&dir, SynthSpec { train: 23, val: 1, size: 64, seed: 5 }).unwrap();
         dir
     });
-    (
-        Dataset::load(
-            &dir.join("annotations/instances_train.json"),
-            LoadOptions::default(),
-        )
-        .unwrap(),
-        dir.join("images"),
-    )
+    (Dataset::load(&dir.join("annotations/instances_train.json"), LoadOptions::default()).unwrap(), dir.join("images"))
 }
 
 fn loader(workers: usize, prefetch: usize, seed: u64) -> Loader {
     let (d, images) = dataset();
-    let input = InputConfig {
-        min_size: vec![48, 64],
-        max_size: 96,
-        ..InputConfig::default()
-    };
+    let input = InputConfig { min_size: vec![48, 64], max_size: 96, ..InputConfig::default() };
     let options = LoaderOptions {
         batch_size: 4,
         train: true,
@@ -70,21 +50,13 @@ fn fingerprint(b: &Batch) -> Fingerprint {
 }
 
 fn epoch(loader: &Loader, epoch: usize, start: usize) -> Vec<Fingerprint> {
-    loader
-        .epoch(epoch, start)
-        .unwrap()
-        .map(|b| fingerprint(&b.unwrap()))
-        .collect()
+    loader.epoch(epoch, start).unwrap().map(|b| fingerprint(&b.unwrap())).collect()
 }
 
 #[test]
 fn same_seed_same_batches_other_epoch_other_order() {
     let (a, b) = (loader(2, 2, 7), loader(2, 2, 7));
-    assert_eq!(
-        a.batches_per_epoch(),
-        5,
-        "23 images, batch 4, last partial batch dropped"
-    );
+    assert_eq!(a.batches_per_epoch(), 5, "23 images, batch 4, last partial batch dropped");
     let first = epoch(&a, 0, 0);
     assert_eq!(first.len(), 5);
     assert_eq!(first, epoch(&b, 0, 0));
@@ -104,10 +76,7 @@ fn resuming_mid_epoch_gives_the_remaining_batches() {
 fn prefetch_and_workers_do_not_reorder() {
     let serial = epoch(&loader(1, 1, 4), 1, 0);
     let parallel = epoch(&loader(2, 8, 4), 1, 0);
-    assert_eq!(
-        serial.iter().map(|b| b.0).collect::<Vec<_>>(),
-        vec![0, 1, 2, 3, 4]
-    );
+    assert_eq!(serial.iter().map(|b| b.0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
     assert_eq!(serial, parallel);
 }
 
@@ -123,10 +92,7 @@ fn batches_are_padded_to_the_divisor_with_targets_inside() {
             assert_eq!(t.boxes.len(), t.labels.len());
             for b in &t.boxes {
                 assert!(
-                    b[0] >= 0.0
-                        && b[2] <= t.resized_size.1 as f32
-                        && b[1] >= 0.0
-                        && b[3] <= t.resized_size.0 as f32
+                    b[0] >= 0.0 && b[2] <= t.resized_size.1 as f32 && b[1] >= 0.0 && b[3] <= t.resized_size.0 as f32
                 );
             }
         }

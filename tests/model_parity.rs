@@ -114,12 +114,7 @@ fn image(h: usize, w: usize) -> Vec<f32> {
 /// torchvision's GeneralizedRCNNTransform for one image: normalise, resize
 /// bilinearly to `resized` (the crate's torch-exact resize), zero-pad to
 /// `padded`; returns [1, 3, ph, pw].
-fn transform(
-    img: &[f32],
-    (h, w): (usize, usize),
-    resized: (usize, usize),
-    padded: (usize, usize),
-) -> Vec<f32> {
+fn transform(img: &[f32], (h, w): (usize, usize), resized: (usize, usize), padded: (usize, usize)) -> Vec<f32> {
     let normalised: Vec<f32> = img
         .iter()
         .enumerate()
@@ -139,9 +134,7 @@ fn transform(
 }
 
 fn checksum(values: &[f32]) -> [f64; 2] {
-    values.iter().fold([0.0, 0.0], |[s, a], &v| {
-        [s + f64::from(v), a + f64::from(v).abs()]
-    })
+    values.iter().fold([0.0, 0.0], |[s, a], &v| [s + f64::from(v), a + f64::from(v).abs()])
 }
 
 /// Sum and sum of |x| agree to `tol` relative to the sum of |x|.
@@ -156,20 +149,14 @@ fn check_checksum(what: &str, ours: [f64; 2], theirs: [f64; 2], tol: f64) -> Res
 
 /// Largest absolute and relative (to 1 + |torchvision|) errors at `index`.
 fn sampled_errors(ours: &[f32], index: &[i64], theirs: &[f32]) -> (f32, f32) {
-    index
-        .iter()
-        .zip(theirs)
-        .fold((0.0, 0.0), |(abs, rel), (&i, &t)| {
-            let d = (ours[i as usize] - t).abs();
-            (abs.max(d), rel.max(d / (1.0 + t.abs())))
-        })
+    index.iter().zip(theirs).fold((0.0, 0.0), |(abs, rel), (&i, &t)| {
+        let d = (ours[i as usize] - t).abs();
+        (abs.max(d), rel.max(d / (1.0 + t.abs())))
+    })
 }
 
 fn config(meta: &Meta) -> ModelConfig {
-    let mut cfg = ModelConfig {
-        num_classes: 91,
-        ..ModelConfig::default()
-    };
+    let mut cfg = ModelConfig { num_classes: 91, ..ModelConfig::default() };
     cfg.backbone.norm = BackboneNorm::FrozenBn;
     cfg.backbone.norm_eps = 1e-5; // BatchNorm2d's eps: weights=None keeps plain BN
     cfg.postprocess.score_thresh = meta.score_thresh;
@@ -182,30 +169,17 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
     let meta: Meta = serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json"))?)?;
     let fixture = candle_core::safetensors::load(dir.join("parity.safetensors"), &Device::Cpu)?;
-    let get = |name: &str| {
-        fixture
-            .get(name)
-            .with_context(|| format!("fixture tensor {name}"))
-    };
+    let get = |name: &str| fixture.get(name).with_context(|| format!("fixture tensor {name}"));
     let dev = Device::Cpu;
 
     // Input: normalise, resize, pad.
     let (h, w) = meta.image_size;
     let input = transform(&image(h, w), (h, w), meta.resized_size, meta.padded_size);
-    check_checksum(
-        "transformed input",
-        checksum(&input),
-        meta.input_checksum,
-        1e-5,
-    )?;
+    check_checksum("transformed input", checksum(&input), meta.input_checksum, 1e-5)?;
     let samples = get("input_samples")?.to_vec1::<f32>()?;
     for (k, s) in samples.iter().enumerate() {
         let ours = input[k * meta.input_stride];
-        ensure!(
-            (ours - s).abs() < 1e-5,
-            "input element {}: {ours} vs torchvision {s}",
-            k * meta.input_stride
-        );
+        ensure!((ours - s).abs() < 1e-5, "input element {}: {ours} vs torchvision {s}", k * meta.input_stride);
     }
 
     // Weights by torchvision's state_dict names.
@@ -214,10 +188,7 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
         .iter()
         .enumerate()
         .map(|(t, (name, shape))| {
-            Ok((
-                name.clone(),
-                Tensor::from_vec(weight_values(t, name, shape), shape.as_slice(), &dev)?,
-            ))
+            Ok((name.clone(), Tensor::from_vec(weight_values(t, name, shape), shape.as_slice(), &dev)?))
         })
         .collect::<Result<_>>()?;
     let cfg = config(&meta);
@@ -229,22 +200,10 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
 
     // Anchors: exact.
     let anchors = get("anchors")?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    ensure!(
-        out.anchors.boxes.len() == anchors.len(),
-        "{} anchors vs {}",
-        out.anchors.boxes.len(),
-        anchors.len()
-    );
-    ensure!(
-        out.anchors.level_sizes == meta.anchors_per_level,
-        "anchors per level {:?}",
-        out.anchors.level_sizes
-    );
+    ensure!(out.anchors.boxes.len() == anchors.len(), "{} anchors vs {}", out.anchors.boxes.len(), anchors.len());
+    ensure!(out.anchors.level_sizes == meta.anchors_per_level, "anchors per level {:?}", out.anchors.level_sizes);
     for (i, (ours, theirs)) in out.anchors.boxes.iter().zip(&anchors).enumerate() {
-        ensure!(
-            ours.as_slice() == theirs.as_slice(),
-            "anchor {i}: {ours:?} vs torchvision {theirs:?}"
-        );
+        ensure!(ours.as_slice() == theirs.as_slice(), "anchor {i}: {ours:?} vs torchvision {theirs:?}");
     }
 
     // Head outputs: per-level checksums and sampled entries.
@@ -254,12 +213,7 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
     for (level, &len) in meta.anchors_per_level.iter().enumerate() {
         let c = cls.narrow(0, start, len)?.flatten_all()?.to_vec1::<f32>()?;
         let r = reg.narrow(0, start, len)?.flatten_all()?.to_vec1::<f32>()?;
-        check_checksum(
-            &format!("cls_logits P{}", level + 3),
-            checksum(&c),
-            meta.cls_logits_checksums[level],
-            1e-4,
-        )?;
+        check_checksum(&format!("cls_logits P{}", level + 3), checksum(&c), meta.cls_logits_checksums[level], 1e-4)?;
         check_checksum(
             &format!("bbox_regression P{}", level + 3),
             checksum(&r),
@@ -281,10 +235,7 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
         &get("bbox_regression_samples")?.to_vec1::<f32>()?,
     );
     println!("cls_logits: max abs error {cls_abs:.2e}, rel {cls_rel:.2e}; bbox_regression: abs {reg_abs:.2e}, rel {reg_rel:.2e}");
-    ensure!(
-        cls_rel < 1e-4 && reg_rel < 1e-4,
-        "head outputs differ: cls {cls_rel:.2e}, reg {reg_rel:.2e}"
-    );
+    ensure!(cls_rel < 1e-4 && reg_rel < 1e-4, "head outputs differ: cls {cls_rel:.2e}, reg {reg_rel:.2e}");
 
     // Detections in resized pixels, then mapped back to the original image
     // as torchvision's transform.postprocess does.
@@ -293,47 +244,21 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
     let scores = get("scores")?.to_vec1::<f32>()?;
     let boxes_resized = get("boxes_resized")?.to_vec2::<f32>()?;
     let boxes = get("boxes")?.to_vec2::<f32>()?;
-    ensure!(
-        dets.labels.len() == meta.num_detections,
-        "{} detections vs {}",
-        dets.labels.len(),
-        meta.num_detections
-    );
-    ensure!(
-        meta.num_detections >= 100,
-        "the fixture should hold 100+ detections"
-    );
+    ensure!(dets.labels.len() == meta.num_detections, "{} detections vs {}", dets.labels.len(), meta.num_detections);
+    ensure!(meta.num_detections >= 100, "the fixture should hold 100+ detections");
     let ratio_h = h as f32 / meta.resized_size.0 as f32;
     let ratio_w = w as f32 / meta.resized_size.1 as f32;
     let (mut box_err, mut score_err) = (0f32, 0f32);
     for i in 0..dets.labels.len() {
-        ensure!(
-            dets.labels[i] as i64 == labels[i],
-            "detection {i}: label {} vs {}",
-            dets.labels[i],
-            labels[i]
-        );
+        ensure!(dets.labels[i] as i64 == labels[i], "detection {i}: label {} vs {}", dets.labels[i], labels[i]);
         score_err = score_err.max((dets.scores[i] - scores[i]).abs());
         let b = dets.boxes[i];
-        let original = [
-            b[0] * ratio_w,
-            b[1] * ratio_h,
-            b[2] * ratio_w,
-            b[3] * ratio_h,
-        ];
+        let original = [b[0] * ratio_w, b[1] * ratio_h, b[2] * ratio_w, b[3] * ratio_h];
         for k in 0..4 {
-            box_err = box_err
-                .max((b[k] - boxes_resized[i][k]).abs())
-                .max((original[k] - boxes[i][k]).abs());
+            box_err = box_err.max((b[k] - boxes_resized[i][k]).abs()).max((original[k] - boxes[i][k]).abs());
         }
     }
-    println!(
-        "{} detections: max box error {box_err:.2e} px, max score error {score_err:.2e}",
-        dets.labels.len()
-    );
-    ensure!(
-        box_err < 1e-2 && score_err < 1e-4,
-        "detections differ: boxes {box_err}, scores {score_err}"
-    );
+    println!("{} detections: max box error {box_err:.2e} px, max score error {score_err:.2e}", dets.labels.len());
+    ensure!(box_err < 1e-2 && score_err < 1e-4, "detections differ: boxes {box_err}, scores {score_err}");
     Ok(())
 }

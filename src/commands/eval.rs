@@ -9,9 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cli::EvalArgs;
 use crate::data::coco::read_coco_json;
-use crate::eval::{
-    evaluate, read_results, write_eval_json, write_pr_plots, EvalParams, EvalReport, EvalResult,
-};
+use crate::eval::{evaluate, read_results, write_eval_json, write_pr_plots, EvalParams, EvalReport, EvalResult};
 
 /// Runs `retinanet eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -64,10 +62,7 @@ pub fn report(result: &EvalResult, seconds: f64, json: bool, out: Option<&Path>)
         for line in result.class_table() {
             println!("{line}");
         }
-        eprintln!(
-            "evaluated {} images in {seconds:.2} s",
-            result.image_ids.len()
-        );
+        eprintln!("evaluated {} images in {seconds:.2} s", result.image_ids.len());
     }
     Ok(())
 }

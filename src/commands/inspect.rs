@@ -12,7 +12,7 @@ use crate::cli::InspectArgs;
 use crate::config::Config;
 use crate::data::coco::{Dataset, ImageEntry};
 use crate::data::image_io::load_rgb;
-use crate::data::source::load_split;
+use crate::data::source::{load_split, LoadedSplit};
 use crate::viz::draw::{class_colour, draw_labeled_box};
 
 /// COCO's area buckets: small < 32^2 <= medium < 96^2 <= large.
@@ -23,13 +23,10 @@ const SAMPLES: usize = 16;
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let config = Config::resolve(args.config.config.as_deref(), &args.config.overrides)?;
-    let (dataset, files) = load_split(&config.data, &args.split)?;
+    let LoadedSplit { dataset, files, .. } = load_split(&config.data, &args.split)?;
     let mut problems = dataset.report.warnings(&files.annotations);
     problems.extend(check_images(&dataset.images, &files.images));
-    println!(
-        "{}",
-        statistics(&dataset, &files.annotations, &files.images)
-    );
+    println!("{}", statistics(&dataset, &files.annotations, &files.images));
     println!("anchor coverage: not available yet (it needs the model's anchor generator, which has not landed)");
     if problems.is_empty() {
         println!("problems: none");
@@ -41,11 +38,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     }
     if let Some(out) = &args.out {
         draw_samples(&dataset, &files.images, out)?;
-        eprintln!(
-            "drew {} sample image(s) into {}",
-            SAMPLES.min(dataset.images.len()),
-            out.display()
-        );
+        eprintln!("drew {} sample image(s) into {}", SAMPLES.min(dataset.images.len()), out.display());
     }
     Ok(())
 }
@@ -76,33 +69,17 @@ pub fn statistics(dataset: &Dataset, annotations: &Path, images_dir: &Path) -> S
     let empty = per_image.iter().filter(|&&n| n == 0).count();
     let mut s = String::new();
     let _ = writeln!(s, "annotations: {}", annotations.display());
-    let _ = writeln!(
-        s,
-        "images:      {} ({} without boxes) in {}",
-        dataset.images.len(),
-        empty,
-        images_dir.display()
-    );
+    let _ = writeln!(s, "images:      {} ({} without boxes) in {}", dataset.images.len(), empty, images_dir.display());
     let _ = writeln!(s, "boxes:       {boxes} ({crowd} crowd)");
     if let (Some(min), Some(max)) = (per_image.iter().min(), per_image.iter().max()) {
         let mean = boxes as f64 / per_image.len() as f64;
         let _ = writeln!(s, "per image:   min {min}, mean {mean:.1}, max {max}");
     }
-    let _ = writeln!(
-        s,
-        "{:<6} {:<20} {:>8} {:>8} {:>8} {:>8}",
-        "label", "class", "boxes", "small", "medium", "large"
-    );
+    let _ = writeln!(s, "{:<6} {:<20} {:>8} {:>8} {:>8} {:>8}", "label", "class", "boxes", "small", "medium", "large");
     for category in map.categories() {
-        let label = map
-            .label_of(category.id)
-            .expect("every category has a label");
+        let label = map.label_of(category.id).expect("every category has a label");
         let [total, small, medium, large] = per_class[label];
-        let _ = writeln!(
-            s,
-            "{label:<6} {:<20} {total:>8} {small:>8} {medium:>8} {large:>8}",
-            category.name
-        );
+        let _ = writeln!(s, "{label:<6} {:<20} {total:>8} {small:>8} {medium:>8} {large:>8}", category.name);
     }
     s.trim_end().to_string()
 }
@@ -111,8 +88,7 @@ pub fn statistics(dataset: &Dataset, annotations: &Path, images_dir: &Path) -> S
 /// or size that disagrees with the annotations.
 fn check_images(images: &[ImageEntry], dir: &Path) -> Vec<String> {
     let bar = ProgressBar::new(images.len() as u64).with_style(
-        ProgressStyle::with_template("decoding {bar:30} {pos}/{len} images {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template("decoding {bar:30} {pos}/{len} images {eta}").expect("valid template"),
     );
     let mut problems: Vec<(usize, String)> = images
         .par_iter()
@@ -131,17 +107,15 @@ fn check_images(images: &[ImageEntry], dir: &Path) -> Vec<String> {
 fn image_problem(entry: &ImageEntry, dir: &Path) -> Option<String> {
     match load_rgb(&dir.join(&entry.file_name)) {
         Err(err) => Some(format!("{err:#}")),
-        Ok(image) if (image.width(), image.height()) != (entry.width, entry.height) => {
-            Some(format!(
-                "{}: image is {}x{} but the annotations say {}x{} (image id {})",
-                dir.join(&entry.file_name).display(),
-                image.width(),
-                image.height(),
-                entry.width,
-                entry.height,
-                entry.id
-            ))
-        }
+        Ok(image) if (image.width(), image.height()) != (entry.width, entry.height) => Some(format!(
+            "{}: image is {}x{} but the annotations say {}x{} (image id {})",
+            dir.join(&entry.file_name).display(),
+            image.width(),
+            image.height(),
+            entry.width,
+            entry.height,
+            entry.id
+        )),
         Ok(_) => None,
     }
 }
@@ -158,21 +132,14 @@ fn draw_samples(dataset: &Dataset, images_dir: &Path, out: &Path) -> Result<()> 
         };
         for ((b, &label), &crowd) in entry.boxes.iter().zip(&entry.labels).zip(&entry.crowd) {
             let name = dataset.categories.name_of(label);
-            let caption = if crowd {
-                format!("{name} (crowd)")
-            } else {
-                name
-            };
+            let caption = if crowd { format!("{name} (crowd)") } else { name };
             draw_labeled_box(&mut image, *b, &caption, class_colour(label));
         }
-        let stem = Path::new(&entry.file_name).file_stem().map_or_else(
-            || entry.id.to_string(),
-            |s| s.to_string_lossy().into_owned(),
-        );
+        let stem = Path::new(&entry.file_name)
+            .file_stem()
+            .map_or_else(|| entry.id.to_string(), |s| s.to_string_lossy().into_owned());
         let path = out.join(format!("{stem}.jpg"));
-        image
-            .save(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        image.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }

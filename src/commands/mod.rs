@@ -5,19 +5,21 @@ use anyhow::{bail, Result};
 
 use crate::cli::Command;
 
+pub mod bench;
 pub mod eval;
 pub mod inspect;
 pub mod synth;
+pub mod train;
 
 /// Runs one parsed command.
 pub fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train(_) => not_built("train", "the model and trainer"),
+        Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(&args),
         Command::Predict(_) => not_built("predict", "the model"),
         Command::Synth(args) => synth::run(args),
         Command::Inspect(args) => inspect::run(args),
-        Command::Bench(_) => not_built("bench", "the model and trainer"),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

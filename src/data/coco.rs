@@ -73,8 +73,7 @@ fn flag_from_int_or_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool,
 /// malformed JSON the line and column (serde_json's message carries them).
 pub fn read_coco_json(path: &Path) -> Result<CocoJson> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("{}: not a valid COCO file", path.display()))
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid COCO file", path.display()))
 }
 
 /// How COCO category ids become model labels.
@@ -108,11 +107,7 @@ impl CategoryMap {
                 bail!("categories: duplicate id {}", c.id);
             }
         }
-        Ok(Self {
-            mode,
-            categories: sorted,
-            index_by_id,
-        })
+        Ok(Self { mode, categories: sorted, index_by_id })
     }
 
     /// Number of model outputs needed: categories, or max id + 1 by id.
@@ -134,10 +129,7 @@ impl CategoryMap {
     pub fn category_id_of(&self, label: usize) -> Option<u64> {
         match self.mode {
             LabelMode::Contiguous => self.categories.get(label).map(|c| c.id),
-            LabelMode::CategoryId => self
-                .index_by_id
-                .contains_key(&(label as u64))
-                .then_some(label as u64),
+            LabelMode::CategoryId => self.index_by_id.contains_key(&(label as u64)).then_some(label as u64),
         }
     }
 
@@ -233,11 +225,7 @@ impl LoadReport {
                 self.dropped_empty_images
             ));
         }
-        lines.extend(
-            self.examples
-                .iter()
-                .map(|e| format!("{}:   {e}", file.display())),
-        );
+        lines.extend(self.examples.iter().map(|e| format!("{}:   {e}", file.display())));
         lines
     }
 }
@@ -268,11 +256,7 @@ impl Dataset {
         let mut index_by_id = HashMap::new();
         for (i, img) in coco.images.iter().enumerate() {
             if img.width == 0 || img.height == 0 {
-                bail!(
-                    "images[{i}] (id {}, {}): zero width or height",
-                    img.id,
-                    img.file_name
-                );
+                bail!("images[{i}] (id {}, {}): zero width or height", img.id, img.file_name);
             }
             if index_by_id.insert(img.id, i).is_some() {
                 bail!("images[{i}]: duplicate image id {}", img.id);
@@ -303,10 +287,7 @@ impl Dataset {
                 bail!("{name}: image_id {} is not in images", ann.image_id);
             };
             let Some(label) = categories.label_of(ann.category_id) else {
-                bail!(
-                    "{name}: category_id {} is not in categories",
-                    ann.category_id
-                );
+                bail!("{name}: category_id {} is not in categories", ann.category_id);
             };
             let image = &mut images[image_index];
             match clip_box(ann.bbox, image.width, image.height) {
@@ -330,11 +311,7 @@ impl Dataset {
             images.retain(|im| !im.is_empty());
             report.dropped_empty_images = report.empty_images;
         }
-        Ok(Self {
-            images,
-            categories,
-            report,
-        })
+        Ok(Self { images, categories, report })
     }
 }
 
@@ -396,10 +373,7 @@ mod tests {
         assert_eq!(map.label_of(90), Some(1));
         assert_eq!(map.label_of(4), None);
         for label in 0..2 {
-            assert_eq!(
-                map.label_of(map.category_id_of(label).unwrap()),
-                Some(label)
-            );
+            assert_eq!(map.label_of(map.category_id_of(label).unwrap()), Some(label));
         }
         assert_eq!(map.name_of(1), "zebra");
         let by_id = CategoryMap::new(&c.categories, LabelMode::CategoryId).unwrap();
@@ -418,28 +392,19 @@ mod tests {
         );
         let d = Dataset::from_coco(&c, LoadOptions::default()).unwrap();
         let im = &d.images[0];
-        assert_eq!(
-            im.boxes,
-            vec![[10.0, 10.0, 30.0, 15.0], [90.0, 40.0, 100.0, 50.0]]
-        );
+        assert_eq!(im.boxes, vec![[10.0, 10.0, 30.0, 15.0], [90.0, 40.0, 100.0, 50.0]]);
         assert_eq!(im.labels, vec![0, 1]);
         assert_eq!(im.crowd, vec![false, true]);
         assert_eq!(d.report.clipped_boxes, 1);
         assert_eq!(d.report.degenerate_boxes, 2);
         assert_eq!(d.report.empty_images, 1);
-        assert!(
-            d.images[1].is_empty(),
-            "images without annotations are kept as negatives"
-        );
+        assert!(d.images[1].is_empty(), "images without annotations are kept as negatives");
     }
 
     #[test]
     fn drop_empty_removes_negatives() {
         let c = coco(r#"{"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 10, 20, 5]}"#);
-        let options = LoadOptions {
-            drop_empty: true,
-            ..Default::default()
-        };
+        let options = LoadOptions { drop_empty: true, ..Default::default() };
         let d = Dataset::from_coco(&c, options).unwrap();
         assert_eq!(d.images.len(), 1);
         assert_eq!(d.report.dropped_empty_images, 1);

@@ -15,13 +15,11 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         .with_context(|| format!("cannot open image {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    let mut decoder = reader
-        .into_decoder()
-        .with_context(|| format!("{}: not a supported image", path.display()))?;
+    let mut decoder = reader.into_decoder().with_context(|| format!("{}: not a supported image", path.display()))?;
     // A broken EXIF block must not make a good image unreadable.
     let orientation = decoder.orientation().ok();
-    let mut image = DynamicImage::from_decoder(decoder)
-        .with_context(|| format!("{}: corrupt image", path.display()))?;
+    let mut image =
+        DynamicImage::from_decoder(decoder).with_context(|| format!("{}: corrupt image", path.display()))?;
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);
     }
@@ -37,9 +35,7 @@ pub fn image_size(path: &Path) -> Result<(u32, u32)> {
         .with_context(|| format!("cannot open image {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    let mut decoder = reader
-        .into_decoder()
-        .with_context(|| format!("{}: not a supported image", path.display()))?;
+    let mut decoder = reader.into_decoder().with_context(|| format!("{}: not a supported image", path.display()))?;
     let (w, h) = decoder.dimensions();
     let swapped = matches!(
         decoder.orientation(),

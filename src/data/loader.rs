@@ -79,12 +79,7 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(
-        images: Vec<ImageEntry>,
-        image_dir: PathBuf,
-        transform: Transform,
-        options: LoaderOptions,
-    ) -> Self {
+    pub fn new(images: Vec<ImageEntry>, image_dir: PathBuf, transform: Transform, options: LoaderOptions) -> Self {
         Self {
             images: Arc::new(images),
             image_dir,
@@ -116,11 +111,7 @@ impl Loader {
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.images.len()).collect();
         if self.options.train {
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(
-                self.options.seed,
-                epoch as u64,
-                u64::MAX,
-            )));
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(self.options.seed, epoch as u64, u64::MAX)));
         }
         order
     }
@@ -162,10 +153,7 @@ impl Loader {
                 }
             })
             .context("cannot start the loader thread")?;
-        Ok(BatchIter {
-            receiver,
-            handle: Some(handle),
-        })
+        Ok(BatchIter { receiver, handle: Some(handle) })
     }
 }
 
@@ -214,31 +202,17 @@ impl BatchProducer {
             .collect::<Result<_>>()?;
         let (transformed, targets): (Vec<_>, Vec<_>) = prepared.into_iter().flatten().unzip();
         if transformed.is_empty() {
-            anyhow::bail!(
-                "batch {index} of epoch {}: every image was unreadable",
-                self.epoch
-            );
+            anyhow::bail!("batch {index} of epoch {}: every image was unreadable", self.epoch);
         }
-        let (pad_h, pad_w) = self
-            .transform
-            .padded_size(transformed.iter().map(|t| (t.height, t.width)));
+        let (pad_h, pad_w) = self.transform.padded_size(transformed.iter().map(|t| (t.height, t.width)));
         let refs: Vec<&TransformedImage> = transformed.iter().collect();
         let data = pad_batch(&refs, (pad_h, pad_w));
         let images = Tensor::from_vec(data, (refs.len(), 3, pad_h, pad_w), &Device::Cpu)?;
-        Ok(Batch {
-            images,
-            targets,
-            epoch: self.epoch,
-            index,
-        })
+        Ok(Batch { images, targets, epoch: self.epoch, index })
     }
 
     /// One image: `None` when it is unreadable and skipping is allowed.
-    fn prepare(
-        &self,
-        image_index: usize,
-        position: usize,
-    ) -> Result<Option<(TransformedImage, Target)>> {
+    fn prepare(&self, image_index: usize, position: usize) -> Result<Option<(TransformedImage, Target)>> {
         let entry = &self.images[image_index];
         let path = self.image_dir.join(&entry.file_name);
         let image = match load_rgb(&path) {
@@ -279,8 +253,7 @@ impl BatchProducer {
         if !self.options.train {
             return Augment::NONE;
         }
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(mix(self.options.seed, self.epoch as u64, position as u64));
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.options.seed, self.epoch as u64, position as u64));
         Augment {
             min_size_index: Some(rng.random_range(0..self.transform.min_size.len())),
             hflip: rng.random::<f32>() < self.options.hflip_prob,

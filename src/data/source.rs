@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use super::coco::{Dataset, LoadOptions};
+use super::coco::{read_coco_json, CocoJson, Dataset, LoadOptions};
 use super::synthetic::{ensure_cached, SynthSpec};
 use crate::config::DataConfig;
 
@@ -26,12 +26,7 @@ pub fn dataset_root(cfg: &DataConfig) -> Result<PathBuf> {
         return Ok(root);
     }
     let s = &cfg.synth;
-    ensure_cached(SynthSpec {
-        train: s.train,
-        val: s.val,
-        size: s.size,
-        seed: s.seed,
-    })
+    ensure_cached(SynthSpec { train: s.train, val: s.val, size: s.size, seed: s.seed })
 }
 
 /// `split` is `train`, `val`, or an annotation file relative to the root.
@@ -44,25 +39,26 @@ pub fn split_files(cfg: &DataConfig, split: &str) -> Result<SplitFiles> {
     };
     let annotations = root.join(relative);
     if !annotations.is_file() {
-        bail!(
-            "split {split}: annotation file {} not found",
-            annotations.display()
-        );
+        bail!("split {split}: annotation file {} not found", annotations.display());
     }
-    Ok(SplitFiles {
-        annotations,
-        images: root.join(&cfg.images),
-    })
+    Ok(SplitFiles { annotations, images: root.join(&cfg.images) })
+}
+
+/// A split as read: validated for training, raw for evaluation.
+#[derive(Debug, Clone)]
+pub struct LoadedSplit {
+    pub dataset: Dataset,
+    /// The annotation file as written (pycocotools' view, for evaluation).
+    pub coco: CocoJson,
+    pub files: SplitFiles,
 }
 
 /// Loads and validates a split. Empty images are dropped only from the
 /// training split, and only with `data.drop_empty`.
-pub fn load_split(cfg: &DataConfig, split: &str) -> Result<(Dataset, SplitFiles)> {
+pub fn load_split(cfg: &DataConfig, split: &str) -> Result<LoadedSplit> {
     let files = split_files(cfg, split)?;
-    let options = LoadOptions {
-        label_mode: cfg.label_mode,
-        drop_empty: cfg.drop_empty && split == "train",
-    };
-    let dataset = Dataset::load(&files.annotations, options)?;
-    Ok((dataset, files))
+    let options = LoadOptions { label_mode: cfg.label_mode, drop_empty: cfg.drop_empty && split == "train" };
+    let coco = read_coco_json(&files.annotations)?;
+    let dataset = Dataset::from_coco(&coco, options).with_context(|| files.annotations.display().to_string())?;
+    Ok(LoadedSplit { dataset, coco, files })
 }

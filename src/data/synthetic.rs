@@ -55,32 +55,15 @@ pub fn write_dataset(dir: &Path, spec: SynthSpec) -> Result<()> {
     let mut next_image_id = 1;
     let mut next_annotation_id = 1;
     for (split, count) in [("train", spec.train), ("val", spec.val)] {
-        let split_seed = spec
-            .seed
-            .wrapping_mul(1_000_003)
-            .wrapping_add(if split == "train" { 1 } else { 2 });
-        let samples: Vec<Sample> = (0..count)
-            .into_par_iter()
-            .map(|i| generate_image(spec.size, split_seed, i as u64))
-            .collect();
-        let mut coco = CocoJson {
-            images: Vec::new(),
-            annotations: Vec::new(),
-            categories: categories(),
-        };
+        let split_seed = spec.seed.wrapping_mul(1_000_003).wrapping_add(if split == "train" { 1 } else { 2 });
+        let samples: Vec<Sample> =
+            (0..count).into_par_iter().map(|i| generate_image(spec.size, split_seed, i as u64)).collect();
+        let mut coco = CocoJson { images: Vec::new(), annotations: Vec::new(), categories: categories() };
         for (i, sample) in samples.iter().enumerate() {
             let file_name = format!("{split}_{i:06}.png");
             let path = images_dir.join(&file_name);
-            sample
-                .image
-                .save(&path)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            coco.images.push(CocoImage {
-                id: next_image_id,
-                file_name,
-                width: spec.size,
-                height: spec.size,
-            });
+            sample.image.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
+            coco.images.push(CocoImage { id: next_image_id, file_name, width: spec.size, height: spec.size });
             for &(bbox, class) in &sample.shapes {
                 coco.annotations.push(CocoAnnotation {
                     id: Some(next_annotation_id),
@@ -105,18 +88,14 @@ pub fn write_dataset(dir: &Path, spec: SynthSpec) -> Result<()> {
 /// built in a temporary folder and renamed into place, so an interrupted
 /// generation is never mistaken for a finished one.
 pub fn ensure_cached(spec: SynthSpec) -> Result<PathBuf> {
-    let dir = cache_root().join(format!(
-        "shapes-{}-{}-{}-{}",
-        spec.train, spec.val, spec.size, spec.seed
-    ));
+    let dir = cache_root().join(format!("shapes-{}-{}-{}-{}", spec.train, spec.val, spec.size, spec.seed));
     if dir.join("annotations/instances_val.json").exists() {
         return Ok(dir);
     }
     let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     write_dataset(&tmp, spec)?;
-    std::fs::rename(&tmp, &dir)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()))?;
+    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()))?;
     Ok(dir)
 }
 
@@ -137,11 +116,7 @@ fn categories() -> Vec<CocoCategory> {
     CLASSES
         .iter()
         .enumerate()
-        .map(|(i, name)| CocoCategory {
-            id: i as u64 + 1,
-            name: name.to_string(),
-            supercategory: Some("shape".into()),
-        })
+        .map(|(i, name)| CocoCategory { id: i as u64 + 1, name: name.to_string(), supercategory: Some("shape".into()) })
         .collect()
 }
 
@@ -165,11 +140,7 @@ fn generate_image(size: u32, split_seed: u64, index: u64) -> Sample {
 
 /// A base colour, two low-frequency waves and per-pixel noise.
 fn background(size: u32, rng: &mut ChaCha8Rng) -> RgbImage {
-    let base: [f32; 3] = [
-        rng.random_range(40.0..215.0),
-        rng.random_range(40.0..215.0),
-        rng.random_range(40.0..215.0),
-    ];
+    let base: [f32; 3] = [rng.random_range(40.0..215.0), rng.random_range(40.0..215.0), rng.random_range(40.0..215.0)];
     let waves: Vec<(f32, f32, f32, f32)> = (0..2)
         .map(|_| {
             let freq = rng.random_range(0.02..0.12);
@@ -184,10 +155,8 @@ fn background(size: u32, rng: &mut ChaCha8Rng) -> RgbImage {
         .collect();
     let mut image = RgbImage::new(size, size);
     for (x, y, px) in image.enumerate_pixels_mut() {
-        let texture: f32 = waves
-            .iter()
-            .map(|&(fx, fy, phase, amp)| amp * (fx * x as f32 + fy * y as f32 + phase).sin())
-            .sum();
+        let texture: f32 =
+            waves.iter().map(|&(fx, fy, phase, amp)| amp * (fx * x as f32 + fy * y as f32 + phase).sin()).sum();
         let noise = rng.random_range(-12.0..12.0);
         *px = Rgb(base.map(|b| (b + texture + noise).clamp(0.0, 255.0) as u8));
     }
@@ -196,29 +165,20 @@ fn background(size: u32, rng: &mut ChaCha8Rng) -> RgbImage {
 
 /// Draws one shape that fits inside the image and overlaps earlier shapes
 /// at most [`MAX_OVERLAP_IOU`]; returns its tight box and class.
-fn place_shape(
-    image: &mut RgbImage,
-    placed: &[([f64; 4], usize)],
-    rng: &mut ChaCha8Rng,
-) -> Option<([f64; 4], usize)> {
+fn place_shape(image: &mut RgbImage, placed: &[([f64; 4], usize)], rng: &mut ChaCha8Rng) -> Option<([f64; 4], usize)> {
     const ATTEMPTS: usize = 20;
     let size = image.width();
     let max_side = MAX_SHAPE.min(size * 3 / 5).max(MIN_SHAPE);
     for _ in 0..ATTEMPTS {
         // Log-uniform sides: as many small shapes as large ones.
-        let side = (rng.random_range((MIN_SHAPE as f64).ln()..=(max_side as f64).ln()))
-            .exp()
-            .round() as u32;
+        let side = (rng.random_range((MIN_SHAPE as f64).ln()..=(max_side as f64).ln())).exp().round() as u32;
         let x0 = rng.random_range(0..=size - side);
         let y0 = rng.random_range(0..=size - side);
         let class = rng.random_range(0..CLASSES.len());
         let Some(bbox) = shape_pixels(class, x0, y0, side).bounding_box() else {
             continue;
         };
-        if placed
-            .iter()
-            .any(|(other, _)| iou(&bbox, other) > MAX_OVERLAP_IOU)
-        {
+        if placed.iter().any(|(other, _)| iou(&bbox, other) > MAX_OVERLAP_IOU) {
             continue;
         }
         let colour = contrasting_colour(image, &bbox, rng);
@@ -240,12 +200,7 @@ struct ShapePixels {
 }
 
 fn shape_pixels(class: usize, x0: u32, y0: u32, side: u32) -> ShapePixels {
-    ShapePixels {
-        class,
-        x0,
-        y0,
-        side,
-    }
+    ShapePixels { class, x0, y0, side }
 }
 
 impl ShapePixels {
@@ -272,14 +227,7 @@ impl ShapePixels {
         for (x, y) in self.iter() {
             (x1, y1, x2, y2) = (x1.min(x), y1.min(y), x2.max(x), y2.max(y));
         }
-        (x1 <= x2).then(|| {
-            [
-                x1 as f64,
-                y1 as f64,
-                (x2 - x1 + 1) as f64,
-                (y2 - y1 + 1) as f64,
-            ]
-        })
+        (x1 <= x2).then(|| [x1 as f64, y1 as f64, (x2 - x1 + 1) as f64, (y2 - y1 + 1) as f64])
     }
 }
 
@@ -290,13 +238,7 @@ fn contrasting_colour(image: &RgbImage, bbox: &[f64; 4], rng: &mut ChaCha8Rng) -
     let mut sum = 0.0;
     for yy in y..y + h {
         for xx in x..x + w {
-            sum += image
-                .get_pixel(xx, yy)
-                .0
-                .iter()
-                .map(|&c| c as f32)
-                .sum::<f32>()
-                / 3.0;
+            sum += image.get_pixel(xx, yy).0.iter().map(|&c| c as f32).sum::<f32>() / 3.0;
         }
     }
     let background = sum / (w * h) as f32;

@@ -18,10 +18,7 @@ pub struct Augment {
 }
 
 impl Augment {
-    pub const NONE: Self = Self {
-        min_size_index: None,
-        hflip: false,
-    };
+    pub const NONE: Self = Self { min_size_index: None, hflip: false };
 }
 
 /// One image after the transform, before batching.
@@ -63,20 +60,12 @@ impl Transform {
         let short = height.min(width) as f64;
         let long = height.max(width) as f64;
         let scale = (min_size as f64 / short).min(self.max_size as f64 / long);
-        (
-            (height as f64 * scale).floor() as usize,
-            (width as f64 * scale).floor() as usize,
-        )
+        ((height as f64 * scale).floor() as usize, (width as f64 * scale).floor() as usize)
     }
 
     /// Flips (if asked), normalises and resizes one image with its boxes
     /// (`[x1, y1, x2, y2]` in original pixels).
-    pub fn apply(
-        &self,
-        image: &RgbImage,
-        boxes: &[[f32; 4]],
-        augment: Augment,
-    ) -> TransformedImage {
+    pub fn apply(&self, image: &RgbImage, boxes: &[[f32; 4]], augment: Augment) -> TransformedImage {
         let (width, height) = (image.width() as usize, image.height() as usize);
         let mut boxes = boxes.to_vec();
         let chw = if augment.hflip {
@@ -87,20 +76,12 @@ impl Transform {
         };
         let min_size = match augment.min_size_index {
             Some(i) => self.min_size[i],
-            None => *self
-                .min_size
-                .last()
-                .expect("min_size is validated non-empty"),
+            None => *self.min_size.last().expect("min_size is validated non-empty"),
         };
         let (out_h, out_w) = self.resized_size(height, width, min_size);
         let chw = resize_bilinear(&chw, 3, height, width, out_h, out_w);
         scale_boxes(&mut boxes, (height, width), (out_h, out_w));
-        TransformedImage {
-            chw,
-            height: out_h,
-            width: out_w,
-            boxes,
-        }
+        TransformedImage { chw, height: out_h, width: out_w, boxes }
     }
 
     /// RGB bytes to `[3, h, w]` floats: `(v / 255 - mean) / std`.
@@ -119,9 +100,7 @@ impl Transform {
     /// multiple of `size_divisible`.
     pub fn padded_size(&self, sizes: impl IntoIterator<Item = (usize, usize)>) -> (usize, usize) {
         let d = self.size_divisible as usize;
-        let (h, w) = sizes
-            .into_iter()
-            .fold((0, 0), |(h, w), (ih, iw)| (h.max(ih), w.max(iw)));
+        let (h, w) = sizes.into_iter().fold((0, 0), |(h, w), (ih, iw)| (h.max(ih), w.max(iw)));
         (h.div_ceil(d) * d, w.div_ceil(d) * d)
     }
 }
@@ -155,12 +134,7 @@ pub fn scale_boxes(boxes: &mut [[f32; 4]], from: (usize, usize), to: (usize, usi
     let ratio_h = to.0 as f32 / from.0 as f32;
     let ratio_w = to.1 as f32 / from.1 as f32;
     for b in boxes {
-        *b = [
-            b[0] * ratio_w,
-            b[1] * ratio_h,
-            b[2] * ratio_w,
-            b[3] * ratio_h,
-        ];
+        *b = [b[0] * ratio_w, b[1] * ratio_h, b[2] * ratio_w, b[3] * ratio_h];
     }
 }
 
@@ -187,19 +161,8 @@ fn linear_taps(in_size: usize, out_size: usize) -> Vec<(usize, usize, f32, f32)>
 ///
 /// Written here because the `image` crate's filters and candle's
 /// `upsample_bilinear2d` do not reproduce torch's sampling positions.
-pub fn resize_bilinear(
-    src: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    out_h: usize,
-    out_w: usize,
-) -> Vec<f32> {
-    assert_eq!(
-        src.len(),
-        c * h * w,
-        "resize_bilinear: buffer is not [c, h, w]"
-    );
+pub fn resize_bilinear(src: &[f32], c: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+    assert_eq!(src.len(), c * h * w, "resize_bilinear: buffer is not [c, h, w]");
     if (out_h, out_w) == (h, w) {
         return src.to_vec(); // torch's weights are then exactly (1, 0)
     }
@@ -227,25 +190,15 @@ mod tests {
     use super::*;
 
     fn transform(min_size: u32, max_size: u32) -> Transform {
-        Transform::new(&InputConfig {
-            min_size: vec![min_size],
-            max_size,
-            ..InputConfig::default()
-        })
+        Transform::new(&InputConfig { min_size: vec![min_size], max_size, ..InputConfig::default() })
     }
 
     #[test]
     fn resized_size_follows_torchvision() {
         // 480x640 at 800/1333: scale 800/480, long side 1066.67 -> 1066.
-        assert_eq!(
-            transform(800, 1333).resized_size(480, 640, 800),
-            (800, 1066)
-        );
+        assert_eq!(transform(800, 1333).resized_size(480, 640, 800), (800, 1066));
         // The long side caps the scale: 1333/2000.
-        assert_eq!(
-            transform(800, 1333).resized_size(500, 2000, 800),
-            (333, 1333)
-        );
+        assert_eq!(transform(800, 1333).resized_size(500, 2000, 800), (333, 1333));
         assert_eq!(transform(192, 192).resized_size(192, 192, 192), (192, 192));
     }
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::accumulate::{accumulate_category, CategoryCurves};
 use super::grid::Grid;
 use super::image_eval::{evaluate_image, ImageEval};
-use super::index::EvalIndex;
+use super::index::{images_with_boxes, EvalIndex};
 use super::params::EvalParams;
 use super::results::Detection;
 use super::summary::{mean_of, stat_line, stat_specs, stats};
@@ -53,13 +53,13 @@ pub fn evaluate(gt: &CocoJson, dts: &[Detection], params: &EvalParams) -> Result
     let index = EvalIndex::new(gt);
     let gts = index.ground_truth(gt)?;
     let dts = index.detections(dts)?;
-    let images = index.image_ids.len();
     let curves: Vec<CategoryCurves> = (0..index.categories.len())
         .into_par_iter()
         .map(|k| {
-            let evals: Vec<ImageEval> = (0..images)
+            // Images in id order, as pycocotools concatenates them.
+            let evals: Vec<ImageEval> = images_with_boxes(&gts, &dts, k)
                 .into_par_iter()
-                .filter_map(|i| evaluate_image(gts.get(k, i), dts.get(k, i), &params))
+                .filter_map(|(g, d)| evaluate_image(g, d, &params))
                 .collect();
             accumulate_category(&evals, &params)
         })
@@ -75,25 +75,14 @@ pub fn evaluate(gt: &CocoJson, dts: &[Detection], params: &EvalParams) -> Result
             ap50: mean_of(&specs[1], &precision, &recall, &params, Some(k)),
         })
         .collect();
-    Ok(EvalResult {
-        params,
-        image_ids: index.image_ids,
-        stats,
-        per_class,
-        precision,
-        recall,
-    })
+    Ok(EvalResult { params, image_ids: index.image_ids, stats, per_class, precision, recall })
 }
 
 /// Stacks per-category curves into `precision [T, R, K, A, M]` and
 /// `recall [T, K, A, M]`.
 fn assemble(curves: &[CategoryCurves], params: &EvalParams) -> (Grid<5>, Grid<4>) {
     let (t_len, r_len) = (params.iou_thresholds.len(), params.recall_thresholds.len());
-    let (a_len, m_len, k_len) = (
-        params.area_ranges.len(),
-        params.max_dets.len(),
-        curves.len(),
-    );
+    let (a_len, m_len, k_len) = (params.area_ranges.len(), params.max_dets.len(), curves.len());
     let mut precision = Grid::filled([t_len, r_len, k_len, a_len, m_len], -1.0);
     let mut recall = Grid::filled([t_len, k_len, a_len, m_len], -1.0);
     for (k, c) in curves.iter().enumerate() {
@@ -102,10 +91,7 @@ fn assemble(curves: &[CategoryCurves], params: &EvalParams) -> (Grid<5>, Grid<4>
                 for m in 0..m_len {
                     recall.set([t, k, a, m], c.recall[(t * a_len + a) * m_len + m]);
                     for r in 0..r_len {
-                        precision.set(
-                            [t, r, k, a, m],
-                            c.precision[((t * r_len + r) * a_len + a) * m_len + m],
-                        );
+                        precision.set([t, r, k, a, m], c.precision[((t * r_len + r) * a_len + a) * m_len + m]);
                     }
                 }
             }
@@ -118,22 +104,12 @@ impl EvalResult {
     /// pycocotools' 12 printed summary lines.
     pub fn summary_lines(&self) -> Vec<String> {
         let specs = stat_specs(&self.params);
-        specs
-            .iter()
-            .zip(self.stats)
-            .map(|(spec, value)| stat_line(spec, &self.params, value))
-            .collect()
+        specs.iter().zip(self.stats).map(|(spec, value)| stat_line(spec, &self.params, value)).collect()
     }
 
     /// A per-category table: id, name, AP, AP50 ("-" without ground truth).
     pub fn class_table(&self) -> Vec<String> {
-        let width = self
-            .per_class
-            .iter()
-            .map(|c| c.name.chars().count())
-            .max()
-            .unwrap_or(0)
-            .max(8);
+        let width = self.per_class.iter().map(|c| c.name.chars().count()).max().unwrap_or(0).max(8);
         let cell = |v: f64| {
             if v > -1.0 {
                 format!("{v:.3}")
@@ -141,19 +117,12 @@ impl EvalResult {
                 "-".to_string()
             }
         };
-        let mut lines = vec![format!(
-            "{:>11}  {:<width$}  {:>6}  {:>6}",
-            "category_id", "name", "AP", "AP50"
-        )];
-        lines.extend(self.per_class.iter().map(|c| {
-            format!(
-                "{:>11}  {:<width$}  {:>6}  {:>6}",
-                c.category_id,
-                c.name,
-                cell(c.ap),
-                cell(c.ap50)
-            )
-        }));
+        let mut lines = vec![format!("{:>11}  {:<width$}  {:>6}  {:>6}", "category_id", "name", "AP", "AP50")];
+        lines.extend(
+            self.per_class
+                .iter()
+                .map(|c| format!("{:>11}  {:<width$}  {:>6}  {:>6}", c.category_id, c.name, cell(c.ap), cell(c.ap50))),
+        );
         lines
     }
 }

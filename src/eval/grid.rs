@@ -11,10 +11,7 @@ pub struct Grid<const N: usize> {
 impl<const N: usize> Grid<N> {
     /// A grid of `shape` with every value `fill`.
     pub fn filled(shape: [usize; N], fill: f64) -> Self {
-        Self {
-            shape,
-            values: vec![fill; shape.iter().product()],
-        }
+        Self { shape, values: vec![fill; shape.iter().product()] }
     }
 
     /// Flat offset of `index`; panics when an index is out of range (a bug).

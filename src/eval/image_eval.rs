@@ -43,16 +43,19 @@ pub enum Outcome {
 pub struct ImageEval {
     /// `[D]` detection scores, best first, `D <= max(max_dets)`.
     pub scores: Vec<f64>,
-    /// `[A, T, D]` outcome of each detection, row-major.
+    /// `[A, D, T]` outcome of each detection, row-major.
     pub outcomes: Vec<Outcome>,
+    /// `T`, the number of IoU thresholds.
+    pub thresholds: usize,
     /// `[A]` ground-truth boxes not ignored in each area range.
     pub not_ignored: Vec<usize>,
 }
 
 impl ImageEval {
-    /// Outcome of detection `d` for area range `a` at IoU threshold `t`.
-    pub fn outcome(&self, a: usize, t: usize, thresholds: usize, d: usize) -> Outcome {
-        self.outcomes[(a * thresholds + t) * self.scores.len() + d]
+    /// `[T]` outcomes of detection `d` for area range `a`.
+    pub fn outcomes_at(&self, a: usize, d: usize) -> &[Outcome] {
+        let start = (a * self.scores.len() + d) * self.thresholds;
+        &self.outcomes[start..start + self.thresholds]
     }
 }
 
@@ -66,32 +69,20 @@ pub fn evaluate_image(gts: &[GtBox], dts: &[DtBox], params: &EvalParams) -> Opti
     let dts = best_first(dts, params.max_det());
     let ious = iou_matrix(&dts, gts);
     let thresholds = params.iou_thresholds.len();
-    let mut outcomes = Vec::with_capacity(params.area_ranges.len() * thresholds * dts.len());
+    let per_area = dts.len() * thresholds;
+    let mut outcomes = vec![Outcome::Ignored; params.area_ranges.len() * per_area];
     let mut not_ignored = Vec::with_capacity(params.area_ranges.len());
-    for range in &params.area_ranges {
-        let ignore: Vec<bool> = gts
-            .iter()
-            .map(|g| g.crowd || range.excludes(g.area))
-            .collect();
+    for (a, range) in params.area_ranges.iter().enumerate() {
+        let ignore: Vec<bool> = gts.iter().map(|g| g.crowd || range.excludes(g.area)).collect();
         let order = ignored_last(&ignore);
         not_ignored.push(ignore.iter().filter(|&&ig| !ig).count());
         let dt_outside: Vec<bool> = dts.iter().map(|d| range.excludes(d.area)).collect();
-        for &t in &params.iou_thresholds {
-            let matcher = Matcher {
-                gts,
-                ious: &ious,
-                order: &order,
-                ignore: &ignore,
-            };
-            outcomes.extend(matcher.match_all(t, &dt_outside));
-        }
+        let matcher = Matcher { gts, ious: &ious, order: &order, ignore: &ignore };
+        let out = &mut outcomes[a * per_area..(a + 1) * per_area];
+        matcher.match_all(&params.iou_thresholds, &dt_outside, out);
     }
     let scores = dts.iter().map(|d| d.score).collect();
-    Some(ImageEval {
-        scores,
-        outcomes,
-        not_ignored,
-    })
+    Some(ImageEval { scores, outcomes, thresholds, not_ignored })
 }
 
 /// Detections sorted by score, best first, ties in input order (numpy's
@@ -100,11 +91,7 @@ fn best_first(dts: &[DtBox], max_det: usize) -> Vec<DtBox> {
     let mut sorted = dts.to_vec();
     // partial_cmp keeps 0.0 and -0.0 equal, as numpy compares them; scores
     // are finite (checked by `evaluate`).
-    sorted.sort_by(|a, b| {
-        b.score
-            .partial_cmp(&a.score)
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
+    sorted.sort_by(|a, b| b.score.partial_cmp(&a.score).unwrap_or(std::cmp::Ordering::Equal));
     sorted.truncate(max_det);
     sorted
 }
@@ -118,9 +105,7 @@ fn ignored_last(ignore: &[bool]) -> Vec<usize> {
 
 /// `[D, G]` row-major IoUs between detections and ground truth.
 fn iou_matrix(dts: &[DtBox], gts: &[GtBox]) -> Vec<f64> {
-    dts.iter()
-        .flat_map(|d| gts.iter().map(move |g| box_iou(&d.bbox, &g.bbox, g.crowd)))
-        .collect()
+    dts.iter().flat_map(|d| gts.iter().map(move |g| box_iou(&d.bbox, &g.bbox, g.crowd))).collect()
 }
 
 /// pycocotools' `bbIou` (maskApi.c) for one pair of `[x, y, w, h]` boxes,
@@ -153,19 +138,21 @@ struct Matcher<'a> {
 }
 
 impl Matcher<'_> {
-    /// `[D]` outcomes at IoU threshold `t`; `dt_outside[d]` says whether
-    /// detection `d` is outside the area range.
-    fn match_all(&self, t: f64, dt_outside: &[bool]) -> Vec<Outcome> {
+    /// Fills `out`, `[D, T]`, with each detection's outcome at each IoU
+    /// threshold; `dt_outside[d]` says whether detection `d` is outside
+    /// the area range.
+    fn match_all(&self, thresholds: &[f64], dt_outside: &[bool], out: &mut [Outcome]) {
         let mut taken = vec![false; self.gts.len()];
-        (0..dt_outside.len())
-            .map(|d| {
-                let best = self.best_match(d, t, &taken);
+        for (t, &threshold) in thresholds.iter().enumerate() {
+            taken.fill(false);
+            for (d, &outside) in dt_outside.iter().enumerate() {
+                let best = self.best_match(d, threshold, &taken);
                 if let Some(g) = best {
                     taken[g] = true;
                 }
-                self.outcome(best, dt_outside[d])
-            })
-            .collect()
+                out[d * thresholds.len() + t] = self.outcome(best, outside);
+            }
+        }
     }
 
     /// The ground-truth box detection `d` matches, exactly as the loop in
@@ -211,20 +198,11 @@ mod tests {
     use super::*;
 
     fn gt(bbox: [f64; 4], crowd: bool) -> GtBox {
-        GtBox {
-            bbox,
-            area: bbox[2] * bbox[3],
-            crowd,
-            id_is_zero: false,
-        }
+        GtBox { bbox, area: bbox[2] * bbox[3], crowd, id_is_zero: false }
     }
 
     fn dt(bbox: [f64; 4], score: f64) -> DtBox {
-        DtBox {
-            bbox,
-            area: bbox[2] * bbox[3],
-            score,
-        }
+        DtBox { bbox, area: bbox[2] * bbox[3], score }
     }
 
     #[test]
@@ -233,28 +211,15 @@ mod tests {
         let g = [5.0, 0.0, 100.0, 100.0];
         assert_eq!(box_iou(&d, &g, true), 0.5);
         assert_eq!(box_iou(&d, &g, false), 50.0 / (100.0 + 10000.0 - 50.0));
-        assert_eq!(
-            box_iou(&d, &[10.0, 0.0, 5.0, 5.0], false),
-            0.0,
-            "touching boxes do not overlap"
-        );
+        assert_eq!(box_iou(&d, &[10.0, 0.0, 5.0, 5.0], false), 0.0, "touching boxes do not overlap");
     }
 
     #[test]
     fn one_box_matches_once_but_a_crowd_box_absorbs_many() {
-        let params = EvalParams {
-            iou_thresholds: vec![0.5],
-            ..Default::default()
-        };
-        let dts = [
-            dt([0.0, 0.0, 10.0, 10.0], 0.9),
-            dt([0.0, 0.0, 10.0, 10.0], 0.8),
-        ];
+        let params = EvalParams { iou_thresholds: vec![0.5], ..Default::default() };
+        let dts = [dt([0.0, 0.0, 10.0, 10.0], 0.9), dt([0.0, 0.0, 10.0, 10.0], 0.8)];
         let e = evaluate_image(&[gt([0.0, 0.0, 10.0, 10.0], false)], &dts, &params).unwrap();
-        assert_eq!(
-            e.outcomes[..2],
-            [Outcome::TruePositive, Outcome::FalsePositive]
-        );
+        assert_eq!(e.outcomes[..2], [Outcome::TruePositive, Outcome::FalsePositive]);
         let e = evaluate_image(&[gt([0.0, 0.0, 50.0, 50.0], true)], &dts, &params).unwrap();
         assert_eq!(e.outcomes[..2], [Outcome::Ignored, Outcome::Ignored]);
         assert_eq!(e.not_ignored[0], 0);
@@ -262,25 +227,16 @@ mod tests {
 
     #[test]
     fn regular_match_is_preferred_over_a_better_ignored_one() {
-        let params = EvalParams {
-            iou_thresholds: vec![0.5],
-            ..Default::default()
-        };
+        let params = EvalParams { iou_thresholds: vec![0.5], ..Default::default() };
         // The crowd box (file order first) overlaps fully, the regular one at 0.6.
-        let gts = [
-            gt([0.0, 0.0, 10.0, 10.0], true),
-            gt([0.0, 0.0, 10.0, 6.0], false),
-        ];
+        let gts = [gt([0.0, 0.0, 10.0, 10.0], true), gt([0.0, 0.0, 10.0, 6.0], false)];
         let e = evaluate_image(&gts, &[dt([0.0, 0.0, 10.0, 10.0], 0.5)], &params).unwrap();
         assert_eq!(e.outcomes[0], Outcome::TruePositive);
     }
 
     #[test]
     fn ties_keep_input_order_and_max_det_cuts() {
-        let params = EvalParams {
-            max_dets: vec![2],
-            ..Default::default()
-        };
+        let params = EvalParams { max_dets: vec![2], ..Default::default() };
         let dts = [dt([0.0; 4], 0.5), dt([1.0; 4], 0.7), dt([2.0; 4], 0.5)];
         let sorted = best_first(&dts, params.max_det());
         assert_eq!(sorted, vec![dts[1], dts[0]]);
@@ -288,13 +244,10 @@ mod tests {
 
     #[test]
     fn unmatched_detection_outside_the_area_range_is_ignored() {
-        let params = EvalParams {
-            iou_thresholds: vec![0.5],
-            ..Default::default()
-        };
+        let params = EvalParams { iou_thresholds: vec![0.5], ..Default::default() };
         let e = evaluate_image(&[], &[dt([0.0, 0.0, 100.0, 100.0], 0.5)], &params).unwrap();
         // Area ranges: all, small, medium, large; the box is large.
-        let per_area: Vec<Outcome> = (0..4).map(|a| e.outcome(a, 0, 1, 0)).collect();
+        let per_area: Vec<Outcome> = (0..4).map(|a| e.outcomes_at(a, 0)[0]).collect();
         use Outcome::*;
         assert_eq!(per_area, [FalsePositive, Ignored, Ignored, FalsePositive]);
     }

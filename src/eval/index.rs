@@ -21,44 +21,62 @@ pub struct EvalIndex {
     category_of: HashMap<u64, usize>,
 }
 
-/// Items grouped by `k * I + i` (category index, image index), each group
-/// in input order.
+/// Items grouped by (category index, image index), each group in input
+/// order. Only non-empty groups are stored, so memory stays proportional to
+/// the items, not to categories x images.
 #[derive(Debug, Clone)]
 pub struct Buckets<T> {
-    images: usize,
-    /// `[K * I + 1]` start of each group in `items`.
+    /// `(k, i)` of each non-empty group, ascending.
+    keys: Vec<(usize, usize)>,
+    /// `[groups + 1]` start of each group in `items`.
     offsets: Vec<usize>,
     items: Vec<T>,
 }
 
 impl<T: Copy> Buckets<T> {
-    /// Counting sort of `(key, item)` pairs into `groups` groups, stable.
-    fn new(keyed: &[(usize, T)], categories: usize, images: usize) -> Self {
-        let mut offsets = vec![0usize; categories * images + 1];
-        for &(key, _) in keyed {
-            offsets[key + 1] += 1;
+    /// Groups `((k, i), item)` pairs with a stable sort.
+    fn new(mut keyed: Vec<((usize, usize), T)>) -> Self {
+        keyed.sort_by_key(|(key, _)| *key);
+        let mut keys = Vec::new();
+        let mut offsets = Vec::new();
+        for (n, (key, _)) in keyed.iter().enumerate() {
+            if keys.last() != Some(key) {
+                keys.push(*key);
+                offsets.push(n);
+            }
         }
-        for i in 1..offsets.len() {
-            offsets[i] += offsets[i - 1];
-        }
-        let mut next = offsets.clone();
-        let mut items: Vec<Option<T>> = vec![None; keyed.len()];
-        for &(key, item) in keyed {
-            items[next[key]] = Some(item);
-            next[key] += 1;
-        }
-        let items = items.into_iter().flatten().collect();
-        Self {
-            images,
-            offsets,
-            items,
-        }
+        offsets.push(keyed.len());
+        let items = keyed.into_iter().map(|(_, item)| item).collect();
+        Self { keys, offsets, items }
     }
 
-    /// The items of category index `k` on image index `i`, in input order.
-    pub fn get(&self, k: usize, i: usize) -> &[T] {
-        let key = k * self.images + i;
-        &self.items[self.offsets[key]..self.offsets[key + 1]]
+    /// `(image index, items)` of category index `k`, ascending by image.
+    pub fn category(&self, k: usize) -> impl Iterator<Item = (usize, &[T])> + '_ {
+        let lo = self.keys.partition_point(|&(kk, _)| kk < k);
+        let hi = self.keys.partition_point(|&(kk, _)| kk <= k);
+        (lo..hi).map(|g| (self.keys[g].1, &self.items[self.offsets[g]..self.offsets[g + 1]]))
+    }
+}
+
+/// One image of one category: its ground truth and detections, file order.
+pub type ImageBoxes<'a> = (&'a [GtBox], &'a [DtBox]);
+
+/// The images of category index `k` that have ground truth or detections
+/// (those whose `evaluateImg` is not `None`), ascending by image index.
+pub fn images_with_boxes<'a>(gts: &'a Buckets<GtBox>, dts: &'a Buckets<DtBox>, k: usize) -> Vec<ImageBoxes<'a>> {
+    let mut g = gts.category(k).peekable();
+    let mut d = dts.category(k).peekable();
+    let mut images = Vec::new();
+    loop {
+        let next = match (g.peek(), d.peek()) {
+            (None, None) => return images,
+            (Some(&(gi, _)), Some(&(di, _))) => gi.min(di),
+            (Some(&(gi, _)), None) => gi,
+            (None, Some(&(di, _))) => di,
+        };
+        let gt = g.next_if(|&(i, _)| i == next).map_or(&[][..], |(_, items)| items);
+        let dt = d.next_if(|&(i, _)| i == next).map_or(&[][..], |(_, items)| items);
+        images.push((gt, dt));
     }
 }
 
@@ -67,35 +85,19 @@ impl EvalIndex {
         let mut image_ids: Vec<u64> = gt.images.iter().map(|im| im.id).collect();
         image_ids.sort_unstable();
         image_ids.dedup();
-        let mut categories: Vec<(u64, String)> = Vec::with_capacity(gt.categories.len());
-        for c in &gt.categories {
-            if !categories.iter().any(|(id, _)| *id == c.id) {
-                categories.push((c.id, c.name.clone()));
-            }
-        }
+        let mut seen = HashSet::new();
+        let mut categories: Vec<(u64, String)> =
+            (gt.categories.iter()).filter(|c| seen.insert(c.id)).map(|c| (c.id, c.name.clone())).collect();
         categories.sort_by_key(|(id, _)| *id);
-        let image_of = image_ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| (id, i))
-            .collect();
-        let category_of = categories
-            .iter()
-            .enumerate()
-            .map(|(k, (id, _))| (*id, k))
-            .collect();
-        Self {
-            image_ids,
-            categories,
-            image_of,
-            category_of,
-        }
+        let image_of = image_ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let category_of = categories.iter().enumerate().map(|(k, (id, _))| (*id, k)).collect();
+        Self { image_ids, categories, image_of, category_of }
     }
 
-    fn key(&self, category_id: u64, image_id: u64) -> Option<usize> {
+    fn key(&self, category_id: u64, image_id: u64) -> Option<(usize, usize)> {
         let k = *self.category_of.get(&category_id)?;
         let i = *self.image_of.get(&image_id)?;
-        Some(k * self.image_ids.len() + i)
+        Some((k, i))
     }
 
     /// Ground-truth boxes by (category, image). Annotations whose image or
@@ -117,61 +119,33 @@ impl EvalIndex {
             let [_, _, w, h] = ann.bbox;
             let area = ann.area.unwrap_or(w * h);
             let id_is_zero = ann.id == Some(0);
-            keyed.push((
-                key,
-                GtBox {
-                    bbox: ann.bbox,
-                    area,
-                    crowd: ann.iscrowd,
-                    id_is_zero,
-                },
-            ));
+            keyed.push((key, GtBox { bbox: ann.bbox, area, crowd: ann.iscrowd, id_is_zero }));
         }
-        Ok(Buckets::new(
-            &keyed,
-            self.categories.len(),
-            self.image_ids.len(),
-        ))
+        Ok(Buckets::new(keyed))
     }
 
     /// Detections by (category, image); errors name the detection's index.
     pub fn detections(&self, dts: &[Detection]) -> Result<Buckets<DtBox>> {
         let mut keyed = Vec::with_capacity(dts.len());
         for (n, d) in dts.iter().enumerate() {
-            let key = self
-                .detection_key(d)
-                .with_context(|| format!("detection {n}"))?;
-            keyed.push((
-                key,
-                DtBox {
-                    bbox: d.bbox,
-                    area: d.area(),
-                    score: d.score,
-                },
-            ));
+            let key = self.detection_key(d).with_context(|| format!("detection {n}"))?;
+            keyed.push((key, DtBox { bbox: d.bbox, area: d.area(), score: d.score }));
         }
-        Ok(Buckets::new(
-            &keyed,
-            self.categories.len(),
-            self.image_ids.len(),
-        ))
+        Ok(Buckets::new(keyed))
     }
 
     /// The group of a detection; errors when a number is not finite, or the
     /// image id or category id is not in the ground truth (pycocotools'
     /// `loadRes` asserts the image ids; it would skip unknown categories).
-    pub fn detection_key(&self, d: &Detection) -> Result<usize> {
+    pub fn detection_key(&self, d: &Detection) -> Result<(usize, usize)> {
         d.check_finite()?;
         let Some(&i) = self.image_of.get(&d.image_id) else {
             bail!("image_id {} is not in the ground truth", d.image_id);
         };
         let Some(&k) = self.category_of.get(&d.category_id) else {
-            bail!(
-                "category_id {} is not in the ground-truth categories",
-                d.category_id
-            );
+            bail!("category_id {} is not in the ground-truth categories", d.category_id);
         };
-        Ok(k * self.image_ids.len() + i)
+        Ok((k, i))
     }
 }
 
@@ -180,11 +154,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_are_stable_and_keyed_by_category_then_image() {
-        let b = Buckets::new(&[(3, 'a'), (0, 'b'), (3, 'c'), (1, 'd')], 2, 2);
-        assert_eq!(b.get(0, 0), &['b']);
-        assert_eq!(b.get(0, 1), &['d']);
-        assert!(b.get(1, 0).is_empty());
-        assert_eq!(b.get(1, 1), &['a', 'c']);
+    fn buckets_are_stable_and_sparse() {
+        let b = Buckets::new(vec![((1, 1), 'a'), ((0, 0), 'b'), ((1, 1), 'c'), ((0, 1), 'd')]);
+        let category = |k| b.category(k).collect::<Vec<_>>();
+        assert_eq!(category(0), vec![(0, &['b'][..]), (1, &['d'][..])]);
+        assert_eq!(category(1), vec![(1, &['a', 'c'][..])]);
+        assert!(category(2).is_empty());
+    }
+
+    #[test]
+    fn images_with_ground_truth_or_detections_are_merged_in_order() {
+        let g = GtBox { bbox: [0.0; 4], area: 0.0, crowd: false, id_is_zero: false };
+        let d = DtBox { bbox: [0.0; 4], area: 0.0, score: 0.5 };
+        let gts = Buckets::new(vec![((0, 2), g), ((0, 5), g), ((1, 0), g)]);
+        let dts = Buckets::new(vec![((0, 5), d), ((0, 1), d), ((0, 5), d)]);
+        let sizes: Vec<(usize, usize)> =
+            images_with_boxes(&gts, &dts, 0).iter().map(|(g, d)| (g.len(), d.len())).collect();
+        assert_eq!(sizes, vec![(0, 1), (1, 0), (1, 2)]);
+        assert_eq!(images_with_boxes(&gts, &dts, 1).len(), 1);
     }
 }

@@ -13,11 +13,7 @@ pub struct AreaRange {
 
 impl AreaRange {
     pub fn new(name: &str, lo: f64, hi: f64) -> Self {
-        Self {
-            name: name.to_string(),
-            lo,
-            hi,
-        }
+        Self { name: name.to_string(), lo, hi }
     }
 
     /// True when `area` lies outside `[lo, hi]` (pycocotools' ignore test).
@@ -73,26 +69,17 @@ impl EvalParams {
             bail!("evaluation parameters: IoU and recall thresholds must not be empty");
         }
         if params.max_dets.is_empty() || params.max_dets.windows(2).any(|w| w[0] == w[1]) {
-            bail!(
-                "evaluation parameters: max_dets must be non-empty and distinct, got {:?}",
-                self.max_dets
-            );
+            bail!("evaluation parameters: max_dets must be non-empty and distinct, got {:?}", self.max_dets);
         }
         if params.area_ranges.is_empty() {
             bail!("evaluation parameters: area_ranges must not be empty");
         }
         for (i, a) in params.area_ranges.iter().enumerate() {
             if params.area_ranges[..i].iter().any(|b| b.name == a.name) {
-                bail!(
-                    "evaluation parameters: duplicate area range name {:?}",
-                    a.name
-                );
+                bail!("evaluation parameters: duplicate area range name {:?}", a.name);
             }
         }
-        let all = params
-            .iou_thresholds
-            .iter()
-            .chain(&params.recall_thresholds);
+        let all = params.iou_thresholds.iter().chain(&params.recall_thresholds);
         if all.clone().any(|v| !v.is_finite()) {
             bail!("evaluation parameters: thresholds must be finite");
         }
@@ -156,15 +143,9 @@ mod tests {
 
     #[test]
     fn validation_sorts_and_rejects_duplicates() {
-        let p = EvalParams {
-            max_dets: vec![100, 1, 10],
-            ..Default::default()
-        };
+        let p = EvalParams { max_dets: vec![100, 1, 10], ..Default::default() };
         assert_eq!(p.validated().unwrap().max_dets, vec![1, 10, 100]);
-        let p = EvalParams {
-            max_dets: vec![10, 10],
-            ..Default::default()
-        };
+        let p = EvalParams { max_dets: vec![10, 10], ..Default::default() };
         assert!(p.validated().is_err());
     }
 

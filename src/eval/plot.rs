@@ -44,17 +44,8 @@ fn register_font_once() -> Result<()> {
 
 /// `pr_<id>_<name>.png` with the name reduced to letters, digits, `-` and `_`.
 fn file_name(class: &ClassAp) -> String {
-    let slug: String = class
-        .name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let slug: String =
+        class.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     format!("pr_{}_{slug}.png", class.category_id)
 }
 
@@ -64,16 +55,10 @@ type Series = (String, Vec<(f64, f64)>);
 /// The curves of category index `k`.
 fn pr_series(result: &EvalResult, k: usize) -> Vec<Series> {
     let p = &result.params;
-    let a = p
-        .area_ranges
-        .iter()
-        .position(|r| r.name == "all")
-        .unwrap_or(0);
+    let a = p.area_ranges.iter().position(|r| r.name == "all").unwrap_or(0);
     let m = p.max_dets.len() - 1;
     let at = |t: usize| -> Vec<f64> {
-        (0..p.recall_thresholds.len())
-            .map(|r| result.precision.get([t, r, k, a, m]))
-            .collect()
+        (0..p.recall_thresholds.len()).map(|r| result.precision.get([t, r, k, a, m])).collect()
     };
     let points = |values: Vec<f64>| p.recall_thresholds.iter().copied().zip(values).collect();
     let mut series: Vec<Series> = [0.5, 0.75]
@@ -83,18 +68,10 @@ fn pr_series(result: &EvalResult, k: usize) -> Vec<Series> {
         .collect();
     let t_len = p.iou_thresholds.len();
     let mean: Vec<f64> = (0..p.recall_thresholds.len())
-        .map(|r| {
-            (0..t_len)
-                .map(|t| result.precision.get([t, r, k, a, m]))
-                .sum::<f64>()
-                / t_len as f64
-        })
+        .map(|r| (0..t_len).map(|t| result.precision.get([t, r, k, a, m])).sum::<f64>() / t_len as f64)
         .collect();
     let first_last = (p.iou_thresholds[0], p.iou_thresholds[t_len - 1]);
-    series.push((
-        format!("mean IoU {:.2}:{:.2}", first_last.0, first_last.1),
-        points(mean),
-    ));
+    series.push((format!("mean IoU {:.2}:{:.2}", first_last.0, first_last.1), points(mean)));
     series
 }
 
@@ -102,8 +79,7 @@ fn pr_series(result: &EvalResult, k: usize) -> Vec<Series> {
 fn draw_pr_plot(path: &Path, class: &ClassAp, series: &[Series]) -> Result<()> {
     let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
     draw_chart(&mut pixels, class, series)?;
-    let image = image::RgbImage::from_raw(SIZE.0, SIZE.1, pixels)
-        .context("plot buffer has the wrong size")?;
+    let image = image::RgbImage::from_raw(SIZE.0, SIZE.1, pixels).context("plot buffer has the wrong size")?;
     image.save(path)?;
     Ok(())
 }
@@ -112,10 +88,7 @@ fn draw_pr_plot(path: &Path, class: &ClassAp, series: &[Series]) -> Result<()> {
 fn draw_chart(pixels: &mut [u8], class: &ClassAp, series: &[Series]) -> Result<()> {
     let root = BitMapBackend::with_buffer(pixels, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let title = format!(
-        "{} (id {}): AP {:.3}, AP50 {:.3}",
-        class.name, class.category_id, class.ap, class.ap50
-    );
+    let title = format!("{} (id {}): AP {:.3}, AP50 {:.3}", class.name, class.category_id, class.ap, class.ap50);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FAMILY, 20))
         .margin(16)
@@ -130,11 +103,7 @@ fn draw_chart(pixels: &mut [u8], class: &ClassAp, series: &[Series]) -> Result<(
         .axis_desc_style((FAMILY, 16))
         .light_line_style(TRANSPARENT)
         .draw()?;
-    let colors = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-    ];
+    let colors = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44)];
     for ((label, points), color) in series.iter().zip(colors.iter().cycle()) {
         let style = color.stroke_width(2);
         chart

@@ -9,6 +9,8 @@ use serde::Serialize;
 
 use super::coco_eval::{ClassAp, EvalResult};
 
+/// One evaluation as written by `--json` and `eval.json`; -1 marks a
+/// number without ground truth to measure against (pycocotools' convention).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EvalReport<'a> {
     /// pycocotools order: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl.
@@ -22,12 +24,7 @@ pub struct EvalReport<'a> {
 
 impl<'a> EvalReport<'a> {
     pub fn new(result: &'a EvalResult, seconds: f64) -> Self {
-        Self {
-            stats: result.stats,
-            per_class: &result.per_class,
-            images: result.image_ids.len(),
-            seconds,
-        }
+        Self { stats: result.stats, per_class: &result.per_class, images: result.image_ids.len(), seconds }
     }
 
     /// The object as one line of JSON.

@@ -53,10 +53,7 @@ pub fn read_results(path: &Path, gt: &CocoJson) -> Result<Vec<Detection>> {
     let detections = parse_results(&bytes).with_context(|| path.display().to_string())?;
     let index = EvalIndex::new(gt);
     for (i, d) in detections.iter().enumerate() {
-        index
-            .detection_key(d)
-            .with_context(|| format!("entry {i}"))
-            .with_context(|| path.display().to_string())?;
+        index.detection_key(d).with_context(|| format!("entry {i}")).with_context(|| path.display().to_string())?;
     }
     Ok(detections)
 }
@@ -65,11 +62,9 @@ pub fn read_results(path: &Path, gt: &CocoJson) -> Result<Vec<Detection>> {
 pub fn parse_results(bytes: &[u8]) -> Result<Vec<Detection>> {
     let mut failed_entry = None;
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed = ResultsSeed {
-        failed_entry: &mut failed_entry,
-    }
-    .deserialize(&mut de)
-    .and_then(|detections| de.end().map(|()| detections));
+    let parsed = ResultsSeed { failed_entry: &mut failed_entry }
+        .deserialize(&mut de)
+        .and_then(|detections| de.end().map(|()| detections));
     parsed.map_err(|err| match failed_entry {
         Some(i) => anyhow!("entry {i}: {err}"),
         None => anyhow!("not a COCO results list: {err}"),
@@ -119,15 +114,7 @@ mod tests {
     fn parses_entries_and_ignores_extra_fields() {
         let text = br#"[{"image_id": 1, "category_id": 2, "bbox": [1, 2, 3.5, 4], "score": 0.5, "segmentation": []}]"#;
         let d = parse_results(text).unwrap();
-        assert_eq!(
-            d,
-            vec![Detection {
-                image_id: 1,
-                category_id: 2,
-                bbox: [1.0, 2.0, 3.5, 4.0],
-                score: 0.5
-            }]
-        );
+        assert_eq!(d, vec![Detection { image_id: 1, category_id: 2, bbox: [1.0, 2.0, 3.5, 4.0], score: 0.5 }]);
         assert!(parse_results(b"[]").unwrap().is_empty());
     }
 
@@ -137,9 +124,7 @@ mod tests {
                         {"image_id": 1, "category_id": 2, "bbox": [1, 2, 3, 4]}]"#;
         let err = parse_results(text).unwrap_err().to_string();
         assert!(err.starts_with("entry 1: missing field `score`"), "{err}");
-        let err = parse_results(br#"{"image_id": 1}"#)
-            .unwrap_err()
-            .to_string();
+        let err = parse_results(br#"{"image_id": 1}"#).unwrap_err().to_string();
         assert!(err.starts_with("not a COCO results list"), "{err}");
     }
 }

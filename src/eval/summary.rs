@@ -22,12 +22,7 @@ pub struct StatSpec {
 /// literally; the others `max_dets[0..3]`.
 pub fn stat_specs(params: &EvalParams) -> [StatSpec; 12] {
     let md = |i: usize| params.max_dets.get(i).copied();
-    let spec = |ap, iou, area, max_dets| StatSpec {
-        ap,
-        iou,
-        area,
-        max_dets,
-    };
+    let spec = |ap, iou, area, max_dets| StatSpec { ap, iou, area, max_dets };
     [
         spec(true, None, "all", Some(100)),
         spec(true, Some(0.5), "all", md(2)),
@@ -55,15 +50,12 @@ pub fn mean_of(
     category: Option<usize>,
 ) -> f64 {
     let a = params.area_ranges.iter().position(|r| r.name == spec.area);
-    let m = spec
-        .max_dets
-        .and_then(|md| params.max_dets.iter().position(|&v| v == md));
+    let m = spec.max_dets.and_then(|md| params.max_dets.iter().position(|&v| v == md));
     let (Some(a), Some(m)) = (a, m) else {
         return -1.0;
     };
-    let thresholds: Vec<usize> = (0..params.iou_thresholds.len())
-        .filter(|&t| spec.iou.is_none_or(|x| params.iou_thresholds[t] == x))
-        .collect();
+    let thresholds: Vec<usize> =
+        (0..params.iou_thresholds.len()).filter(|&t| spec.iou.is_none_or(|x| params.iou_thresholds[t] == x)).collect();
     let categories = match category {
         Some(k) => k..k + 1,
         None => 0..precision.shape[2],
@@ -94,11 +86,7 @@ pub fn stats(precision: &Grid<5>, recall: &Grid<4>, params: &EvalParams) -> [f64
 /// pycocotools' printed line for one stat, e.g.
 /// ` Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.123`.
 pub fn stat_line(spec: &StatSpec, params: &EvalParams, value: f64) -> String {
-    let (title, kind) = if spec.ap {
-        ("Average Precision", "(AP)")
-    } else {
-        ("Average Recall", "(AR)")
-    };
+    let (title, kind) = if spec.ap { ("Average Precision", "(AP)") } else { ("Average Recall", "(AR)") };
     let iou = match spec.iou {
         Some(x) => format!("{x:.2}"),
         None => {
@@ -106,13 +94,8 @@ pub fn stat_line(spec: &StatSpec, params: &EvalParams, value: f64) -> String {
             format!("{:.2}:{:.2}", t[0], t[t.len() - 1])
         }
     };
-    let max_dets = spec
-        .max_dets
-        .map_or_else(|| "-".to_string(), |m| m.to_string());
-    format!(
-        " {title:<18} {kind} @[ IoU={iou:<9} | area={:>6} | maxDets={max_dets:>3} ] = {value:.3}",
-        spec.area
-    )
+    let max_dets = spec.max_dets.map_or_else(|| "-".to_string(), |m| m.to_string());
+    format!(" {title:<18} {kind} @[ IoU={iou:<9} | area={:>6} | maxDets={max_dets:>3} ] = {value:.3}", spec.area)
 }
 
 /// numpy's pairwise summation for float64 (`pairwise_sum_DOUBLE`): plain

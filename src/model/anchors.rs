@@ -54,19 +54,11 @@ impl AnchorGenerator {
             .sizes
             .iter()
             .map(|&size| match cfg.convention {
-                AnchorConvention::Torchvision => {
-                    torchvision_cell_anchors(size, &cfg.scales, &cfg.ratios)
-                }
-                AnchorConvention::Detectron2 => {
-                    detectron2_cell_anchors(size, &cfg.scales, &cfg.ratios)
-                }
+                AnchorConvention::Torchvision => torchvision_cell_anchors(size, &cfg.scales, &cfg.ratios),
+                AnchorConvention::Detectron2 => detectron2_cell_anchors(size, &cfg.scales, &cfg.ratios),
             })
             .collect();
-        Self {
-            convention: cfg.convention,
-            cell_anchors,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self { convention: cfg.convention, cell_anchors, cache: Mutex::new(HashMap::new()) }
     }
 
     /// Anchors per location (A).
@@ -81,20 +73,10 @@ impl AnchorGenerator {
 
     /// Anchors for a padded batch of `image_size` (height, width) whose
     /// feature maps have `grid_sizes`; computed once per distinct size.
-    pub fn anchors(
-        &self,
-        image_size: (usize, usize),
-        grid_sizes: &[(usize, usize)],
-    ) -> Arc<Anchors> {
+    pub fn anchors(&self, image_size: (usize, usize), grid_sizes: &[(usize, usize)]) -> Arc<Anchors> {
         let key = (image_size, grid_sizes.to_vec());
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache
-            .entry(key)
-            .or_insert_with(|| Arc::new(self.generate(image_size, grid_sizes)))
-            .clone()
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache.entry(key).or_insert_with(|| Arc::new(self.generate(image_size, grid_sizes))).clone()
     }
 
     fn generate(&self, (height, width): (usize, usize), grid_sizes: &[(usize, usize)]) -> Anchors {
@@ -110,22 +92,13 @@ impl AnchorGenerator {
             for y in 0..gh {
                 for x in 0..gw {
                     let (sx, sy) = ((x * stride.1) as f32, (y * stride.0) as f32);
-                    boxes.extend(
-                        cells
-                            .iter()
-                            .map(|c| [c[0] + sx, c[1] + sy, c[2] + sx, c[3] + sy]),
-                    );
+                    boxes.extend(cells.iter().map(|c| [c[0] + sx, c[1] + sy, c[2] + sx, c[3] + sy]));
                 }
             }
             level_sizes.push(gh * gw * cells.len());
             strides.push(stride);
         }
-        Anchors {
-            boxes,
-            level_sizes,
-            grid_sizes: grid_sizes.to_vec(),
-            strides,
-        }
+        Anchors { boxes, level_sizes, grid_sizes: grid_sizes.to_vec(), strides }
     }
 }
 
@@ -166,10 +139,7 @@ mod tests {
     use super::*;
 
     fn generator(convention: AnchorConvention) -> AnchorGenerator {
-        AnchorGenerator::new(&AnchorConfig {
-            convention,
-            ..AnchorConfig::default()
-        })
+        AnchorGenerator::new(&AnchorConfig { convention, ..AnchorConfig::default() })
     }
 
     /// torchvision's `AnchorGenerator(((32, 40, 50),), ((0.5, 1.0, 2.0),))`.
@@ -214,10 +184,7 @@ mod tests {
         let g = generator(AnchorConvention::Torchvision);
         let grids = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)];
         let a = g.anchors((800, 1344), &grids);
-        assert_eq!(
-            a.strides,
-            vec![(8, 8), (16, 16), (32, 32), (61, 64), (114, 122)]
-        );
+        assert_eq!(a.strides, vec![(8, 8), (16, 16), (32, 32), (61, 64), (114, 122)]);
         assert_eq!(a.boxes.len(), 201_600);
         assert_eq!(a.level_sizes.iter().sum::<usize>(), 201_600);
         // Second location of P3 shifts x by 8; the first of its second row y by 8.
@@ -225,10 +192,7 @@ mod tests {
         assert_eq!(a.boxes[168 * 9], [-23.0, -3.0, 23.0, 19.0]);
         // Last P7 anchor: location (6, 10), ratio 2 at size 812.
         let last = a.boxes[a.boxes.len() - 1];
-        assert_eq!(
-            last,
-            [1220.0 - 287.0, 684.0 - 574.0, 1220.0 + 287.0, 684.0 + 574.0]
-        );
+        assert_eq!(last, [1220.0 - 287.0, 684.0 - 574.0, 1220.0 + 287.0, 684.0 + 574.0]);
         // Column sums of torchvision's AnchorGenerator output for this size.
         let mut sums = [0f64; 4];
         for b in &a.boxes {

@@ -32,10 +32,7 @@ fn centre_size(boxes: &Tensor) -> Result<[Tensor; 4]> {
 
 impl BoxCoder {
     pub fn new(cfg: &BoxCoderConfig) -> Self {
-        Self {
-            weights: cfg.weights.map(|w| w as f32),
-            clip: bbox_xform_clip(),
-        }
+        Self { weights: cfg.weights.map(|w| w as f32), clip: bbox_xform_clip() }
     }
 
     /// Regression targets of `boxes` [n, 4] against `anchors` [n, 4] -> [n, 4]
@@ -63,15 +60,7 @@ impl BoxCoder {
         let cy = ((col(1)? * &ah)? + ay)?;
         let half_w = ((col(2)?.minimum(clip)?.exp()? * aw)? * 0.5)?;
         let half_h = ((col(3)?.minimum(clip)?.exp()? * ah)? * 0.5)?;
-        Tensor::stack(
-            &[
-                (&cx - &half_w)?,
-                (&cy - &half_h)?,
-                (cx + half_w)?,
-                (cy + half_h)?,
-            ],
-            1,
-        )
+        Tensor::stack(&[(&cx - &half_w)?, (&cy - &half_h)?, (cx + half_w)?, (cy + half_h)?], 1)
     }
 
     /// One box from one delta, in f32 with torchvision's operation order.
@@ -103,22 +92,8 @@ mod tests {
     #[test]
     fn encode_decode_round_trip() -> Result<()> {
         let dev = Device::Cpu;
-        let anchors = Tensor::new(
-            &[
-                [0f32, 0., 32., 16.],
-                [10., 20., 74., 148.],
-                [-5., -5., 5., 5.],
-            ],
-            &dev,
-        )?;
-        let boxes = Tensor::new(
-            &[
-                [2f32, 1., 30., 20.],
-                [0., 0., 100., 100.],
-                [-4., -6., 7., 3.],
-            ],
-            &dev,
-        )?;
+        let anchors = Tensor::new(&[[0f32, 0., 32., 16.], [10., 20., 74., 148.], [-5., -5., 5., 5.]], &dev)?;
+        let boxes = Tensor::new(&[[2f32, 1., 30., 20.], [0., 0., 100., 100.], [-4., -6., 7., 3.]], &dev)?;
         for weights in [[1.0; 4], [10.0, 10.0, 5.0, 5.0]] {
             let c = coder(weights);
             let deltas = c.encode(&boxes, &anchors)?;
@@ -128,14 +103,7 @@ mod tests {
                 assert!((b - e).abs() < 1e-4, "{back:?} vs {expected:?}");
             }
             for (i, row) in deltas.to_vec2::<f32>()?.iter().enumerate() {
-                let one = c.decode_one(
-                    row,
-                    &anchors
-                        .get(i)?
-                        .to_vec1::<f32>()?
-                        .try_into()
-                        .expect("4 values"),
-                );
+                let one = c.decode_one(row, &anchors.get(i)?.to_vec1::<f32>()?.try_into().expect("4 values"));
                 for (b, e) in one.iter().zip(&expected[i]) {
                     assert!((b - e).abs() < 1e-4);
                 }

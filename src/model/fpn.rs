@@ -31,13 +31,10 @@ fn upsample_nearest(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
     }
     let index = |out: usize, input: usize| -> Result<Tensor> {
         let scale = input as f32 / out as f32;
-        let idx: Vec<u32> = (0..out)
-            .map(|i| ((i as f32 * scale) as usize).min(input - 1) as u32)
-            .collect();
+        let idx: Vec<u32> = (0..out).map(|i| ((i as f32 * scale) as usize).min(input - 1) as u32).collect();
         Tensor::from_vec(idx, out, x.device())
     };
-    x.index_select(&index(h, in_h)?, 2)?
-        .index_select(&index(w, in_w)?, 3)
+    x.index_select(&index(h, in_h)?, 2)?.index_select(&index(w, in_w)?, 3)
 }
 
 #[derive(Debug, Clone)]
@@ -66,13 +63,7 @@ impl Fpn {
         let extra = vb.pp("extra_blocks");
         let p6 = conv(p6_in, c, 3, 2, extra.pp("p6"))?;
         let p7 = conv(c, c, 3, 2, extra.pp("p7"))?;
-        Ok(Self {
-            inner,
-            layer,
-            p6,
-            p7,
-            p6_from: cfg.p6_from,
-        })
+        Ok(Self { inner, layer, p6, p7, p6_from: cfg.p6_from })
     }
 
     /// C3-C5 -> P3-P7, each [n, channels, h/stride, w/stride] (strides 8-128).
@@ -104,17 +95,10 @@ mod tests {
     fn nearest_matches_torch_for_odd_sizes() -> Result<()> {
         // F.interpolate(arange(3).view(1,1,1,3), size=(1,5)) = [0, 0, 1, 1, 2].
         let x = Tensor::arange(0f32, 3., &Device::Cpu)?.reshape((1, 1, 1, 3))?;
-        let y = upsample_nearest(&x, (1, 5))?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let y = upsample_nearest(&x, (1, 5))?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(y, [0.0, 0.0, 1.0, 1.0, 2.0]);
-        let y = upsample_nearest(&x, (2, 6))?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        assert_eq!(
-            y,
-            [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
-        );
+        let y = upsample_nearest(&x, (2, 6))?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(y, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
         Ok(())
     }
 
@@ -122,31 +106,15 @@ mod tests {
     fn level_shapes_and_names() -> Result<()> {
         for p6_from in [P6Source::P5, P6Source::C5] {
             let vm = VarMap::new();
-            let cfg = FpnConfig {
-                channels: 8,
-                p6_from,
-            };
-            let fpn = Fpn::new(
-                &cfg,
-                [4, 6, 10],
-                VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-            )?;
+            let cfg = FpnConfig { channels: 8, p6_from };
+            let fpn = Fpn::new(&cfg, [4, 6, 10], VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
             let dev = Device::Cpu;
-            let c = [(4, 13, 17), (6, 7, 9), (10, 4, 5)]
-                .map(|(ch, h, w)| Tensor::ones((2, ch, h, w), DType::F32, &dev));
+            let c =
+                [(4, 13, 17), (6, 7, 9), (10, 4, 5)].map(|(ch, h, w)| Tensor::ones((2, ch, h, w), DType::F32, &dev));
             let [c3, c4, c5] = c;
             let p = fpn.forward(&[c3?, c4?, c5?])?;
             let dims: Vec<_> = p.iter().map(|t| t.dims().to_vec()).collect();
-            assert_eq!(
-                dims,
-                [
-                    [2, 8, 13, 17],
-                    [2, 8, 7, 9],
-                    [2, 8, 4, 5],
-                    [2, 8, 2, 3],
-                    [2, 8, 1, 2]
-                ]
-            );
+            assert_eq!(dims, [[2, 8, 13, 17], [2, 8, 7, 9], [2, 8, 4, 5], [2, 8, 2, 3], [2, 8, 1, 2]]);
             let data = vm.data().lock().expect("varmap lock");
             let p6_in = if p6_from == P6Source::P5 { 8 } else { 10 };
             assert_eq!(data["extra_blocks.p6.weight"].dims(), [8, p6_in, 3, 3]);

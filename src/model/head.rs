@@ -10,10 +10,7 @@ use crate::config::{HeadConfig, HeadNorm};
 use crate::ops::conv::Conv2d;
 
 /// Weight init of every head conv: normal(std = 0.01).
-const HEAD_INIT: Init = Init::Randn {
-    mean: 0.0,
-    stdev: 0.01,
-};
+const HEAD_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.01 };
 /// torchvision v2's `partial(nn.GroupNorm, 32)`.
 const HEAD_GN_GROUPS: usize = 32;
 /// PyTorch's GroupNorm epsilon.
@@ -21,9 +18,7 @@ const HEAD_GN_EPS: f64 = 1e-5;
 
 fn conv3x3(c_in: usize, c_out: usize, bias: Option<Init>, vb: &VarBuilder) -> Result<Conv2d> {
     let weight = vb.get_with_hints((c_out, c_in, 3, 3), "weight", HEAD_INIT)?;
-    let bias = bias
-        .map(|init| vb.get_with_hints(c_out, "bias", init))
-        .transpose()?;
+    let bias = bias.map(|init| vb.get_with_hints(c_out, "bias", init)).transpose()?;
     Ok(Conv2d::new(weight, bias, 1, 1))
 }
 
@@ -39,18 +34,10 @@ impl Tower {
             .map(|i| {
                 let vb = vb.pp(i);
                 match cfg.norm {
-                    HeadNorm::None => Ok((
-                        conv3x3(channels, channels, Some(Init::Const(0.0)), &vb.pp("0"))?,
-                        None,
-                    )),
+                    HeadNorm::None => Ok((conv3x3(channels, channels, Some(Init::Const(0.0)), &vb.pp("0"))?, None)),
                     HeadNorm::Gn => {
                         let conv = conv3x3(channels, channels, None, &vb.pp("0"))?;
-                        let gn = candle_nn::group_norm(
-                            HEAD_GN_GROUPS,
-                            channels,
-                            HEAD_GN_EPS,
-                            vb.pp("1"),
-                        )?;
+                        let gn = candle_nn::group_norm(HEAD_GN_GROUPS, channels, HEAD_GN_EPS, vb.pp("1"))?;
                         Ok((conv, Some(gn)))
                     }
                 }
@@ -93,17 +80,8 @@ impl HeadBranch {
         vb: VarBuilder,
     ) -> Result<Self> {
         let tower = Tower::new(cfg, channels, vb.pp("conv"))?;
-        let out = conv3x3(
-            channels,
-            num_anchors * outputs_per_anchor,
-            Some(Init::Const(out_bias)),
-            &vb.pp(out_name),
-        )?;
-        Ok(Self {
-            tower,
-            out,
-            outputs_per_anchor,
-        })
+        let out = conv3x3(channels, num_anchors * outputs_per_anchor, Some(Init::Const(out_bias)), &vb.pp(out_name))?;
+        Ok(Self { tower, out, outputs_per_anchor })
     }
 
     /// Per level [n, c, h, w] -> [n, h*w*A, outputs_per_anchor], levels
@@ -115,9 +93,7 @@ impl HeadBranch {
                 let y = self.out.forward(&self.tower.forward(f)?)?;
                 let (n, _, h, w) = y.dims4()?;
                 let k = self.outputs_per_anchor;
-                y.reshape((n, (), k, h, w))?
-                    .permute((0, 3, 4, 1, 2))?
-                    .reshape((n, (), k))
+                y.reshape((n, (), k, h, w))?.permute((0, 3, 4, 1, 2))?.reshape((n, (), k))
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&per_level, 1)
@@ -142,36 +118,15 @@ impl RetinaNetHead {
     ) -> Result<Self> {
         let prior_bias = -((1.0 - cfg.prior_prob) / cfg.prior_prob).ln();
         let cls_vb = vb.pp("classification_head");
-        let classification = HeadBranch::new(
-            cfg,
-            channels,
-            num_anchors,
-            num_classes,
-            "cls_logits",
-            prior_bias,
-            cls_vb,
-        )?;
-        let regression = HeadBranch::new(
-            cfg,
-            channels,
-            num_anchors,
-            4,
-            "bbox_reg",
-            0.0,
-            vb.pp("regression_head"),
-        )?;
-        Ok(Self {
-            classification,
-            regression,
-        })
+        let classification =
+            HeadBranch::new(cfg, channels, num_anchors, num_classes, "cls_logits", prior_bias, cls_vb)?;
+        let regression = HeadBranch::new(cfg, channels, num_anchors, 4, "bbox_reg", 0.0, vb.pp("regression_head"))?;
+        Ok(Self { classification, regression })
     }
 
     /// P3-P7 -> (cls_logits [n, sum h*w*A, K], bbox_regression [n, sum h*w*A, 4]).
     pub fn forward(&self, features: &[Tensor]) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.classification.forward(features)?,
-            self.regression.forward(features)?,
-        ))
+        Ok((self.classification.forward(features)?, self.regression.forward(features)?))
     }
 }
 
@@ -182,18 +137,8 @@ mod tests {
     use candle_nn::VarMap;
 
     fn head(norm: HeadNorm, vm: &VarMap) -> Result<RetinaNetHead> {
-        let cfg = HeadConfig {
-            num_convs: 2,
-            norm,
-            prior_prob: 0.01,
-        };
-        RetinaNetHead::new(
-            &cfg,
-            32,
-            9,
-            3,
-            VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu),
-        )
+        let cfg = HeadConfig { num_convs: 2, norm, prior_prob: 0.01 };
+        RetinaNetHead::new(&cfg, 32, 9, 3, VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu))
     }
 
     #[test]
@@ -201,15 +146,10 @@ mod tests {
         let vm = VarMap::new();
         head(HeadNorm::None, &vm)?;
         let data = vm.data().lock().expect("varmap lock");
-        let bias = data["classification_head.cls_logits.bias"]
-            .as_tensor()
-            .to_vec1::<f32>()?;
+        let bias = data["classification_head.cls_logits.bias"].as_tensor().to_vec1::<f32>()?;
         assert_eq!(bias.len(), 27);
         assert!(bias.iter().all(|b| (b + 4.59512).abs() < 1e-4));
-        assert_eq!(
-            data["regression_head.bbox_reg.weight"].dims(),
-            [36, 32, 3, 3]
-        );
+        assert_eq!(data["regression_head.bbox_reg.weight"].dims(), [36, 32, 3, 3]);
         assert!(data.contains_key("regression_head.conv.1.0.bias"));
         drop(data);
         let vm = VarMap::new();
@@ -226,17 +166,11 @@ mod tests {
         let vm = VarMap::new();
         let h = head(HeadNorm::None, &vm)?;
         let dev = Device::Cpu;
-        let levels = [
-            Tensor::rand(0f32, 1., (2, 32, 3, 4), &dev)?,
-            Tensor::rand(0f32, 1., (2, 32, 2, 2), &dev)?,
-        ];
+        let levels = [Tensor::rand(0f32, 1., (2, 32, 3, 4), &dev)?, Tensor::rand(0f32, 1., (2, 32, 2, 2), &dev)?];
         let (cls, reg) = h.forward(&levels)?;
         assert_eq!(cls.dims(), [2, (12 + 4) * 9, 3]);
         assert_eq!(reg.dims(), [2, (12 + 4) * 9, 4]);
-        let raw = h
-            .regression
-            .out
-            .forward(&h.regression.tower.forward(&levels[1])?)?; // [2, 36, 2, 2]
+        let raw = h.regression.out.forward(&h.regression.tower.forward(&levels[1])?)?; // [2, 36, 2, 2]
         let (y, x, a) = (1, 0, 5);
         let row = 12 * 9 + (y * 2 + x) * 9 + a;
         let expected = raw.i((1, a * 4..a * 4 + 4, y, x))?.to_vec1::<f32>()?;

@@ -75,17 +75,9 @@ impl PostProcessor {
             );
         }
         if image_sizes.len() != n {
-            candle_core::bail!(
-                "postprocess: {} image sizes for a batch of {n}",
-                image_sizes.len()
-            );
+            candle_core::bail!("postprocess: {} image sizes for a batch of {n}", image_sizes.len());
         }
-        let to_cpu = |t: &Tensor| {
-            t.to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-        };
+        let to_cpu = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>();
         let logits = to_cpu(cls_logits)?;
         let deltas = to_cpu(bbox_regression)?;
         Ok((0..n)
@@ -98,24 +90,13 @@ impl PostProcessor {
     }
 
     /// One image: logits [num_anchors * K], deltas [num_anchors * 4].
-    fn image(
-        &self,
-        logits: &[f32],
-        deltas: &[f32],
-        k: usize,
-        anchors: &Anchors,
-        size: (usize, usize),
-    ) -> Detections {
+    fn image(&self, logits: &[f32], deltas: &[f32], k: usize, anchors: &Anchors, size: (usize, usize)) -> Detections {
         let mut all = Detections::default();
         let mut first_anchor = 0;
         for &level_len in &anchors.level_sizes {
-            for (score, idx) in
-                self.level_candidates(&logits[first_anchor * k..(first_anchor + level_len) * k])
-            {
+            for (score, idx) in self.level_candidates(&logits[first_anchor * k..(first_anchor + level_len) * k]) {
                 let anchor = first_anchor + idx / k;
-                let b = self
-                    .box_coder
-                    .decode_one(&deltas[anchor * 4..anchor * 4 + 4], &anchors.boxes[anchor]);
+                let b = self.box_coder.decode_one(&deltas[anchor * 4..anchor * 4 + 4], &anchors.boxes[anchor]);
                 all.boxes.push(clip_to_image(&b, size));
                 all.scores.push(score);
                 all.labels.push(idx % k);
@@ -133,12 +114,8 @@ impl PostProcessor {
 
     /// Scores above the threshold, the best `topk_candidates` of them, best first.
     fn level_candidates(&self, logits: &[f32]) -> Vec<Candidate> {
-        let mut c: Vec<Candidate> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (sigmoid(l), i))
-            .filter(|&(s, _)| s > self.score_thresh)
-            .collect();
+        let mut c: Vec<Candidate> =
+            logits.iter().enumerate().map(|(i, &l)| (sigmoid(l), i)).filter(|&(s, _)| s > self.score_thresh).collect();
         if c.len() > self.topk_candidates {
             if self.topk_candidates > 0 {
                 c.select_nth_unstable_by(self.topk_candidates - 1, best_first);
@@ -156,23 +133,14 @@ mod tests {
     use crate::config::BoxCoderConfig;
 
     fn processor(score_thresh: f64, topk_candidates: usize) -> PostProcessor {
-        let cfg = PostprocessConfig {
-            score_thresh,
-            topk_candidates,
-            nms_thresh: 0.5,
-            detections_per_img: 3,
-        };
+        let cfg = PostprocessConfig { score_thresh, topk_candidates, nms_thresh: 0.5, detections_per_img: 3 };
         PostProcessor::new(&cfg, BoxCoder::new(&BoxCoderConfig::default()))
     }
 
     /// Two levels: 2 anchors then 1 anchor; K = 2.
     fn anchors() -> Anchors {
         Anchors {
-            boxes: vec![
-                [0.0, 0.0, 10.0, 10.0],
-                [1.0, 0.0, 11.0, 10.0],
-                [50.0, 50.0, 90.0, 90.0],
-            ],
+            boxes: vec![[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [50.0, 50.0, 90.0, 90.0]],
             level_sizes: vec![2, 1],
             grid_sizes: vec![(1, 2), (1, 1)],
             strides: vec![(8, 8), (16, 16)],
@@ -192,14 +160,7 @@ mod tests {
         // class 0 of anchor 1 survives; the P4 box is clipped to 85 x 80.
         let d = &run(&processor(0.5, 1000), &[-5.0, 2.0, 0.5, 1.0, 0.1, -3.0])?[0];
         assert_eq!(d.labels, vec![1, 0, 0]);
-        assert_eq!(
-            d.boxes,
-            vec![
-                [0.0, 0.0, 10.0, 10.0],
-                [1.0, 0.0, 11.0, 10.0],
-                [50.0, 50.0, 85.0, 80.0]
-            ]
-        );
+        assert_eq!(d.boxes, vec![[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [50.0, 50.0, 85.0, 80.0]]);
         assert!((d.scores[0] - sigmoid(2.0)).abs() < 1e-7);
         Ok(())
     }
@@ -215,25 +176,15 @@ mod tests {
 
     #[test]
     fn empty_inputs() -> Result<()> {
-        assert_eq!(
-            run(&processor(0.99, 1000), &[0.0; 6])?,
-            vec![Detections::default()]
-        );
+        assert_eq!(run(&processor(0.99, 1000), &[0.0; 6])?, vec![Detections::default()]);
         let dev = Device::Cpu;
-        let empty = Anchors {
-            boxes: vec![],
-            level_sizes: vec![0],
-            grid_sizes: vec![(0, 0)],
-            strides: vec![(8, 8)],
-        };
+        let empty = Anchors { boxes: vec![], level_sizes: vec![0], grid_sizes: vec![(0, 0)], strides: vec![(8, 8)] };
         let cls = Tensor::zeros((0, 0, 2), DType::F32, &dev)?;
         let reg = Tensor::zeros((0, 0, 4), DType::F32, &dev)?;
         assert!(processor(0.05, 10).run(&cls, &reg, &empty, &[])?.is_empty());
         let two_anchors = Tensor::zeros((1, 2, 2), DType::F32, &dev)?;
         let reg = Tensor::zeros((1, 2, 4), DType::F32, &dev)?;
-        assert!(processor(0.05, 10)
-            .run(&two_anchors, &reg, &anchors(), &[(8, 8)])
-            .is_err());
+        assert!(processor(0.05, 10).run(&two_anchors, &reg, &anchors(), &[(8, 8)]).is_err());
         Ok(())
     }
 }

@@ -50,8 +50,7 @@ pub fn is_trainable(cfg: &BackboneConfig, key: &str) -> bool {
         Some(rest) => rest[..1].parse().unwrap_or(0),
         None => 0,
     };
-    let is_norm_param =
-        key.contains(".bn") || key.starts_with("bn") || key.contains("downsample.1.");
+    let is_norm_param = key.contains(".bn") || key.starts_with("bn") || key.contains("downsample.1.");
     let is_stat = key.ends_with("running_mean") || key.ends_with("running_var");
     let frozen_norm = is_norm_param && cfg.norm == BackboneNorm::FrozenBn;
     !(stage_frozen(cfg, stage) || is_stat || frozen_norm)
@@ -92,29 +91,16 @@ impl ConvNorm {
         conv_vb: VarBuilder,
         norm_vb: VarBuilder,
     ) -> Result<Self> {
-        let weight = conv_vb.get_with_hints(
-            (spec.c_out, spec.c_in, spec.kernel, spec.kernel),
-            "weight",
-            CONV_INIT,
-        )?;
+        let weight = conv_vb.get_with_hints((spec.c_out, spec.c_in, spec.kernel, spec.kernel), "weight", CONV_INIT)?;
         let c = spec.c_out;
         if frozen || cfg.norm == BackboneNorm::FrozenBn {
             return fold_frozen_bn(weight, frozen, spec, cfg.norm_eps, norm_vb);
         }
         let conv = Conv2d::new(weight, None, spec.padding, spec.stride);
         let norm = match cfg.norm {
-            BackboneNorm::Gn => Norm::Gn(candle_nn::group_norm(
-                cfg.gn_groups,
-                c,
-                cfg.norm_eps,
-                norm_vb,
-            )?),
+            BackboneNorm::Gn => Norm::Gn(candle_nn::group_norm(cfg.gn_groups, c, cfg.norm_eps, norm_vb)?),
             _ => {
-                let bn_cfg = BatchNormConfig {
-                    eps: cfg.norm_eps,
-                    momentum: BN_MOMENTUM,
-                    ..Default::default()
-                };
+                let bn_cfg = BatchNormConfig { eps: cfg.norm_eps, momentum: BN_MOMENTUM, ..Default::default() };
                 Norm::Bn(candle_nn::batch_norm(c, bn_cfg, norm_vb)?)
             }
         };
@@ -136,30 +122,17 @@ impl ConvNorm {
 /// `w * gamma / sqrt(var + eps)` and bias `beta - mean * gamma / sqrt(var + eps)`.
 /// Norm tensors are read as plain values (never trained); the weight stays
 /// trainable unless the whole stage is frozen.
-fn fold_frozen_bn(
-    weight: Tensor,
-    frozen: bool,
-    spec: ConvSpec,
-    eps: f64,
-    vb: VarBuilder,
-) -> Result<ConvNorm> {
+fn fold_frozen_bn(weight: Tensor, frozen: bool, spec: ConvSpec, eps: f64, vb: VarBuilder) -> Result<ConvNorm> {
     let c = spec.c_out;
     let gamma = vb.get_with_hints(c, "weight", Init::Const(1.0))?.detach();
     let beta = vb.get_with_hints(c, "bias", Init::Const(0.0))?.detach();
-    let mean = vb
-        .get_with_hints(c, "running_mean", Init::Const(0.0))?
-        .detach();
-    let var = vb
-        .get_with_hints(c, "running_var", Init::Const(1.0))?
-        .detach();
+    let mean = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?.detach();
+    let var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?.detach();
     let scale = (gamma / (var + eps)?.sqrt()?)?;
     let bias = (beta - (mean * &scale)?)?;
     let weight = if frozen { weight.detach() } else { weight };
     let weight = weight.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
-    Ok(ConvNorm {
-        conv: Conv2d::new(weight, Some(bias), spec.padding, spec.stride),
-        norm: Norm::Folded,
-    })
+    Ok(ConvNorm { conv: Conv2d::new(weight, Some(bias), spec.padding, spec.stride), norm: Norm::Folded })
 }
 
 /// BasicBlock (expansion 1) or Bottleneck (expansion 4).
@@ -179,50 +152,23 @@ impl Block {
         frozen: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let spec = |c_in, c_out, kernel, stride| ConvSpec {
-            c_in,
-            c_out,
-            kernel,
-            stride,
-            padding: kernel / 2,
-        };
+        let spec = |c_in, c_out, kernel, stride| ConvSpec { c_in, c_out, kernel, stride, padding: kernel / 2 };
         let (specs, c_out) = if bottleneck {
             (
-                vec![
-                    spec(c_in, planes, 1, 1),
-                    spec(planes, planes, 3, stride),
-                    spec(planes, planes * 4, 1, 1),
-                ],
+                vec![spec(c_in, planes, 1, 1), spec(planes, planes, 3, stride), spec(planes, planes * 4, 1, 1)],
                 planes * 4,
             )
         } else {
-            (
-                vec![spec(c_in, planes, 3, stride), spec(planes, planes, 3, 1)],
-                planes,
-            )
+            (vec![spec(c_in, planes, 3, stride), spec(planes, planes, 3, 1)], planes)
         };
         let convs = specs
             .into_iter()
             .enumerate()
-            .map(|(i, s)| {
-                ConvNorm::new(
-                    s,
-                    cfg,
-                    frozen,
-                    vb.pp(format!("conv{}", i + 1)),
-                    vb.pp(format!("bn{}", i + 1)),
-                )
-            })
+            .map(|(i, s)| ConvNorm::new(s, cfg, frozen, vb.pp(format!("conv{}", i + 1)), vb.pp(format!("bn{}", i + 1))))
             .collect::<Result<Vec<_>>>()?;
         let downsample = if stride != 1 || c_in != c_out {
             let ds = vb.pp("downsample");
-            Some(ConvNorm::new(
-                spec(c_in, c_out, 1, stride),
-                cfg,
-                frozen,
-                ds.pp("0"),
-                ds.pp("1"),
-            )?)
+            Some(ConvNorm::new(spec(c_in, c_out, 1, stride), cfg, frozen, ds.pp("0"), ds.pp("1"))?)
         } else {
             None
         };
@@ -259,20 +205,8 @@ impl ResNet {
     pub fn new(cfg: &BackboneConfig, vb: VarBuilder) -> Result<Self> {
         let (blocks, bottleneck) = layout(cfg.depth)?;
         let width = cfg.width;
-        let stem_spec = ConvSpec {
-            c_in: 3,
-            c_out: width,
-            kernel: 7,
-            stride: 2,
-            padding: 3,
-        };
-        let stem = ConvNorm::new(
-            stem_spec,
-            cfg,
-            stage_frozen(cfg, 0),
-            vb.pp("conv1"),
-            vb.pp("bn1"),
-        )?;
+        let stem_spec = ConvSpec { c_in: 3, c_out: width, kernel: 7, stride: 2, padding: 3 };
+        let stem = ConvNorm::new(stem_spec, cfg, stage_frozen(cfg, 0), vb.pp("conv1"), vb.pp("bn1"))?;
         let expansion = if bottleneck { 4 } else { 1 };
         let mut c_in = width;
         let mut layers: [Vec<Block>; 4] = Default::default();
@@ -282,25 +216,12 @@ impl ResNet {
             let lvb = vb.pp(format!("layer{}", i + 1));
             for b in 0..blocks[i] {
                 let stride = if i > 0 && b == 0 { 2 } else { 1 };
-                layer.push(Block::new(
-                    c_in,
-                    planes,
-                    stride,
-                    bottleneck,
-                    cfg,
-                    frozen,
-                    lvb.pp(b),
-                )?);
+                layer.push(Block::new(c_in, planes, stride, bottleneck, cfg, frozen, lvb.pp(b))?);
                 c_in = planes * expansion;
             }
         }
         let out_channels = [2, 4, 8].map(|m| width * m * expansion);
-        Ok(Self {
-            stem,
-            stem_trains: !stage_frozen(cfg, 0),
-            layers,
-            out_channels,
-        })
+        Ok(Self { stem, stem_trains: !stage_frozen(cfg, 0), layers, out_channels })
     }
 
     /// Channels of C3, C4, C5.
@@ -312,16 +233,8 @@ impl ResNet {
     /// (w = width, e = block expansion).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<[Tensor; 3]> {
         let x = self.stem.forward_t(x, train)?.relu()?;
-        let x = if self.stem_trains && train {
-            max_pool_3x3_s2_p1(&x)?
-        } else {
-            max_pool_3x3_s2_p1_inference(&x)?
-        };
-        let stage = |x: &Tensor, blocks: &[Block]| {
-            blocks
-                .iter()
-                .try_fold(x.clone(), |x, b| b.forward_t(&x, train))
-        };
+        let x = if self.stem_trains && train { max_pool_3x3_s2_p1(&x)? } else { max_pool_3x3_s2_p1_inference(&x)? };
+        let stage = |x: &Tensor, blocks: &[Block]| blocks.iter().try_fold(x.clone(), |x, b| b.forward_t(&x, train));
         let c2 = stage(&x, &self.layers[0])?;
         let c3 = stage(&c2, &self.layers[1])?;
         let c4 = stage(&c3, &self.layers[2])?;
@@ -337,34 +250,19 @@ mod tests {
     use candle_nn::VarMap;
 
     fn cfg(depth: usize, norm: BackboneNorm, freeze_at: usize) -> BackboneConfig {
-        BackboneConfig {
-            depth,
-            width: 16,
-            norm,
-            freeze_at,
-            ..BackboneConfig::default()
-        }
+        BackboneConfig { depth, width: 16, norm, freeze_at, ..BackboneConfig::default() }
     }
 
     #[test]
     fn torchvision_names_and_shapes() -> Result<()> {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        ResNet::new(
-            &BackboneConfig {
-                width: 64,
-                ..cfg(50, BackboneNorm::FrozenBn, 2)
-            },
-            vb,
-        )?;
+        ResNet::new(&BackboneConfig { width: 64, ..cfg(50, BackboneNorm::FrozenBn, 2) }, vb)?;
         let data = vm.data().lock().expect("varmap lock");
         assert_eq!(data["conv1.weight"].dims(), [64, 3, 7, 7]);
         assert_eq!(data["layer1.0.conv3.weight"].dims(), [256, 64, 1, 1]);
         assert_eq!(data["layer2.0.conv2.weight"].dims(), [128, 128, 3, 3]);
-        assert_eq!(
-            data["layer4.0.downsample.0.weight"].dims(),
-            [2048, 1024, 1, 1]
-        );
+        assert_eq!(data["layer4.0.downsample.0.weight"].dims(), [2048, 1024, 1, 1]);
         assert_eq!(data["layer4.2.bn3.running_var"].dims(), [2048]);
         // 53 convs + 53 norms x 4 tensors.
         assert_eq!(data.len(), 53 * 5);
@@ -374,16 +272,9 @@ mod tests {
     #[test]
     fn feature_shapes_for_every_depth_and_norm() -> Result<()> {
         let x = Tensor::rand(0f32, 1f32, (2, 3, 64, 96), &Device::Cpu)?;
-        for (depth, norm) in [
-            (18, BackboneNorm::Bn),
-            (34, BackboneNorm::FrozenBn),
-            (50, BackboneNorm::Gn),
-        ] {
+        for (depth, norm) in [(18, BackboneNorm::Bn), (34, BackboneNorm::FrozenBn), (50, BackboneNorm::Gn)] {
             let vm = VarMap::new();
-            let c = BackboneConfig {
-                gn_groups: 8,
-                ..cfg(depth, norm, 0)
-            };
+            let c = BackboneConfig { gn_groups: 8, ..cfg(depth, norm, 0) };
             let net = ResNet::new(&c, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
             let [c3, c4, c5] = net.forward_t(&x, true)?;
             let e = if depth >= 50 { 4 } else { 1 };
@@ -408,11 +299,7 @@ mod tests {
             let data = vm.data().lock().expect("varmap lock");
             for (name, var) in data.iter() {
                 let has_grad = grads.get(var.as_tensor()).is_some();
-                assert_eq!(
-                    has_grad,
-                    is_trainable(&c, name),
-                    "{name} (freeze_at {freeze_at})"
-                );
+                assert_eq!(has_grad, is_trainable(&c, name), "{name} (freeze_at {freeze_at})");
             }
         }
         Ok(())
@@ -427,9 +314,7 @@ mod tests {
         assert!(!is_trainable(&c, "layer2.0.bn1.weight"));
         assert!(!is_trainable(&c, "layer3.0.downsample.1.bias"));
         let bn = cfg(50, BackboneNorm::Bn, 0);
-        assert!(
-            is_trainable(&bn, "bn1.weight") && is_trainable(&bn, "layer4.0.downsample.1.weight")
-        );
+        assert!(is_trainable(&bn, "bn1.weight") && is_trainable(&bn, "layer4.0.downsample.1.weight"));
         assert!(!is_trainable(&bn, "layer4.0.bn2.running_var"));
     }
 }

@@ -49,24 +49,10 @@ impl RetinaNet {
         let body = ResNet::new(&cfg.backbone, vb.pp("backbone").pp("body"))?;
         let fpn = Fpn::new(&cfg.fpn, body.out_channels(), vb.pp("backbone").pp("fpn"))?;
         let num_anchors = anchor_generator.num_anchors_per_location();
-        let head = RetinaNetHead::new(
-            &cfg.head,
-            cfg.fpn.channels,
-            num_anchors,
-            num_classes,
-            vb.pp("head"),
-        )?;
+        let head = RetinaNetHead::new(&cfg.head, cfg.fpn.channels, num_anchors, num_classes, vb.pp("head"))?;
         let box_coder = BoxCoder::new(&cfg.box_coder);
         let postprocessor = PostProcessor::new(&cfg.postprocess, box_coder);
-        Ok(Self {
-            body,
-            fpn,
-            head,
-            anchor_generator,
-            box_coder,
-            postprocessor,
-            num_classes,
-        })
+        Ok(Self { body, fpn, head, anchor_generator, box_coder, postprocessor, num_classes })
     }
 
     pub fn num_classes(&self) -> usize {
@@ -94,32 +80,16 @@ impl RetinaNet {
     pub fn forward(&self, images: &Tensor, train: bool) -> Result<HeadOutputs> {
         let (_, _, h, w) = images.dims4()?;
         let features = self.features(images, train)?;
-        let grid_sizes = features
-            .iter()
-            .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let grid_sizes = features.iter().map(|f| Ok((f.dim(2)?, f.dim(3)?))).collect::<Result<Vec<_>>>()?;
         let anchors = self.anchor_generator.anchors((h, w), &grid_sizes);
         let (cls_logits, bbox_regression) = self.head.forward(&features)?;
-        Ok(HeadOutputs {
-            cls_logits,
-            bbox_regression,
-            anchors,
-        })
+        Ok(HeadOutputs { cls_logits, bbox_regression, anchors })
     }
 
     /// Detections per image, in resized-image pixels; `image_sizes` are the
     /// (height, width) of each image after resizing, before padding.
-    pub fn postprocess(
-        &self,
-        outputs: &HeadOutputs,
-        image_sizes: &[(usize, usize)],
-    ) -> Result<Vec<Detections>> {
-        self.postprocessor.run(
-            &outputs.cls_logits,
-            &outputs.bbox_regression,
-            &outputs.anchors,
-            image_sizes,
-        )
+    pub fn postprocess(&self, outputs: &HeadOutputs, image_sizes: &[(usize, usize)]) -> Result<Vec<Detections>> {
+        self.postprocessor.run(&outputs.cls_logits, &outputs.bbox_regression, &outputs.anchors, image_sizes)
     }
 }
 
@@ -147,11 +117,7 @@ mod tests {
     #[test]
     fn forward_shapes_anchors_and_postprocess() -> Result<()> {
         let vm = VarMap::new();
-        let model = RetinaNet::new(
-            &small_config(),
-            3,
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-        )?;
+        let model = RetinaNet::new(&small_config(), 3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
         let images = Tensor::rand(-1f32, 1., (2, 3, 128, 192), &Device::Cpu)?;
         let out = model.forward(&images, true)?;
         // Grids 16x24, 8x12, 4x6, 2x3, 1x2 with 9 anchors each.
@@ -166,20 +132,14 @@ mod tests {
         assert_eq!(dets.len(), 2);
         assert!(dets.iter().all(|d| d.boxes.is_empty()));
         let grads = out.cls_logits.sum_all()?.backward()?;
-        assert!(grads
-            .get(vm.data().lock().expect("varmap lock")["backbone.body.conv1.weight"].as_tensor())
-            .is_some());
+        assert!(grads.get(vm.data().lock().expect("varmap lock")["backbone.body.conv1.weight"].as_tensor()).is_some());
         Ok(())
     }
 
     #[test]
     fn zero_classes_is_an_error() {
         let vm = VarMap::new();
-        let err = RetinaNet::new(
-            &small_config(),
-            0,
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-        );
+        let err = RetinaNet::new(&small_config(), 0, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu));
         assert!(err.is_err());
     }
 }

@@ -68,10 +68,7 @@ pub fn build(
         let expected = expected_shapes(cfg, num_classes)?;
         let plan = match_checkpoint(&expected, tensors, mode)?;
         notes = plan.notes;
-        let mut data = varmap
-            .data()
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (name, tensor) in plan.assignments {
             let value = tensor.to_dtype(DType::F32)?.to_device(device)?;
             data.insert(name, Var::from_tensor(&value)?);
@@ -79,11 +76,7 @@ pub fn build(
     }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = RetinaNet::new(cfg, num_classes, vb).context("building the model")?;
-    Ok(LoadedModel {
-        model,
-        varmap,
-        notes,
-    })
+    Ok(LoadedModel { model, varmap, notes })
 }
 
 /// Records the name and shape of each tensor the model asks for and hands
@@ -91,18 +84,8 @@ pub fn build(
 struct ShapeRecorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
 
 impl SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(name.to_string(), s.dims().to_vec());
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(name.to_string(), s.dims().to_vec());
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
 
@@ -116,22 +99,12 @@ impl SimpleBackend for ShapeRecorder {
 }
 
 /// Every tensor of the model, by state_dict name, with its shape.
-pub fn expected_shapes(
-    cfg: &ModelConfig,
-    num_classes: usize,
-) -> Result<BTreeMap<String, Vec<usize>>> {
+pub fn expected_shapes(cfg: &ModelConfig, num_classes: usize) -> Result<BTreeMap<String, Vec<usize>>> {
     let shapes = Arc::new(Mutex::new(BTreeMap::new()));
     let backend: Box<dyn SimpleBackend> = Box::new(ShapeRecorder(shapes.clone()));
-    RetinaNet::new(
-        cfg,
-        num_classes,
-        VarBuilder::from_backend(backend, DType::F32, Device::Cpu),
-    )
-    .context("building the model")?;
-    let shapes = shapes
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone();
+    RetinaNet::new(cfg, num_classes, VarBuilder::from_backend(backend, DType::F32, Device::Cpu))
+        .context("building the model")?;
+    let shapes = shapes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
     Ok(shapes)
 }
 
@@ -143,25 +116,15 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// Writes every variable under its state_dict name.
 pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
-    let data = varmap
-        .data()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let tensors: HashMap<String, Tensor> = data
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    candle_core::safetensors::save(&tensors, path)
-        .with_context(|| format!("cannot write weights {}", path.display()))
+    let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let tensors: HashMap<String, Tensor> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    candle_core::safetensors::save(&tensors, path).with_context(|| format!("cannot write weights {}", path.display()))
 }
 
 /// The variables the optimiser updates, by name (sorted): everything but
 /// running statistics, frozen BatchNorm affines and frozen stages.
 pub fn trainable_vars(varmap: &VarMap, cfg: &ModelConfig) -> Vec<(String, Var)> {
-    let data = varmap
-        .data()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut vars: Vec<(String, Var)> = data
         .iter()
         .filter(|(name, _)| match name.strip_prefix(BODY_PREFIX) {
@@ -211,18 +174,13 @@ fn match_checkpoint<'a>(
                         t.dims()
                     ));
                 } else {
-                    problems.push(format!(
-                        "shape of {key}: checkpoint {:?}, model {shape:?}",
-                        t.dims()
-                    ));
+                    problems.push(format!("shape of {key}: checkpoint {:?}, model {shape:?}", t.dims()));
                 }
             }
         }
     }
-    let mut unexpected: Vec<&String> = tensors
-        .keys()
-        .filter(|k| !used.contains(k.as_str()) && !k.ends_with("num_batches_tracked"))
-        .collect();
+    let mut unexpected: Vec<&String> =
+        tensors.keys().filter(|k| !used.contains(k.as_str()) && !k.ends_with("num_batches_tracked")).collect();
     unexpected.sort();
     match mode {
         LoadMode::Backbone if !unexpected.is_empty() => {
@@ -234,29 +192,13 @@ fn match_checkpoint<'a>(
             ));
         }
         LoadMode::Backbone => {}
-        _ => problems.extend(
-            unexpected
-                .iter()
-                .map(|k| format!("unexpected {k} {:?}", tensors[*k].dims())),
-        ),
+        _ => problems.extend(unexpected.iter().map(|k| format!("unexpected {k} {:?}", tensors[*k].dims()))),
     }
     if !problems.is_empty() {
-        let listed = problems
-            .iter()
-            .take(MAX_LISTED)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("; ");
+        let listed = problems.iter().take(MAX_LISTED).cloned().collect::<Vec<_>>().join("; ");
         let more = problems.len().saturating_sub(MAX_LISTED);
-        let rest = if more > 0 {
-            format!("; and {more} more")
-        } else {
-            String::new()
-        };
-        bail!(
-            "weights do not match the model ({} problems): {listed}{rest}",
-            problems.len()
-        );
+        let rest = if more > 0 { format!("; and {more} more") } else { String::new() };
+        bail!("weights do not match the model ({} problems): {listed}{rest}", problems.len());
     }
     Ok(LoadPlan { assignments, notes })
 }
@@ -279,9 +221,7 @@ mod tests {
 
     fn state(model: &LoadedModel) -> HashMap<String, Tensor> {
         let data = model.varmap.data().lock().expect("varmap lock");
-        data.iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().copy().expect("copy")))
-            .collect()
+        data.iter().map(|(k, v)| (k.clone(), v.as_tensor().copy().expect("copy"))).collect()
     }
 
     #[test]
@@ -294,18 +234,12 @@ mod tests {
         let path = dir.join("model.safetensors");
         save(&a.varmap, &path)?;
         let mut tensors = read_safetensors(&path)?;
-        tensors.insert(
-            "backbone.body.bn1.num_batches_tracked".into(),
-            Tensor::new(&[0i64], &dev)?,
-        );
+        tensors.insert("backbone.body.bn1.num_batches_tracked".into(), Tensor::new(&[0i64], &dev)?);
         let b = build(&cfg, 3, &dev, Some((&tensors, LoadMode::Exact)))?;
         std::fs::remove_dir_all(&dir)?;
         let x = Tensor::rand(0f32, 1., (1, 3, 64, 64), &dev)?;
         let (ya, yb) = (a.model.forward(&x, false)?, b.model.forward(&x, false)?);
-        let diff = (ya.cls_logits - yb.cls_logits)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = (ya.cls_logits - yb.cls_logits)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
         Ok(())
     }
@@ -316,27 +250,15 @@ mod tests {
         let dev = Device::Cpu;
         let mut tensors = state(&build(&cfg, 3, &dev, None)?);
         tensors.remove("backbone.body.layer1.0.conv1.weight");
-        tensors.insert(
-            "backbone.fpn.layer_blocks.0.0.bias".into(),
-            Tensor::zeros(7, DType::F32, &dev)?,
-        );
-        tensors.insert(
-            "head.extra.weight".into(),
-            Tensor::zeros(2, DType::F32, &dev)?,
-        );
+        tensors.insert("backbone.fpn.layer_blocks.0.0.bias".into(), Tensor::zeros(7, DType::F32, &dev)?);
+        tensors.insert("head.extra.weight".into(), Tensor::zeros(2, DType::F32, &dev)?);
         let Err(err) = build(&cfg, 3, &dev, Some((&tensors, LoadMode::Exact))) else {
             panic!("mismatched weights loaded")
         };
         let err = err.to_string();
         assert!(err.contains("3 problems"), "{err}");
-        assert!(
-            err.contains("missing backbone.body.layer1.0.conv1.weight [8, 8, 3, 3]"),
-            "{err}"
-        );
-        assert!(
-            err.contains("shape of backbone.fpn.layer_blocks.0.0.bias: checkpoint [7], model [32]"),
-            "{err}"
-        );
+        assert!(err.contains("missing backbone.body.layer1.0.conv1.weight [8, 8, 3, 3]"), "{err}");
+        assert!(err.contains("shape of backbone.fpn.layer_blocks.0.0.bias: checkpoint [7], model [32]"), "{err}");
         assert!(err.contains("unexpected head.extra.weight [2]"), "{err}");
         Ok(())
     }
@@ -351,17 +273,9 @@ mod tests {
         assert_eq!(b.notes.len(), 2, "{:?}", b.notes);
         assert!(b.notes.iter().all(|n| n.contains(CLS_LOGITS_PREFIX)));
         let loaded = state(&b);
-        let same = |k: &str| -> Result<bool> {
-            Ok((&loaded[k] - &tensors[k])?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?
-                == 0.0)
-        };
-        assert!(
-            same("head.classification_head.conv.0.0.weight")?
-                && same("backbone.body.conv1.weight")?
-        );
+        let same =
+            |k: &str| -> Result<bool> { Ok((&loaded[k] - &tensors[k])?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0) };
+        assert!(same("head.classification_head.conv.0.0.weight")? && same("backbone.body.conv1.weight")?);
         Ok(())
     }
 
@@ -370,28 +284,14 @@ mod tests {
         let cfg = small_config();
         let dev = Device::Cpu;
         let full = state(&build(&cfg, 3, &dev, None)?);
-        let mut body: HashMap<String, Tensor> = full
-            .iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(BODY_PREFIX)
-                    .map(|k| (k.to_string(), v.clone()))
-            })
-            .collect();
-        body.insert(
-            "fc.weight".into(),
-            Tensor::zeros((10, 64), DType::F32, &dev)?,
-        );
+        let mut body: HashMap<String, Tensor> =
+            full.iter().filter_map(|(k, v)| k.strip_prefix(BODY_PREFIX).map(|k| (k.to_string(), v.clone()))).collect();
+        body.insert("fc.weight".into(), Tensor::zeros((10, 64), DType::F32, &dev)?);
         let b = build(&cfg, 3, &dev, Some((&body, LoadMode::Backbone)))?;
         assert_eq!(b.notes.len(), 1);
         let loaded = state(&b);
         let k = "backbone.body.layer4.1.bn2.running_var";
-        assert_eq!(
-            (&loaded[k] - &full[k])?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?,
-            0.0
-        );
+        assert_eq!((&loaded[k] - &full[k])?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 
@@ -400,10 +300,7 @@ mod tests {
         let cfg = small_config();
         let m = build(&cfg, 3, &Device::Cpu, None)?;
         let data = m.varmap.data().lock().expect("varmap lock");
-        let built: BTreeMap<String, Vec<usize>> = data
-            .iter()
-            .map(|(k, v)| (k.clone(), v.dims().to_vec()))
-            .collect();
+        let built: BTreeMap<String, Vec<usize>> = data.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
         assert_eq!(expected_shapes(&cfg, 3)?, built);
         Ok(())
     }
@@ -412,16 +309,11 @@ mod tests {
     fn trainable_vars_follow_freeze_at() -> Result<()> {
         let cfg = small_config(); // frozen_bn, freeze_at 2
         let m = build(&cfg, 3, &Device::Cpu, None)?;
-        let names: Vec<String> = trainable_vars(&m.varmap, &cfg)
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let names: Vec<String> = trainable_vars(&m.varmap, &cfg).into_iter().map(|(n, _)| n).collect();
         assert!(names.contains(&"backbone.body.layer2.0.conv1.weight".to_string()));
         assert!(names.contains(&"head.classification_head.cls_logits.bias".to_string()));
         assert!(names.contains(&"backbone.fpn.extra_blocks.p7.weight".to_string()));
-        assert!(!names.iter().any(|n| n.contains("layer1.")
-            || n.contains(".bn")
-            || n == "backbone.body.conv1.weight"));
+        assert!(!names.iter().any(|n| n.contains("layer1.") || n.contains(".bn") || n == "backbone.body.conv1.weight"));
         Ok(())
     }
 }

@@ -38,12 +38,7 @@ pub fn generalized_iou(a: &BoxXyxy, b: &BoxXyxy) -> f32 {
 /// `clip_boxes_to_image`, with the image size as (height, width)).
 pub fn clip_to_image(b: &BoxXyxy, (height, width): (usize, usize)) -> BoxXyxy {
     let (w, h) = (width as f32, height as f32);
-    [
-        b[0].clamp(0.0, w),
-        b[1].clamp(0.0, h),
-        b[2].clamp(0.0, w),
-        b[3].clamp(0.0, h),
-    ]
+    [b[0].clamp(0.0, w), b[1].clamp(0.0, h), b[2].clamp(0.0, w), b[3].clamp(0.0, h)]
 }
 
 /// Indices of `scores` sorted best first; ties keep the lower index first
@@ -57,12 +52,7 @@ fn order_by_score(scores: &[f32], indices: impl Iterator<Item = usize>) -> Vec<u
 /// Greedy NMS over `indices`: visits boxes best score first and suppresses
 /// every later box whose IoU with a kept one is above `iou_thresh`.
 /// Returns the kept indices, best first.
-fn nms_subset(
-    boxes: &[BoxXyxy],
-    scores: &[f32],
-    indices: impl Iterator<Item = usize>,
-    iou_thresh: f32,
-) -> Vec<usize> {
+fn nms_subset(boxes: &[BoxXyxy], scores: &[f32], indices: impl Iterator<Item = usize>, iou_thresh: f32) -> Vec<usize> {
     let order = order_by_score(scores, indices);
     let mut suppressed = vec![false; order.len()];
     let mut keep = Vec::new();
@@ -87,24 +77,14 @@ pub fn nms(boxes: &[BoxXyxy], scores: &[f32], iou_thresh: f32) -> Vec<usize> {
 
 /// torchvision.ops.batched_nms: NMS within each label only. Returns the
 /// kept indices sorted best score first (ties: lower index first).
-pub fn batched_nms(
-    boxes: &[BoxXyxy],
-    scores: &[f32],
-    labels: &[usize],
-    iou_thresh: f32,
-) -> Vec<usize> {
+pub fn batched_nms(boxes: &[BoxXyxy], scores: &[f32], labels: &[usize], iou_thresh: f32) -> Vec<usize> {
     let mut by_label: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
     for (i, &label) in labels.iter().enumerate() {
         by_label.entry(label).or_default().push(i);
     }
     let mut keep: Vec<usize> = Vec::new();
     for members in by_label.values() {
-        keep.extend(nms_subset(
-            boxes,
-            scores,
-            members.iter().copied(),
-            iou_thresh,
-        ));
+        keep.extend(nms_subset(boxes, scores, members.iter().copied(), iou_thresh));
     }
     keep.sort_unstable();
     order_by_score(scores, keep.into_iter())
@@ -129,12 +109,8 @@ fn pairwise_inter_union(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     let [bx1, by1, bx2, by2] = unbind_xyxy(b)?;
     let col = |t: &Tensor| t.unsqueeze(1); // [n, 1]
     let row = |t: &Tensor| t.unsqueeze(0); // [1, m]
-    let w = (col(&ax2)?.broadcast_minimum(&row(&bx2)?)?
-        - col(&ax1)?.broadcast_maximum(&row(&bx1)?)?)?
-    .relu()?;
-    let h = (col(&ay2)?.broadcast_minimum(&row(&by2)?)?
-        - col(&ay1)?.broadcast_maximum(&row(&by1)?)?)?
-    .relu()?;
+    let w = (col(&ax2)?.broadcast_minimum(&row(&bx2)?)? - col(&ax1)?.broadcast_maximum(&row(&bx1)?)?)?.relu()?;
+    let h = (col(&ay2)?.broadcast_minimum(&row(&by2)?)? - col(&ay1)?.broadcast_maximum(&row(&by1)?)?)?.relu()?;
     let inter = (w * h)?;
     let area_a = ((ax2 - ax1)? * (ay2 - ay1)?)?;
     let area_b = ((bx2 - bx1)? * (by2 - by1)?)?;
@@ -153,8 +129,7 @@ pub fn elementwise_generalized_iou(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let area_a = ((&ax2 - &ax1)? * (&ay2 - &ay1)?)?;
     let area_b = ((&bx2 - &bx1)? * (&by2 - &by1)?)?;
     let union = ((area_a + area_b)? - &inter)?;
-    let hull = ((ax2.maximum(&bx2)? - ax1.minimum(&bx1)?)?
-        * (ay2.maximum(&by2)? - ay1.minimum(&by1)?)?)?;
+    let hull = ((ax2.maximum(&bx2)? - ax1.minimum(&bx1)?)? * (ay2.maximum(&by2)? - ay1.minimum(&by1)?)?)?;
     let iou = (inter / &union)?;
     iou - ((&hull - union)? / hull)?
 }
@@ -184,20 +159,13 @@ mod tests {
 
     #[test]
     fn clip_uses_height_then_width() {
-        assert_eq!(
-            clip_to_image(&[-5.0, -1.0, 120.0, 90.0], (80, 100)),
-            [0.0, 0.0, 100.0, 80.0]
-        );
+        assert_eq!(clip_to_image(&[-5.0, -1.0, 120.0, 90.0], (80, 100)), [0.0, 0.0, 100.0, 80.0]);
     }
 
     #[test]
     fn nms_suppresses_only_above_threshold() {
         // IoU(a, b) = 50 / 150 = 1/3 exactly representable comparisons.
-        let boxes = [
-            [0.0, 0.0, 10.0, 10.0],
-            [5.0, 0.0, 15.0, 10.0],
-            [0.0, 0.0, 10.0, 9.0],
-        ];
+        let boxes = [[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0], [0.0, 0.0, 10.0, 9.0]];
         let scores = [0.9, 0.8, 0.7];
         // IoU(a, c) = 0.9: suppressed at 0.5; IoU(a, b) = 1/3 is not above 1/3.
         assert_eq!(nms(&boxes, &scores, 0.5), vec![0, 1]);
@@ -207,23 +175,14 @@ mod tests {
 
     #[test]
     fn nms_ties_keep_the_lower_index() {
-        let boxes = [
-            [0.0, 0.0, 10.0, 10.0],
-            [0.0, 0.0, 10.0, 10.0],
-            [50.0, 50.0, 60.0, 60.0],
-        ];
+        let boxes = [[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]];
         let scores = [0.5, 0.5, 0.5];
         assert_eq!(nms(&boxes, &scores, 0.5), vec![0, 2]);
     }
 
     #[test]
     fn batched_nms_is_class_wise_and_sorted_by_score() {
-        let boxes = [
-            [0.0, 0.0, 10.0, 10.0],
-            [0.0, 0.0, 10.0, 10.0],
-            [1.0, 0.0, 10.0, 10.0],
-            [40.0, 40.0, 50.0, 50.0],
-        ];
+        let boxes = [[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0]];
         let scores = [0.6, 0.9, 0.7, 0.8];
         let labels = [0, 1, 0, 1];
         // Label 0: box 2 (0.7) suppresses box 0; label 1: both kept.
@@ -234,11 +193,7 @@ mod tests {
     #[test]
     fn tensor_iou_and_giou_match_the_slice_versions() -> Result<()> {
         let a = [[0.0f32, 0.0, 10.0, 10.0], [2.0, 3.0, 8.0, 12.0]];
-        let b = [
-            [5.0f32, 0.0, 15.0, 10.0],
-            [20.0, 20.0, 30.0, 31.0],
-            [1.0, 1.0, 9.0, 9.0],
-        ];
+        let b = [[5.0f32, 0.0, 15.0, 10.0], [20.0, 20.0, 30.0, 31.0], [1.0, 1.0, 9.0, 9.0]];
         let ta = Tensor::new(&a, &Device::Cpu)?;
         let tb = Tensor::new(&b, &Device::Cpu)?;
         let m = box_iou(&ta, &tb)?.to_vec2::<f32>()?;

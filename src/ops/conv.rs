@@ -1,23 +1,27 @@
-//! A 2D convolution with a fast backward pass on the CPU, and a backward
-//! that works for every input size elsewhere.
+//! 2D convolution with a fast CPU forward and backward.
 //!
-//! - CPU, gradients needed: the values come from Candle's forward; the
-//!   gradients from a custom op doing im2col + GEMM per image
-//!   (`grad_w += grad_y · cols^T`, `grad_x = col2im(W^T · grad_y)`), several
-//!   times faster than Candle's `conv_transpose2d` loop.
-//! - Other devices: Candle's conv2d backward derives `conv_transpose2d`'s
-//!   output padding from the height alone, so a strided conv whose height and
-//!   width leave different remainders `(n + 2p - k) % stride` fails with a
-//!   shape mismatch (e.g. FPN P6 -> P7 on a 2x3 map). Strided convolutions pad
-//!   explicitly there: `padding` zeros before, and after just enough to leave
-//!   no remainder (cropping rows the kernel never reads), then run unpadded.
+//! Candle's CPU convolution backward computes the input gradient with a
+//! nested-loop transposed convolution and the weight gradient with a
+//! convolution whose "kernel" is the output gradient; together they are
+//! 5-10x slower than the forward (REFERENCE.md section 3). Here all three
+//! products are plain GEMMs over im2col columns (the `gemm` crate that
+//! Candle itself uses for matmul), as custom ops with their own backward:
 //!
-//! A 1x1 stride-1 convolution runs as a matrix product, about twice as fast
-//! as Candle's im2col path on the CPU.
+//! - forward:      `out  = W [co, c*kh*kw] x cols [c*kh*kw, n*ho*wo]`
+//! - input grad:   `dcols = W^T x g`, then col2im (scatter-add)
+//! - weight grad:  `dW   = g [co, n*ho*wo] x cols^T`
+//!
+//! The batch is processed in chunks whose columns stay under
+//! [`COLUMN_BUDGET`] floats, so memory stays bounded for large images.
+//! Other devices and dtypes use Candle's own convolution, with strided
+//! inputs padded by hand so that its backward works for every size.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
+
+/// Most f32 values of im2col columns held at once (64 MiB).
+const COLUMN_BUDGET: usize = 16 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -31,67 +35,14 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Self {
-        Self {
-            weight,
-            bias,
-            padding,
-            stride,
-        }
-    }
-
-    /// Pads `dim` explicitly so that the kernel exactly fits the strides.
-    fn pad_exact(&self, x: &Tensor, dim: usize, kernel: usize) -> Result<Tensor> {
-        let n = x.dim(dim)?;
-        let p = self.padding;
-        if n + 2 * p < kernel {
-            candle_core::bail!(
-                "conv2d: input size {n} is smaller than the kernel {kernel} with padding {p}"
-            );
-        }
-        let remainder = (n + 2 * p - kernel) % self.stride;
-        x.pad_with_zeros(dim, p, p)?
-            .narrow(dim, 0, n + 2 * p - remainder)
-    }
-
-    /// The convolution through Candle's ops (differentiable on any device).
-    fn conv(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let (c_out, c_in, kh, kw) = weight.dims4()?;
-        if (kh, kw, self.stride, self.padding) == (1, 1, 1, 0) {
-            let (n, _, h, w) = x.dims4()?;
-            let x = x.reshape((n, c_in, h * w))?; // [n, c_in, h*w]
-            weight
-                .reshape((1, c_out, c_in))?
-                .broadcast_matmul(&x)?
-                .reshape((n, c_out, h, w))
-        } else if self.stride == 1 {
-            x.conv2d(weight, self.padding, 1, 1, 1)
-        } else {
-            let x = self.pad_exact(&self.pad_exact(x, 2, kh)?, 3, kw)?;
-            x.conv2d(weight, 0, self.stride, 1, 1)
-        }
+        Self { weight, bias, padding, stride }
     }
 }
 
 impl Module for Conv2d {
     /// [n, c_in, h, w] -> [n, c_out, (h + 2p - k) / s + 1, (w + 2p - k) / s + 1]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let cpu_grad = x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && (x.track_op() || self.weight.track_op());
-        let y = if cpu_grad {
-            let values = self.conv(&x.detach(), &self.weight.detach())?;
-            x.apply_op3(
-                &self.weight,
-                &values,
-                Im2colBackward {
-                    padding: self.padding,
-                    stride: self.stride,
-                },
-            )?
-        } else {
-            self.conv(x, &self.weight)?
-        };
+        let y = conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -99,303 +50,394 @@ impl Module for Conv2d {
     }
 }
 
-/// Geometry of one convolution over one image.
-#[derive(Debug, Clone, Copy)]
+/// Convolution without bias: the GEMM custom op for f32 on the CPU,
+/// Candle's `conv2d` elsewhere.
+pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+        return candle_conv2d(x, weight, padding, stride);
+    }
+    let geometry = Geometry::new(x.dims4()?, weight.dims4()?, padding, stride)?;
+    x.contiguous()?.apply_op2(&weight.contiguous()?, ConvForward(geometry))
+}
+
+/// Candle's convolution, with strided inputs padded by hand and cropped so
+/// that the kernel fits the strides exactly: Candle's own backward derives
+/// the transposed convolution's output padding from the height alone and
+/// fails when height and width leave different remainders `(n + 2p - k) % s`
+/// (e.g. FPN P6 -> P7 on a 2x3 map). Cropped rows are never read.
+fn candle_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return x.conv2d(weight, padding, 1, 1, 1);
+    }
+    let (_, _, kh, kw) = weight.dims4()?;
+    let mut x = x.clone();
+    for (dim, k) in [(2, kh), (3, kw)] {
+        let n = x.dim(dim)? + 2 * padding;
+        if n < k {
+            candle_core::bail!("conv2d: input with padding {padding} is smaller than the {kh}x{kw} kernel");
+        }
+        x = x.pad_with_zeros(dim, padding, padding)?.narrow(dim, 0, n - (n - k) % stride)?;
+    }
+    x.conv2d(weight, 0, stride, 1, 1)
+}
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Geometry {
+    n: usize,
     c_in: usize,
     h: usize,
     w: usize,
-    k: (usize, usize),
-    out: (usize, usize),
+    c_out: usize,
+    kh: usize,
+    kw: usize,
     padding: usize,
     stride: usize,
+    out_h: usize,
+    out_w: usize,
 }
 
 impl Geometry {
-    /// Outputs `o` whose tap `k` reads inside `0..size`: `o * stride + k - padding`
-    /// in range, as a half-open range of `o` within `0..out`.
-    fn valid(&self, k: usize, size: usize, out: usize) -> std::ops::Range<usize> {
-        let s = self.stride;
-        let lo = self.padding.saturating_sub(k).div_ceil(s);
-        // o * s + k - p < size  <=>  o * s < size + p - k
-        let hi = (size + self.padding).saturating_sub(k).div_ceil(s).min(out);
-        lo..hi.max(lo)
+    fn new(
+        x: (usize, usize, usize, usize),
+        w: (usize, usize, usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let (n, c_in, h, width) = x;
+        let (c_out, wc_in, kh, kw) = w;
+        if wc_in != c_in {
+            candle_core::bail!("conv2d: input has {c_in} channels, weight expects {wc_in}");
+        }
+        if h + 2 * padding < kh || width + 2 * padding < kw || stride == 0 {
+            candle_core::bail!("conv2d: {h}x{width} input with padding {padding} is smaller than the {kh}x{kw} kernel");
+        }
+        let out_h = (h + 2 * padding - kh) / stride + 1;
+        let out_w = (width + 2 * padding - kw) / stride + 1;
+        Ok(Self { n, c_in, h, w: width, c_out, kh, kw, padding, stride, out_h, out_w })
     }
 
-    /// For tap (ky, kx), calls `f(oy * ow, input offset of the first read,
-    /// ox range)` for each output row whose reads fall inside the image;
-    /// consecutive `ox` read every `stride`-th input element.
-    fn for_each_run(
-        &self,
-        ky: usize,
-        kx: usize,
-        mut f: impl FnMut(usize, usize, std::ops::Range<usize>),
-    ) {
-        let (oh, ow) = self.out;
-        let cols = self.valid(kx, self.w, ow);
-        if cols.is_empty() {
-            return;
-        }
-        for oy in self.valid(ky, self.h, oh) {
-            let y = oy * self.stride + ky - self.padding;
-            let x0 = (cols.start * self.stride + kx).saturating_sub(self.padding);
-            f(oy * ow, y * self.w + x0, cols.clone());
-        }
+    /// Rows of the column matrix: c_in * kh * kw.
+    fn patch(&self) -> usize {
+        self.c_in * self.kh * self.kw
     }
 
-    /// [c_in, h, w] -> columns [c_in * kh * kw, oh * ow], zero where the
-    /// kernel reads padding. Parallel over column rows.
-    fn im2col(&self, x: &[f32]) -> Vec<f32> {
-        let (oh, ow) = self.out;
-        let (kh, kw) = self.k;
-        let mut cols = vec![0f32; self.c_in * kh * kw * oh * ow];
-        cols.par_chunks_mut(oh * ow)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (c, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
-                let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
-                self.for_each_run(ky, kx, |out, src, range| {
-                    let dst = &mut dst[out + range.start..out + range.end];
-                    if self.stride == 1 {
-                        dst.copy_from_slice(&plane[src..src + dst.len()]);
-                    } else {
-                        for (i, d) in dst.iter_mut().enumerate() {
-                            *d = plane[src + i * self.stride];
+    fn out_plane(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    /// 1x1, stride 1, no padding: the columns are the input itself.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Images per chunk so that the columns fit [`COLUMN_BUDGET`].
+    fn chunk(&self) -> usize {
+        (COLUMN_BUDGET / (self.patch() * self.out_plane()).max(1)).clamp(1, self.n.max(1))
+    }
+}
+
+/// Threads for a GEMM: Candle's count (RAYON_NUM_THREADS or the cores).
+fn parallelism() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] x rhs[k, n]` with explicit row/column strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "matmul: lhs too small");
+    assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "matmul: rhs too small");
+    // SAFETY: the asserts above keep every index gemm touches in bounds.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// Writes the columns of `images` ([count, c, h, w]) into `cols`
+/// ([patch, count * out_plane], image-major within a row).
+fn im2col(g: &Geometry, images: &[f32], count: usize, cols: &mut [f32]) {
+    let (plane, row_len) = (g.h * g.w, count * g.out_plane());
+    cols.par_chunks_mut(row_len).enumerate().for_each(|(row, dst)| {
+        let (c, ki, kj) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
+        for (i, image_cols) in dst.chunks_mut(g.out_plane()).enumerate() {
+            let src = &images[(i * g.c_in + c) * plane..][..plane];
+            for oy in 0..g.out_h {
+                let out_row = &mut image_cols[oy * g.out_w..][..g.out_w];
+                let iy = (oy * g.stride + ki) as isize - g.padding as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    out_row.fill(0.0);
+                    continue;
+                }
+                let src_row = &src[iy as usize * g.w..][..g.w];
+                for (ox, v) in out_row.iter_mut().enumerate() {
+                    let ix = (ox * g.stride + kj) as isize - g.padding as isize;
+                    *v = if ix < 0 || ix >= g.w as isize { 0.0 } else { src_row[ix as usize] };
+                }
+            }
+        }
+    });
+}
+
+/// Adds the columns `cols` ([patch, count * out_plane]) back into the
+/// image gradients `images` ([count, c, h, w]), the adjoint of [`im2col`].
+fn col2im(g: &Geometry, cols: &[f32], count: usize, images: &mut [f32]) {
+    let (plane, row_len) = (g.h * g.w, count * g.out_plane());
+    images.par_chunks_mut(g.c_in * plane).enumerate().for_each(|(i, image)| {
+        for (c, dst) in image.chunks_mut(plane).enumerate() {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let row = (c * g.kh + ki) * g.kw + kj;
+                    let src = &cols[row * row_len + i * g.out_plane()..][..g.out_plane()];
+                    for oy in 0..g.out_h {
+                        let iy = (oy * g.stride + ki) as isize - g.padding as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let dst_row = &mut dst[iy as usize * g.w..][..g.w];
+                        for (ox, &v) in src[oy * g.out_w..][..g.out_w].iter().enumerate() {
+                            let ix = (ox * g.stride + kj) as isize - g.padding as isize;
+                            if ix >= 0 && ix < g.w as isize {
+                                dst_row[ix as usize] += v;
+                            }
                         }
                     }
-                });
-            });
-        cols
-    }
-
-    /// Adds columns [c_in * kh * kw, oh * ow] back onto [c_in, h, w].
-    /// Parallel over channels (each channel's taps write only its plane).
-    fn col2im_add(&self, cols: &[f32], x: &mut [f32]) {
-        let (oh, ow) = self.out;
-        let (kh, kw) = self.k;
-        x.par_chunks_mut(self.h * self.w)
-            .enumerate()
-            .for_each(|(c, plane)| {
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let row = (c * kh + ky) * kw + kx;
-                        let src_row = &cols[row * oh * ow..(row + 1) * oh * ow];
-                        self.for_each_run(ky, kx, |out, dst, range| {
-                            let src = &src_row[out + range.start..out + range.end];
-                            for (i, v) in src.iter().enumerate() {
-                                plane[dst + i * self.stride] += v;
-                            }
-                        });
-                    }
                 }
-            });
-    }
-}
-
-/// Passes the forward values (third argument) through and computes the
-/// input and weight gradients by im2col + GEMM, one image at a time.
-struct Im2colBackward {
-    padding: usize,
-    stride: usize,
-}
-
-impl CustomOp3 for Im2colBackward {
-    fn name(&self) -> &'static str {
-        "conv2d-im2col-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        values: &CpuStorage,
-        layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = values else {
-            candle_core::bail!(
-                "{}: expected f32 values, got {:?}",
-                self.name(),
-                values.dtype()
-            );
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: expected contiguous values", self.name());
-        };
-        Ok((
-            CpuStorage::F32(data[start..end].to_vec()),
-            layout.shape().clone(),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c_in, h, w) = x.dims4()?;
-        let (c_out, _, kh, kw) = weight.dims4()?;
-        let (_, _, oh, ow) = grad.dims4()?;
-        let geo = Geometry {
-            c_in,
-            h,
-            w,
-            k: (kh, kw),
-            out: (oh, ow),
-            padding: self.padding,
-            stride: self.stride,
-        };
-        let taps = c_in * kh * kw;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let grad = grad.contiguous()?;
-        let w_t = weight.reshape((c_out, taps))?.t()?; // [taps, c_out]
-        let mut grad_w = Tensor::zeros((c_out, taps), DType::F32, &Device::Cpu)?;
-        let mut grad_x = vec![0f32; xs.len()];
-        for i in 0..n {
-            let g = grad.get(i)?.reshape((c_out, oh * ow))?; // [c_out, oh*ow]
-            if weight.track_op() {
-                let cols = geo.im2col(&xs[i * c_in * h * w..(i + 1) * c_in * h * w]);
-                let cols = Tensor::from_vec(cols, (taps, oh * ow), &Device::Cpu)?;
-                grad_w = (grad_w + g.matmul(&cols.t()?)?)?;
-            }
-            if x.track_op() {
-                let grad_cols = w_t.matmul(&g)?.flatten_all()?.to_vec1::<f32>()?; // [taps, oh*ow]
-                geo.col2im_add(
-                    &grad_cols,
-                    &mut grad_x[i * c_in * h * w..(i + 1) * c_in * h * w],
-                );
             }
         }
-        let grad_x = match x.track_op() {
-            true => Some(Tensor::from_vec(grad_x, (n, c_in, h, w), &Device::Cpu)?),
-            false => None,
-        };
-        let grad_w = match weight.track_op() {
-            true => Some(grad_w.reshape(weight.shape())?),
-            false => None,
-        };
-        Ok((grad_x, grad_w, None))
+    });
+}
+
+/// `[count, co, plane]` <-> `[co, count * plane]` (image-major rows).
+fn to_channel_major(src: &[f32], count: usize, channels: usize, plane: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(count * plane).enumerate().for_each(|(c, row)| {
+        for (i, block) in row.chunks_mut(plane).enumerate() {
+            block.copy_from_slice(&src[(i * channels + c) * plane..][..plane]);
+        }
+    });
+}
+
+fn from_channel_major(src: &[f32], count: usize, channels: usize, plane: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(channels * plane).enumerate().for_each(|(i, image)| {
+        for (c, block) in image.chunks_mut(plane).enumerate() {
+            block.copy_from_slice(&src[c * count * plane + i * plane..][..plane]);
+        }
+    });
+}
+
+/// The contiguous f32 data of a custom-op argument.
+fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("conv2d: {what} must be contiguous"),
+    }
+}
+
+/// `out = conv(x, w)`; arguments `x [n, c, h, w]`, `w [co, c, kh, kw]`.
+struct ConvForward(Geometry);
+
+impl CustomOp2 for ConvForward {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let (x, w) = (f32_data(xs, xl, "input")?, f32_data(ws, wl, "weight")?);
+        let mut out = vec![0f32; g.n * g.c_out * g.out_plane()];
+        let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
+        let mut cols = Vec::new();
+        let mut product = Vec::new();
+        for first in (0..g.n).step_by(chunk) {
+            let count = chunk.min(g.n - first);
+            let images = &x[first * in_image..][..count * in_image];
+            let dst = &mut out[first * out_image..][..count * out_image];
+            if g.is_pointwise() && count == 1 {
+                matmul((g.c_out, g.out_plane(), g.patch()), dst, false, w, (g.patch(), 1), images, (g.out_plane(), 1));
+                continue;
+            }
+            let width = count * g.out_plane();
+            cols.resize(g.patch() * width, 0.0);
+            im2col(g, images, count, &mut cols);
+            product.resize(g.c_out * width, 0.0);
+            matmul((g.c_out, width, g.patch()), &mut product, false, w, (g.patch(), 1), &cols, (width, 1));
+            from_channel_major(&product, count, g.c_out, g.out_plane(), dst);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(w, &ConvInputGrad(self.0))?;
+        let dw = x.apply_op2_no_bwd(&grad, &ConvWeightGrad(self.0))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx` from arguments `grad [n, co, ho, wo]` and `w [co, c, kh, kw]`.
+struct ConvInputGrad(Geometry);
+
+impl CustomOp2 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-input-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let (grad, w) = (f32_data(gs, gl, "gradient")?, f32_data(ws, wl, "weight")?);
+        let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
+        let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
+        let mut grad_cm = Vec::new();
+        let mut cols = Vec::new();
+        for first in (0..g.n).step_by(chunk) {
+            let count = chunk.min(g.n - first);
+            let grads = &grad[first * out_image..][..count * out_image];
+            let dst = &mut dx[first * in_image..][..count * in_image];
+            // W^T [patch, co]: W is [co, patch] row-major.
+            if g.is_pointwise() && count == 1 {
+                matmul((g.patch(), g.out_plane(), g.c_out), dst, false, w, (1, g.patch()), grads, (g.out_plane(), 1));
+                continue;
+            }
+            let width = count * g.out_plane();
+            grad_cm.resize(g.c_out * width, 0.0);
+            to_channel_major(grads, count, g.c_out, g.out_plane(), &mut grad_cm);
+            cols.resize(g.patch() * width, 0.0);
+            matmul((g.patch(), width, g.c_out), &mut cols, false, w, (1, g.patch()), &grad_cm, (width, 1));
+            col2im(g, &cols, count, dst);
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
+    }
+}
+
+/// `dw` from arguments `x [n, c, h, w]` and `grad [n, co, ho, wo]`.
+struct ConvWeightGrad(Geometry);
+
+impl CustomOp2 for ConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-weight-grad"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let (x, grad) = (f32_data(xs, xl, "input")?, f32_data(gs, gl, "gradient")?);
+        let mut dw = vec![0f32; g.c_out * g.patch()];
+        let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
+        let mut grad_cm = Vec::new();
+        let mut cols = Vec::new();
+        for (step, first) in (0..g.n).step_by(chunk).enumerate() {
+            let count = chunk.min(g.n - first);
+            let images = &x[first * in_image..][..count * in_image];
+            let grads = &grad[first * out_image..][..count * out_image];
+            let width = count * g.out_plane();
+            grad_cm.resize(g.c_out * width, 0.0);
+            to_channel_major(grads, count, g.c_out, g.out_plane(), &mut grad_cm);
+            let cols: &[f32] = if g.is_pointwise() && count == 1 {
+                images
+            } else {
+                cols.resize(g.patch() * width, 0.0);
+                im2col(g, images, count, &mut cols);
+                &cols
+            };
+            // dW [co, patch] += g [co, width] x cols^T [width, patch].
+            matmul((g.c_out, g.patch(), width), &mut dw, step > 0, &grad_cm, (width, 1), cols, (1, width));
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((g.c_out, g.c_in, g.kh, g.kw))))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
-    const CASES: [(usize, usize, usize, usize, usize); 7] = [
-        (3, 1, 2, 2, 3),
-        (1, 0, 2, 6, 7),
-        (7, 3, 2, 9, 12),
-        (3, 1, 1, 5, 4),
-        (1, 0, 1, 3, 5),
-        (3, 1, 2, 8, 8),
-        (3, 1, 2, 1, 1),
-    ];
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-    }
-
-    /// Values equal Candle's padded conv; gradients of the fast CPU
-    /// backward equal those of Candle's own ops (explicitly padded), for
-    /// sizes whose remainders differ between height and width.
+    /// Forward and both gradients equal Candle's reference convolution on
+    /// random shapes: stride 1 and 2, padding, 1x1, 7x7, non-square.
     #[test]
-    fn matches_candle_and_differentiates_any_size() -> Result<()> {
+    fn matches_candle_forward_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        for (k, p, s, h, w) in CASES {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev)?)?;
-            let weight = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, k, k), &dev)?)?;
-            let bias = Tensor::randn(0f32, 1., 4, &dev)?;
-            let conv = Conv2d::new(weight.as_tensor().clone(), Some(bias.clone()), p, s);
-            let y = conv.forward(x.as_tensor())?;
-            let reference = x
-                .conv2d(&weight, p, s, 1, 1)?
-                .broadcast_add(&bias.reshape((1, 4, 1, 1))?)?;
+        let cases = [
+            (2, 3, 9, 12, 4, 3, 1, 1),
+            (2, 3, 9, 12, 4, 3, 1, 2),
+            (3, 5, 6, 7, 2, 1, 0, 1),
+            (1, 5, 6, 7, 2, 1, 0, 1),
+            (2, 4, 8, 6, 3, 1, 0, 2),
+            (1, 3, 17, 13, 5, 7, 3, 2),
+            (2, 2, 2, 3, 3, 3, 1, 2),
+        ];
+        for (n, c, h, w, co, k, p, s) in cases {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, w), &dev)?)?;
+            let weight = Var::from_tensor(&Tensor::randn(0f32, 1., (co, c, k, k), &dev)?)?;
+            let y = conv2d(x.as_tensor(), weight.as_tensor(), p, s)?;
+            let reference = reference_conv(x.as_tensor(), weight.as_tensor(), p, s)?;
             assert_eq!(y.dims(), reference.dims());
-            assert!(max_diff(&y, &reference)? < 1e-5, "k{k} p{p} s{s} {h}x{w}");
-
+            let what = format!("n{n} c{c} {h}x{w} co{co} k{k} p{p} s{s}");
+            assert_close(&y, &reference, &format!("{what} forward"))?;
+            // A weighting makes every output position's gradient distinct.
             let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
-            let fast = (&y * &probe)?.sum_all()?.backward()?;
-            let slow_y = conv.conv(x.as_tensor(), weight.as_tensor())?;
-            let slow = (&slow_y * &probe)?.sum_all()?.backward()?;
-            for t in [x.as_tensor(), weight.as_tensor()] {
-                let (a, b) = (
-                    fast.get(t).expect("fast gradient"),
-                    slow.get(t).expect("reference gradient"),
-                );
-                assert_eq!(a.dims(), t.dims());
-                assert!(
-                    max_diff(a, b)? < 1e-4,
-                    "k{k} p{p} s{s} {h}x{w}: gradient differs by {}",
-                    max_diff(a, b)?
-                );
+            let ours = (y * &probe)?.sum_all()?.backward()?;
+            let theirs = (reference * &probe)?.sum_all()?.backward()?;
+            for (var, name) in [(&x, "input"), (&weight, "weight")] {
+                let a = ours.get(var.as_tensor()).expect("gradient");
+                let b = theirs.get(var.as_tensor()).expect("gradient");
+                assert_close(a, b, &format!("{what} {name} gradient"))?;
             }
         }
         Ok(())
     }
 
-    /// im2col against its definition, and col2im as its adjoint.
-    #[test]
-    fn im2col_and_col2im_are_adjoint() {
-        for (k, p, s, h, w) in CASES {
-            let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-            let geo = Geometry {
-                c_in: 2,
-                h,
-                w,
-                k: (k, k),
-                out: (oh, ow),
-                padding: p,
-                stride: s,
-            };
-            let x: Vec<f32> = (0..2 * h * w).map(|i| (i as f32 * 0.37).sin()).collect();
-            let cols = geo.im2col(&x);
-            for (row, chunk) in cols.chunks(oh * ow).enumerate() {
-                let (c, ky, kx) = (row / (k * k), row / k % k, row % k);
-                for (o, &v) in chunk.iter().enumerate() {
-                    let (y, xx) = (
-                        (o / ow * s + ky) as isize - p as isize,
-                        (o % ow * s + kx) as isize - p as isize,
-                    );
-                    let inside = (0..h as isize).contains(&y) && (0..w as isize).contains(&xx);
-                    let expected = if inside {
-                        x[(c * h + y as usize) * w + xx as usize]
-                    } else {
-                        0.0
-                    };
-                    assert_eq!(v, expected, "k{k} p{p} s{s} {h}x{w} row {row} out {o}");
-                }
-            }
-            // <im2col(x), g> == <x, col2im(g)>
-            let g: Vec<f32> = (0..cols.len()).map(|i| (i as f32 * 0.11).cos()).collect();
-            let mut back = vec![0f32; x.len()];
-            geo.col2im_add(&g, &mut back);
-            let lhs: f64 = cols.iter().zip(&g).map(|(a, b)| f64::from(a * b)).sum();
-            let rhs: f64 = x.iter().zip(&back).map(|(a, b)| f64::from(a * b)).sum();
-            assert!(
-                (lhs - rhs).abs() < 1e-3 * (1.0 + lhs.abs()),
-                "{lhs} vs {rhs}"
-            );
-        }
+    /// The fallback path of other devices (Candle's ops, differentiable).
+    fn reference_conv(x: &Tensor, w: &Tensor, p: usize, s: usize) -> Result<Tensor> {
+        candle_conv2d(x, w, p, s)
+    }
+
+    fn assert_close(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+        assert!(diff <= 1e-4 * scale, "{what}: max difference {diff} (scale {scale})");
+        Ok(())
     }
 
     #[test]
-    fn frozen_weight_gets_no_gradient() -> Result<()> {
+    fn chunking_keeps_results() -> Result<()> {
+        // Columns of 8 * 9 * 64 * 64 floats per image: forced into chunks of
+        // one image when the budget is smaller than two images.
+        let g = Geometry::new((3, 8, 64, 64), (4, 8, 3, 3), 1, 1)?;
+        assert!(g.chunk() >= 1);
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (1, 2, 5, 5), &dev)?)?;
-        let weight = Tensor::randn(0f32, 1., (3, 2, 3, 3), &dev)?;
-        let y = Conv2d::new(weight.clone(), None, 1, 2).forward(x.as_tensor())?;
-        let grads = y.sum_all()?.backward()?;
-        assert!(grads.get(&weight).is_none());
-        assert_eq!(
-            grads.get(x.as_tensor()).expect("input gradient").dims(),
-            [1, 2, 5, 5]
-        );
-        Ok(())
+        let x = Tensor::randn(0f32, 1., (3, 8, 64, 64), &dev)?;
+        let w = Tensor::randn(0f32, 1., (4, 8, 3, 3), &dev)?;
+        assert_close(&conv2d(&x, &w, 1, 1)?, &x.conv2d(&w, 1, 1, 1, 1)?, "chunked")
     }
 }

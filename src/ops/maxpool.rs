@@ -56,11 +56,7 @@ fn argmax_indices(x: &[f32], (n, c, h, w): Dims4) -> (Vec<u32>, Shape) {
 /// The input as a contiguous f32 CPU vector with its 4 dimensions.
 fn cpu_values(x: &Tensor) -> Result<(Vec<f32>, Dims4)> {
     let dims = x.dims4()?;
-    let values = x
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let values = x.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok((values, dims))
 }
 
@@ -74,11 +70,7 @@ impl CustomOp1 for MaxPool3x3S2P1 {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
-            candle_core::bail!(
-                "{}: expected an f32 tensor, got {:?}",
-                self.name(),
-                storage.dtype()
-            );
+            candle_core::bail!("{}: expected an f32 tensor, got {:?}", self.name(), storage.dtype());
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("{}: expected a contiguous tensor", self.name());
@@ -93,18 +85,12 @@ impl CustomOp1 for MaxPool3x3S2P1 {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (x, dims) = cpu_values(arg)?;
         let (idx, _) = argmax_indices(&x, dims);
-        let grad = grad_res
-            .to_device(&candle_core::Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let grad = grad_res.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; x.len()];
         for (&i, g) in idx.iter().zip(grad) {
             out[i as usize] += g;
         }
-        Ok(Some(
-            Tensor::from_vec(out, arg.shape(), &candle_core::Device::Cpu)?
-                .to_device(arg.device())?,
-        ))
+        Ok(Some(Tensor::from_vec(out, arg.shape(), &candle_core::Device::Cpu)?.to_device(arg.device())?))
     }
 }
 
@@ -121,18 +107,11 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
 fn every_other(t: &Tensor, dim: usize, start: usize, count: usize) -> Result<Tensor> {
     let end = start + 2 * count;
     let len = t.dim(dim)?;
-    let t = if end > len {
-        t.pad_with_zeros(dim, 0, end - len)?
-    } else {
-        t.clone()
-    };
+    let t = if end > len { t.pad_with_zeros(dim, 0, end - len)? } else { t.clone() };
     let mut shape = t.dims().to_vec();
     shape[dim] = count;
     shape.insert(dim + 1, 2);
-    t.narrow(dim, start, 2 * count)?
-        .reshape(shape)?
-        .narrow(dim + 1, 0, 1)?
-        .squeeze(dim + 1)
+    t.narrow(dim, start, 2 * count)?.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
 }
 
 /// The pool as device tensor ops: the 9 window taps of an edge-replicated
@@ -142,10 +121,7 @@ fn gather_pool(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (oh, ow) = (out_size(h), out_size(w));
     let dev = x.device();
-    let padded = x
-        .detach()
-        .pad_with_same(2, PADDING, PADDING)?
-        .pad_with_same(3, PADDING, PADDING)?;
+    let padded = x.detach().pad_with_same(2, PADDING, PADDING)?.pad_with_same(3, PADDING, PADDING)?;
     let mut taps = Vec::with_capacity(KERNEL * KERNEL);
     for dy in 0..KERNEL {
         let rows = every_other(&padded, 2, dy, oh)?;
@@ -155,46 +131,28 @@ fn gather_pool(x: &Tensor) -> Result<Tensor> {
     }
     let taps = Tensor::stack(&taps, 0)?; // [9, n, c, oh, ow]
     let is_max = taps.broadcast_eq(&taps.max_keepdim(0)?)?;
-    let tap_ids = Tensor::arange(0f32, (KERNEL * KERNEL) as f32, dev)?.reshape((
-        KERNEL * KERNEL,
-        1,
-        1,
-        1,
-        1,
-    ))?;
+    let tap_ids = Tensor::arange(0f32, (KERNEL * KERNEL) as f32, dev)?.reshape((KERNEL * KERNEL, 1, 1, 1, 1))?;
     let never = Tensor::full((KERNEL * KERNEL) as f32, taps.shape(), dev)?;
-    let first = is_max
-        .where_cond(&tap_ids.broadcast_as(taps.shape())?, &never)?
-        .min(0)?; // [n, c, oh, ow]
-                  // Tap (dy, dx) of output (oy, ox) reads input (2oy - 1 + dy, 2ox - 1 + dx), clamped.
+    let first = is_max.where_cond(&tap_ids.broadcast_as(taps.shape())?, &never)?.min(0)?; // [n, c, oh, ow]
+                                                                                          // Tap (dy, dx) of output (oy, ox) reads input (2oy - 1 + dy, 2ox - 1 + dx), clamped.
     let dy = (&first / KERNEL as f64)?.floor()?;
     let dx = (&first - (&dy * KERNEL as f64)?)?;
     let oy = Tensor::arange(0f32, oh as f32, dev)?.reshape((1, 1, oh, 1))?;
     let ox = Tensor::arange(0f32, ow as f32, dev)?.reshape((1, 1, 1, ow))?;
-    let row = dy
-        .broadcast_add(&((oy * STRIDE as f64)? - PADDING as f64)?)?
-        .clamp(0f32, (h - 1) as f32)?;
-    let col = dx
-        .broadcast_add(&((ox * STRIDE as f64)? - PADDING as f64)?)?
-        .clamp(0f32, (w - 1) as f32)?;
+    let row = dy.broadcast_add(&((oy * STRIDE as f64)? - PADDING as f64)?)?.clamp(0f32, (h - 1) as f32)?;
+    let col = dx.broadcast_add(&((ox * STRIDE as f64)? - PADDING as f64)?)?.clamp(0f32, (w - 1) as f32)?;
     let within = (row * w as f64)?.add(&col)?.to_dtype(DType::U32)?; // < h*w, exact in f32 below 2^24
     let planes = (Tensor::arange(0u32, (n * c) as u32, dev)?.reshape((n, c, 1, 1))?
-        * Tensor::new(&[(h * w) as u32], dev)?
-            .reshape((1, 1, 1, 1))?
-            .broadcast_as((n, c, 1, 1))?)?;
+        * Tensor::new(&[(h * w) as u32], dev)?.reshape((1, 1, 1, 1))?.broadcast_as((n, c, 1, 1))?)?;
     let idx = within.broadcast_add(&planes)?.flatten_all()?;
-    x.flatten_all()?
-        .index_select(&idx, 0)?
-        .reshape((n, c, oh, ow))
+    x.flatten_all()?.index_select(&idx, 0)?.reshape((n, c, oh, ow))
 }
 
 /// The same pool without a backward pass, for frozen stems: Candle's native
 /// kernel on an edge-replicated input (replicated values never change a
 /// window's maximum).
 pub fn max_pool_3x3_s2_p1_inference(x: &Tensor) -> Result<Tensor> {
-    let padded = x
-        .pad_with_same(2, PADDING, PADDING)?
-        .pad_with_same(3, PADDING, PADDING)?;
+    let padded = x.pad_with_same(2, PADDING, PADDING)?.pad_with_same(3, PADDING, PADDING)?;
     padded.max_pool2d_with_stride(KERNEL, STRIDE)
 }
 
@@ -206,9 +164,7 @@ mod tests {
     /// A deterministic input with distinct values (no ties).
     fn input(dims: (usize, usize, usize, usize)) -> Result<Var> {
         let n = dims.0 * dims.1 * dims.2 * dims.3;
-        let v: Vec<f32> = (0..n)
-            .map(|k| ((k as f32) * 0.7311).sin() * 3.0 + (k as f32) * 1e-3)
-            .collect();
+        let v: Vec<f32> = (0..n).map(|k| ((k as f32) * 0.7311).sin() * 3.0 + (k as f32) * 1e-3).collect();
         Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu)?)
     }
 
@@ -219,10 +175,7 @@ mod tests {
             let ours = max_pool_3x3_s2_p1(x.as_tensor())?;
             let native = max_pool_3x3_s2_p1_inference(x.as_tensor())?;
             assert_eq!(ours.dims(), native.dims());
-            assert_eq!(
-                ours.flatten_all()?.to_vec1::<f32>()?,
-                native.flatten_all()?.to_vec1::<f32>()?
-            );
+            assert_eq!(ours.flatten_all()?.to_vec1::<f32>()?, native.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(())
     }
@@ -235,19 +188,13 @@ mod tests {
         let out_dims = max_pool_3x3_s2_p1(x.as_tensor())?.dims().to_vec();
         let m: usize = out_dims.iter().product();
         let w = Tensor::from_vec(
-            (0..m)
-                .map(|k| 1.0 + (k as f32 * 0.37).cos())
-                .collect::<Vec<_>>(),
+            (0..m).map(|k| 1.0 + (k as f32 * 0.37).cos()).collect::<Vec<_>>(),
             out_dims,
             &Device::Cpu,
         )?;
         let loss = |t: &Tensor| -> Result<Tensor> { (max_pool_3x3_s2_p1(t)? * &w)?.sum_all() };
         let grads = loss(x.as_tensor())?.backward()?;
-        let analytic = grads
-            .get(x.as_tensor())
-            .expect("gradient of x")
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let analytic = grads.get(x.as_tensor()).expect("gradient of x").flatten_all()?.to_vec1::<f32>()?;
         let base = x.as_tensor().flatten_all()?.to_vec1::<f32>()?;
         let eps = 1e-3f32;
         for (k, &a) in analytic.iter().enumerate() {
@@ -257,10 +204,7 @@ mod tests {
                 loss(&Tensor::from_vec(v, dims, &Device::Cpu)?)?.to_scalar::<f32>()
             };
             let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
-            assert!(
-                (numeric - a).abs() < 1e-2,
-                "element {k}: finite difference {numeric}, backward {a}"
-            );
+            assert!((numeric - a).abs() < 1e-2, "element {k}: finite difference {numeric}, backward {a}");
         }
         Ok(())
     }
@@ -269,33 +213,15 @@ mod tests {
     /// values and gradients, ties included.
     #[test]
     fn device_path_matches_the_cpu_op() -> Result<()> {
-        let ties = Tensor::from_vec(
-            (0..70).map(|k| (k % 4) as f32).collect::<Vec<_>>(),
-            (1, 2, 5, 7),
-            &Device::Cpu,
-        )?;
-        for x in [
-            input((2, 3, 7, 9))?,
-            input((1, 2, 8, 6))?,
-            Var::from_tensor(&ties)?,
-        ] {
-            let (a, b) = (
-                max_pool_3x3_s2_p1(x.as_tensor())?,
-                gather_pool(x.as_tensor())?,
-            );
-            assert_eq!(
-                a.flatten_all()?.to_vec1::<f32>()?,
-                b.flatten_all()?.to_vec1::<f32>()?
-            );
+        let ties = Tensor::from_vec((0..70).map(|k| (k % 4) as f32).collect::<Vec<_>>(), (1, 2, 5, 7), &Device::Cpu)?;
+        for x in [input((2, 3, 7, 9))?, input((1, 2, 8, 6))?, Var::from_tensor(&ties)?] {
+            let (a, b) = (max_pool_3x3_s2_p1(x.as_tensor())?, gather_pool(x.as_tensor())?);
+            assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
             let w = Tensor::rand(0f32, 1., a.dims(), &Device::Cpu)?;
             let ga = (a * &w)?.sum_all()?.backward()?;
             let gb = (b * &w)?.sum_all()?.backward()?;
             let g = |grads: &candle_core::backprop::GradStore| -> Result<Vec<f32>> {
-                grads
-                    .get(x.as_tensor())
-                    .expect("gradient of x")
-                    .flatten_all()?
-                    .to_vec1::<f32>()
+                grads.get(x.as_tensor()).expect("gradient of x").flatten_all()?.to_vec1::<f32>()
             };
             assert_eq!(g(&ga)?, g(&gb)?);
         }
@@ -306,11 +232,7 @@ mod tests {
     fn ties_send_the_gradient_to_the_first_maximum() -> Result<()> {
         let x = Var::from_tensor(&Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu)?)?;
         let grads = max_pool_3x3_s2_p1(x.as_tensor())?.sum_all()?.backward()?;
-        let g = grads
-            .get(x.as_tensor())
-            .expect("gradient of x")
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let g = grads.get(x.as_tensor()).expect("gradient of x").flatten_all()?.to_vec1::<f32>()?;
         // Outputs 2x2; windows start at (0,0), (0,1), (1,0), (1,1) after padding.
         assert_eq!(g, vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
         Ok(())

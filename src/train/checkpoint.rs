@@ -55,8 +55,7 @@ pub struct Checkpoint {
 /// Writes `checkpoints/step-N` and points the link `name` ("last" or
 /// "best") at it.
 pub fn save(checkpoints: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
-    std::fs::create_dir_all(checkpoints)
-        .with_context(|| format!("cannot create {}", checkpoints.display()))?;
+    std::fs::create_dir_all(checkpoints).with_context(|| format!("cannot create {}", checkpoints.display()))?;
     let folder_name = format!("step-{:08}", ckpt.state.step);
     let folder = checkpoints.join(&folder_name);
     if !folder.join(STATE_FILE).exists() {
@@ -74,10 +73,7 @@ fn write_folder(checkpoints: &Path, folder: &Path, ckpt: &Checkpoint) -> Result<
     let written = (|| -> Result<()> {
         candle_core::safetensors::save(&ckpt.model, tmp.join(MODEL_FILE))?;
         candle_core::safetensors::save(&ckpt.optimizer, tmp.join(OPTIMIZER_FILE))?;
-        std::fs::write(
-            tmp.join(STATE_FILE),
-            serde_json::to_string_pretty(&ckpt.state)?,
-        )?;
+        std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&ckpt.state)?)?;
         std::fs::write(tmp.join(CONFIG_FILE), &ckpt.config_toml)?;
         for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE] {
             File::open(tmp.join(f))?.sync_all()?;
@@ -86,12 +82,10 @@ fn write_folder(checkpoints: &Path, folder: &Path, ckpt: &Checkpoint) -> Result<
     })();
     if let Err(err) = written {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(err)
-            .with_context(|| format!("cannot write checkpoint into {}", checkpoints.display()));
+        return Err(err).with_context(|| format!("cannot write checkpoint into {}", checkpoints.display()));
     }
     let _ = std::fs::remove_dir_all(folder); // a partial folder of an older crash
-    std::fs::rename(&tmp, folder)
-        .with_context(|| format!("cannot move checkpoint to {}", folder.display()))?;
+    std::fs::rename(&tmp, folder).with_context(|| format!("cannot move checkpoint to {}", folder.display()))?;
     sync_dir(checkpoints);
     Ok(())
 }
@@ -127,10 +121,8 @@ fn sync_dir(dir: &Path) {
 
 /// Removes `step-N` folders and leftovers that no link points at.
 fn remove_unlinked(checkpoints: &Path) {
-    let linked: Vec<PathBuf> = ["last", "best"]
-        .iter()
-        .filter_map(|l| std::fs::read_link(checkpoints.join(l)).ok())
-        .collect();
+    let linked: Vec<PathBuf> =
+        ["last", "best"].iter().filter_map(|l| std::fs::read_link(checkpoints.join(l)).ok()).collect();
     let Ok(entries) = std::fs::read_dir(checkpoints) else {
         return;
     };
@@ -138,8 +130,7 @@ fn remove_unlinked(checkpoints: &Path) {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let is_step = name.starts_with("step-");
-        let is_stale_tmp =
-            name.starts_with(".tmp-") && !name.ends_with(&format!("-{}", std::process::id()));
+        let is_stale_tmp = name.starts_with(".tmp-") && !name.ends_with(&format!("-{}", std::process::id()));
         if (is_step && !linked.iter().any(|l| l.as_os_str() == entry.file_name())) || is_stale_tmp {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -150,14 +141,10 @@ fn remove_unlinked(checkpoints: &Path) {
 pub fn load(folder: &Path, device: &Device) -> Result<Checkpoint> {
     let state_path = folder.join(STATE_FILE);
     if !state_path.is_file() {
-        bail!(
-            "{}: not a checkpoint folder (no {STATE_FILE})",
-            folder.display()
-        );
+        bail!("{}: not a checkpoint folder (no {STATE_FILE})", folder.display());
     }
     let state: TrainState = serde_json::from_str(
-        &std::fs::read_to_string(&state_path)
-            .with_context(|| format!("cannot read {}", state_path.display()))?,
+        &std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?,
     )
     .with_context(|| format!("{}: invalid checkpoint state", state_path.display()))?;
     let read_tensors = |file: &str| -> Result<HashMap<String, Tensor>> {
@@ -199,8 +186,7 @@ mod tests {
     }
 
     fn temp(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("retinanet-ckpt-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("retinanet-ckpt-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }
@@ -215,19 +201,11 @@ mod tests {
         let last = load(&dir.join("last"), &Device::Cpu).unwrap();
         assert_eq!(last.state.step, 30);
         assert_eq!(last.model["w"].to_vec1::<f32>().unwrap(), vec![3.0, 3.0]);
-        assert_eq!(
-            load(&dir.join("best"), &Device::Cpu).unwrap().state.step,
-            10
-        );
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        assert_eq!(load(&dir.join("best"), &Device::Cpu).unwrap().state.step, 10);
+        let mut names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
-        assert_eq!(
-            names,
-            vec!["best", "last", "step-00000010", "step-00000030"]
-        );
+        assert_eq!(names, vec!["best", "last", "step-00000010", "step-00000030"]);
     }
 
     #[test]

@@ -16,15 +16,9 @@ use crate::ops::boxes::elementwise_generalized_iou;
 ///
 /// The cross entropy uses the stable form `max(x, 0) - x t + log(1 + e^-|x|)`,
 /// finite for any finite logit. `logits` and `targets` share a shape.
-pub fn sigmoid_focal_loss(
-    logits: &Tensor,
-    targets: &Tensor,
-    alpha: f64,
-    gamma: f64,
-) -> Result<Tensor> {
+pub fn sigmoid_focal_loss(logits: &Tensor, targets: &Tensor, alpha: f64, gamma: f64) -> Result<Tensor> {
     let p = candle_nn::ops::sigmoid(logits)?;
-    let ce =
-        ((logits.relu()? - (logits * targets)?)? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    let ce = ((logits.relu()? - (logits * targets)?)? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
     let one_minus_t = targets.affine(-1.0, 1.0)?;
     let p_t = ((&p * targets)? + (p.affine(-1.0, 1.0)? * &one_minus_t)?)?;
     let one_minus_p_t = p_t.affine(-1.0, 1.0)?;
@@ -98,24 +92,19 @@ impl Normalizer {
     pub const EMA_INITIAL: f64 = 100.0;
 
     pub fn new(kind: LossNormalizer) -> Self {
-        Self {
-            kind,
-            ema: Self::EMA_INITIAL,
-        }
+        Self { kind, ema: Self::EMA_INITIAL }
     }
 
     /// Weights per image; updates the EMA.
     pub fn image_weights(&mut self, fg_per_image: &[usize]) -> Vec<f32> {
         let n = fg_per_image.len() as f64;
         match self.kind {
-            LossNormalizer::PerImage => fg_per_image
-                .iter()
-                .map(|&fg| (1.0 / (n * (fg.max(1) as f64))) as f32)
-                .collect(),
+            LossNormalizer::PerImage => {
+                fg_per_image.iter().map(|&fg| (1.0 / (n * (fg.max(1) as f64))) as f32).collect()
+            }
             LossNormalizer::Ema => {
                 let total: usize = fg_per_image.iter().sum();
-                self.ema =
-                    Self::EMA_MOMENTUM * self.ema + (1.0 - Self::EMA_MOMENTUM) * total as f64;
+                self.ema = Self::EMA_MOMENTUM * self.ema + (1.0 - Self::EMA_MOMENTUM) * total as f64;
                 vec![(1.0 / self.ema.max(1.0)) as f32; fg_per_image.len()]
             }
         }
@@ -142,9 +131,7 @@ pub fn retinanet_loss(
         let predicted = flat.index_select(&targets.fg_indices, 0)?; // [f, 4]
         let per_anchor = match cfg.box_loss {
             BoxLoss::L1 => (predicted - encoded_targets(targets, box_coder)?)?.abs()?.sum_keepdim(D::Minus1)?,
-            BoxLoss::SmoothL1 => {
-                smooth_l1(&(predicted - encoded_targets(targets, box_coder)?)?, cfg.smooth_l1_beta)?
-            }
+            BoxLoss::SmoothL1 => smooth_l1(&(predicted - encoded_targets(targets, box_coder)?)?, cfg.smooth_l1_beta)?,
             BoxLoss::Giou => {
                 let boxes = box_coder.decode(&predicted, &targets.fg_anchors)?;
                 elementwise_generalized_iou(&boxes, &targets.matched_boxes)?.affine(-1.0, 1.0)?.unsqueeze(1)?
@@ -186,10 +173,7 @@ mod tests {
         let d = Device::Cpu;
         let x = Tensor::new(&[x], &d).unwrap();
         let t = Tensor::new(&[t], &d).unwrap();
-        sigmoid_focal_loss(&x, &t, alpha, gamma)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()[0]
+        sigmoid_focal_loss(&x, &t, alpha, gamma).unwrap().to_vec1::<f32>().unwrap()[0]
     }
 
     /// The worked values of the Training issue (alpha 0.25, gamma 2).
@@ -206,14 +190,8 @@ mod tests {
         for (p, y, ce, fl) in table {
             let got_ce = focal(logit(p), y, -1.0, 0.0);
             let got_fl = focal(logit(p), y, 0.25, 2.0);
-            assert!(
-                (got_ce - ce).abs() / ce < 1e-4,
-                "CE at p={p} y={y}: {got_ce} vs {ce}"
-            );
-            assert!(
-                (got_fl - fl).abs() / fl < 1e-3,
-                "FL at p={p} y={y}: {got_fl} vs {fl}"
-            );
+            assert!((got_ce - ce).abs() / ce < 1e-4, "CE at p={p} y={y}: {got_ce} vs {ce}");
+            assert!((got_fl - fl).abs() / fl < 1e-3, "FL at p={p} y={y}: {got_fl} vs {fl}");
         }
     }
 
@@ -231,21 +209,12 @@ mod tests {
         let d = Device::Cpu;
         let x = Var::new(&[100f32, -100.0, 100.0, -100.0], &d).unwrap();
         let t = Tensor::new(&[0f32, 1.0, 1.0, 0.0], &d).unwrap();
-        let loss = sigmoid_focal_loss(x.as_tensor(), &t, 0.25, 2.0)
-            .unwrap()
-            .sum_all()
-            .unwrap();
+        let loss = sigmoid_focal_loss(x.as_tensor(), &t, 0.25, 2.0).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         let value = loss.to_vec0::<f32>().unwrap();
-        assert!(
-            value.is_finite() && g.iter().all(|v| v.is_finite()),
-            "loss {value}, grad {g:?}"
-        );
-        assert!(
-            (value - (75.0 + 25.0)).abs() < 1e-3,
-            "wrong confident mistakes cost 0.75*100 and 0.25*100: {value}"
-        );
+        assert!(value.is_finite() && g.iter().all(|v| v.is_finite()), "loss {value}, grad {g:?}");
+        assert!((value - (75.0 + 25.0)).abs() < 1e-3, "wrong confident mistakes cost 0.75*100 and 0.25*100: {value}");
     }
 
     #[test]

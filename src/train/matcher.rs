@@ -32,11 +32,7 @@ impl Matcher {
     /// without boxes gives all-background. Each anchor's match is the first
     /// box of highest IoU, as `torch.max(dim=0)`.
     pub fn assign(&self, iou: &[f32], num_gt: usize, num_anchors: usize) -> Vec<i64> {
-        assert_eq!(
-            iou.len(),
-            num_gt * num_anchors,
-            "iou is not [num_gt, num_anchors]"
-        );
+        assert_eq!(iou.len(), num_gt * num_anchors, "iou is not [num_gt, num_anchors]");
         if num_gt == 0 {
             return vec![BACKGROUND; num_anchors];
         }
@@ -79,12 +75,7 @@ fn best_per_anchor(iou: &[f32], num_gt: usize, num_anchors: usize) -> (Vec<f32>,
 /// torchvision's `set_low_quality_matches_`: every anchor tied at a box's
 /// highest IoU gets back its best match. A box that overlaps no anchor at
 /// all (highest IoU 0) would "tie" with every anchor; it is skipped.
-fn restore_low_quality_matches(
-    matches: &mut [i64],
-    best_gt: &[usize],
-    iou: &[f32],
-    num_anchors: usize,
-) {
+fn restore_low_quality_matches(matches: &mut [i64], best_gt: &[usize], iou: &[f32], num_anchors: usize) {
     for row in iou.chunks_exact(num_anchors) {
         let highest = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if highest <= 0.0 {
@@ -125,24 +116,14 @@ pub fn ignore_crowd_covered(matches: &mut [i64], anchors: &[[f32; 4]], crowd_box
 mod tests {
     use super::*;
 
-    const TV: Matcher = Matcher {
-        high_threshold: 0.5,
-        low_threshold: 0.4,
-        allow_low_quality_matches: true,
-    };
+    const TV: Matcher = Matcher { high_threshold: 0.5, low_threshold: 0.4, allow_low_quality_matches: true };
 
     #[test]
     fn thresholds_split_foreground_ignore_and_background() {
-        let strict = Matcher {
-            allow_low_quality_matches: false,
-            ..TV
-        };
+        let strict = Matcher { allow_low_quality_matches: false, ..TV };
         // One box, five anchors.
         let iou = [0.7, 0.5, 0.45, 0.4, 0.39];
-        assert_eq!(
-            strict.assign(&iou, 1, 5),
-            vec![0, 0, IGNORE, IGNORE, BACKGROUND]
-        );
+        assert_eq!(strict.assign(&iou, 1, 5), vec![0, 0, IGNORE, IGNORE, BACKGROUND]);
     }
 
     #[test]
@@ -176,16 +157,8 @@ mod tests {
     #[test]
     fn crowd_covered_background_is_ignored() {
         let mut matches = vec![BACKGROUND, BACKGROUND, 0];
-        let anchors = [
-            [0.0, 0.0, 10.0, 10.0],
-            [50.0, 50.0, 60.0, 60.0],
-            [0.0, 0.0, 10.0, 10.0],
-        ];
+        let anchors = [[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 10.0, 10.0]];
         ignore_crowd_covered(&mut matches, &anchors, &[[0.0, 0.0, 100.0, 5.0]]);
-        assert_eq!(
-            matches,
-            vec![IGNORE, BACKGROUND, 0],
-            "half-covered anchor ignored, foreground untouched"
-        );
+        assert_eq!(matches, vec![IGNORE, BACKGROUND, 0], "half-covered anchor ignored, foreground untouched");
     }
 }

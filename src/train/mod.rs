@@ -4,5 +4,8 @@ pub mod checkpoint;
 pub mod loss;
 pub mod matcher;
 pub mod optim;
+pub mod progress;
 pub mod schedule;
+pub mod step;
 pub mod targets;
+pub mod trainer;

@@ -22,10 +22,7 @@ pub struct Param {
 /// True for parameters that detectron2 and torchvision recipes exempt from
 /// weight decay: biases and normalisation affines.
 pub fn is_norm_or_bias(name: &str) -> bool {
-    name.ends_with(".bias")
-        || name.contains(".bn")
-        || name.contains("norm")
-        || name.contains("downsample.1.")
+    name.ends_with(".bias") || name.contains(".bn") || name.contains("norm") || name.contains("downsample.1.")
 }
 
 /// AdamW's fixed hyper-parameters (PyTorch defaults).
@@ -85,10 +82,7 @@ impl Optimizer {
         if squares.is_empty() {
             return Ok(0.0);
         }
-        let total = Tensor::stack(&squares, 0)?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        let total = Tensor::stack(&squares, 0)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         Ok(total.sqrt())
     }
 
@@ -100,11 +94,7 @@ impl Optimizer {
             let Some(grad) = grads.get(self.params[i].var.as_tensor()) else {
                 continue;
             };
-            let grad = if grad_scale == 1.0 {
-                grad.clone()
-            } else {
-                (grad * grad_scale)?
-            };
+            let grad = if grad_scale == 1.0 { grad.clone() } else { (grad * grad_scale)? };
             match self.kind {
                 OptimizerKind::Sgd => self.sgd_update(i, &grad, lr)?,
                 OptimizerKind::AdamW => self.adamw_update(i, &grad, lr)?,
@@ -118,11 +108,7 @@ impl Optimizer {
     fn sgd_update(&mut self, i: usize, grad: &Tensor, lr: f64) -> Result<()> {
         let p = &self.params[i];
         let value = p.var.as_tensor();
-        let d = if p.decay && self.weight_decay != 0.0 {
-            (grad + (value * self.weight_decay)?)?
-        } else {
-            grad.clone()
-        };
+        let d = if p.decay && self.weight_decay != 0.0 { (grad + (value * self.weight_decay)?)? } else { grad.clone() };
         let direction = if self.momentum != 0.0 {
             let buf = match self.first.get(&p.name) {
                 Some(buf) => ((buf * self.momentum)? + d)?,
@@ -165,34 +151,20 @@ impl Optimizer {
     /// Optimiser state as named tensors (`first.<param>`, `second.<param>`)
     /// for `optimizer.safetensors`; the step count goes in `state.json`.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
-        let first = self
-            .first
-            .iter()
-            .map(|(k, v)| (format!("first.{k}"), v.clone()));
-        let second = self
-            .second
-            .iter()
-            .map(|(k, v)| (format!("second.{k}"), v.clone()));
+        let first = self.first.iter().map(|(k, v)| (format!("first.{k}"), v.clone()));
+        let second = self.second.iter().map(|(k, v)| (format!("second.{k}"), v.clone()));
         first.chain(second).collect()
     }
 
     /// Restores what [`Optimizer::state_tensors`] saved. Names of unknown
     /// parameters are an error, so a checkpoint of another model is caught.
-    pub fn load_state(
-        &mut self,
-        tensors: HashMap<String, Tensor>,
-        steps: u64,
-    ) -> anyhow::Result<()> {
-        let known: HashMap<&str, &Param> =
-            self.params.iter().map(|p| (p.name.as_str(), p)).collect();
+    pub fn load_state(&mut self, tensors: HashMap<String, Tensor>, steps: u64) -> anyhow::Result<()> {
+        let known: HashMap<&str, &Param> = self.params.iter().map(|p| (p.name.as_str(), p)).collect();
         for (key, tensor) in tensors {
-            let (slot, name) = key
-                .split_once('.')
-                .ok_or_else(|| anyhow::anyhow!("optimizer state: unexpected tensor {key}"))?;
+            let (slot, name) =
+                key.split_once('.').ok_or_else(|| anyhow::anyhow!("optimizer state: unexpected tensor {key}"))?;
             let Some(param) = known.get(name) else {
-                anyhow::bail!(
-                    "optimizer state: tensor {key} belongs to no parameter of this model"
-                );
+                anyhow::bail!("optimizer state: tensor {key} belongs to no parameter of this model");
             };
             if tensor.dims() != param.var.dims() {
                 anyhow::bail!(
@@ -220,12 +192,7 @@ mod tests {
     use super::*;
 
     fn cfg(kind: OptimizerKind, wd: f64) -> TrainConfig {
-        TrainConfig {
-            optimizer: kind,
-            momentum: 0.9,
-            weight_decay: wd,
-            ..TrainConfig::default()
-        }
+        TrainConfig { optimizer: kind, momentum: 0.9, weight_decay: wd, ..TrainConfig::default() }
     }
 
     /// Two steps on f(p) = sum(p^2) / 2 (gradient p), against PyTorch:
@@ -239,20 +206,14 @@ mod tests {
     #[test]
     fn sgd_momentum_matches_pytorch() {
         let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
-        let mut opt = Optimizer::new(
-            vec![("w".into(), var.clone())],
-            &cfg(OptimizerKind::Sgd, 0.01),
-        );
+        let mut opt = Optimizer::new(vec![("w".into(), var.clone())], &cfg(OptimizerKind::Sgd, 0.01));
         for _ in 0..2 {
             let loss = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
             opt.step(&loss.backward().unwrap(), 0.1, 1.0).unwrap();
         }
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
         let expected = [0.717_301_f32, -1.434_602];
-        assert!(
-            got.iter().zip(expected).all(|(g, e)| (g - e).abs() < 1e-6),
-            "{got:?}"
-        );
+        assert!(got.iter().zip(expected).all(|(g, e)| (g - e).abs() < 1e-6), "{got:?}");
     }
 
     /// `torch.optim.AdamW([p], lr=0.01, weight_decay=0.0)` on `p.sum()` from
@@ -260,42 +221,22 @@ mod tests {
     #[test]
     fn adamw_first_step_moves_by_lr() {
         let var = Var::new(&[3.0f32, -5.0], &Device::Cpu).unwrap();
-        let mut opt = Optimizer::new(
-            vec![("w".into(), var.clone())],
-            &cfg(OptimizerKind::AdamW, 0.0),
-        );
+        let mut opt = Optimizer::new(vec![("w".into(), var.clone())], &cfg(OptimizerKind::AdamW, 0.0));
         let loss = var.as_tensor().sum_all().unwrap();
         opt.step(&loss.backward().unwrap(), 0.01, 1.0).unwrap();
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
-        assert!(
-            (got[0] - 2.99).abs() < 1e-5 && (got[1] + 5.01).abs() < 1e-5,
-            "{got:?}"
-        );
+        assert!((got[0] - 2.99).abs() < 1e-5 && (got[1] + 5.01).abs() < 1e-5, "{got:?}");
     }
 
     #[test]
     fn state_round_trips_and_rejects_foreign_tensors() {
         let var = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
-        let mut opt = Optimizer::new(
-            vec![("w".into(), var.clone())],
-            &cfg(OptimizerKind::Sgd, 0.0),
-        );
-        opt.step(
-            &var.as_tensor().sum_all().unwrap().backward().unwrap(),
-            0.1,
-            1.0,
-        )
-        .unwrap();
+        let mut opt = Optimizer::new(vec![("w".into(), var.clone())], &cfg(OptimizerKind::Sgd, 0.0));
+        opt.step(&var.as_tensor().sum_all().unwrap().backward().unwrap(), 0.1, 1.0).unwrap();
         let saved = opt.state_tensors();
-        let mut fresh = Optimizer::new(
-            vec![("w".into(), var.clone())],
-            &cfg(OptimizerKind::Sgd, 0.0),
-        );
+        let mut fresh = Optimizer::new(vec![("w".into(), var.clone())], &cfg(OptimizerKind::Sgd, 0.0));
         fresh.load_state(saved.clone(), opt.steps()).unwrap();
-        assert_eq!(
-            fresh.state_tensors()["first.w"].to_vec1::<f32>().unwrap(),
-            vec![1.0, 1.0]
-        );
+        assert_eq!(fresh.state_tensors()["first.w"].to_vec1::<f32>().unwrap(), vec![1.0, 1.0]);
         let foreign = HashMap::from([("first.other".to_string(), saved["first.w"].clone())]);
         let err = fresh.load_state(foreign, 1).unwrap_err().to_string();
         assert!(err.contains("first.other"), "{err}");
@@ -305,9 +246,7 @@ mod tests {
     fn decay_exemptions_follow_names() {
         assert!(is_norm_or_bias("backbone.body.bn1.weight"));
         assert!(is_norm_or_bias("head.classification_head.cls_logits.bias"));
-        assert!(is_norm_or_bias(
-            "backbone.body.layer1.0.downsample.1.weight"
-        ));
+        assert!(is_norm_or_bias("backbone.body.layer1.0.downsample.1.weight"));
         assert!(!is_norm_or_bias("backbone.body.layer1.0.conv1.weight"));
     }
 }

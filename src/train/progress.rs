@@ -51,7 +51,8 @@ impl MetricsLog {
                 }
             }
         }
-        let text: String = entries.iter().map(|e| serde_json::to_string(e).expect("entries serialise") + "\n").collect();
+        let text: String =
+            entries.iter().map(|e| serde_json::to_string(e).expect("entries serialise") + "\n").collect();
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(Self { path: path.to_path_buf(), entries })
     }
@@ -128,10 +129,11 @@ impl Progress {
 
     /// Shows a train entry: updates the bar, or prints one line.
     pub fn show(&self, entry: &MetricsEntry) {
-        let MetricsEntry::Train { step, epoch, loss, loss_cls, loss_box, lr, images_per_second } = entry else { return };
-        let text = format!(
-            "loss {loss:.4} (cls {loss_cls:.4} box {loss_box:.4}) lr {lr:.2e} {images_per_second:.1} img/s"
-        );
+        let MetricsEntry::Train { step, epoch, loss, loss_cls, loss_box, lr, images_per_second } = entry else {
+            return;
+        };
+        let text =
+            format!("loss {loss:.4} (cls {loss_cls:.4} box {loss_box:.4}) lr {lr:.2e} {images_per_second:.1} img/s");
         match &self.bar {
             Some(bar) => {
                 bar.set_prefix(format!("epoch {epoch}"));

@@ -56,12 +56,7 @@ mod tests {
 
     #[test]
     fn cosine_decays_to_zero() {
-        let cfg = TrainConfig {
-            lr: 0.02,
-            warmup_steps: 0,
-            schedule: LrSchedule::Cosine,
-            ..TrainConfig::default()
-        };
+        let cfg = TrainConfig { lr: 0.02, warmup_steps: 0, schedule: LrSchedule::Cosine, ..TrainConfig::default() };
         assert_eq!(learning_rate(&cfg, 0, 100), 0.02);
         assert!((learning_rate(&cfg, 50, 100) - 0.01).abs() < 1e-12);
         assert!(learning_rate(&cfg, 100, 100).abs() < 1e-12);

@@ -50,7 +50,10 @@ pub fn build_targets(
             }
             let (label, gt_box) = gt[m as usize];
             if label >= num_classes {
-                candle_core::bail!("image {}: label {label} is outside the model's {num_classes} classes", target.image_id);
+                candle_core::bail!(
+                    "image {}: label {label} is outside the model's {num_classes} classes",
+                    target.image_id
+                );
             }
             cls_targets[row * num_classes + label] = 1.0;
             fg_indices.push(row as u32);

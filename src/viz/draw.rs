@@ -39,29 +39,14 @@ pub fn draw_labeled_box(image: &mut RgbImage, bbox: [f32; 4], caption: &str, col
     let thickness = (image.width().max(image.height()) / 300).clamp(1, 4) as i32;
     let [x1, y1, x2, y2] = bbox.map(|v| v.round() as i32);
     for t in 0..thickness {
-        let (w, h) = (
-            (x2 - x1 - 2 * t).max(1) as u32,
-            (y2 - y1 - 2 * t).max(1) as u32,
-        );
+        let (w, h) = ((x2 - x1 - 2 * t).max(1) as u32, (y2 - y1 - 2 * t).max(1) as u32);
         draw_hollow_rect_mut(image, Rect::at(x1 + t, y1 + t).of_size(w, h), colour);
     }
     let scale = PxScale::from((image.height() as f32 / 40.0).clamp(11.0, 22.0));
     let (text_w, text_h) = text_size(scale, font(), caption);
     let pad = 2;
-    let top = if y1 - (text_h as i32 + 2 * pad) >= 0 {
-        y1 - (text_h as i32 + 2 * pad)
-    } else {
-        y1
-    };
+    let top = if y1 - (text_h as i32 + 2 * pad) >= 0 { y1 - (text_h as i32 + 2 * pad) } else { y1 };
     let background = Rect::at(x1, top).of_size(text_w + 2 * pad as u32, text_h + 2 * pad as u32);
     draw_filled_rect_mut(image, background, colour);
-    draw_text_mut(
-        image,
-        Rgb([255, 255, 255]),
-        x1 + pad,
-        top + pad,
-        scale,
-        font(),
-        caption,
-    );
+    draw_text_mut(image, Rgb([255, 255, 255]), x1 + pad, top + pad, scale, font(), caption);
 }

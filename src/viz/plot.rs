@@ -34,7 +34,8 @@ pub struct Panel {
 }
 
 /// Tableau colours, cycled over a panel's series.
-const COLOURS: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+const COLOURS: [RGBColor; 4] =
+    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
 
 /// Draws `panels` stacked vertically, each `panel_size` pixels, into a PNG.
 pub fn write_panels(path: &Path, panels: &[Panel], panel_size: (u32, u32)) -> Result<()> {

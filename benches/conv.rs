@@ -1,0 +1,49 @@
+//! Convolution forward and forward+backward time, our GEMM op against
+//! Candle's own, on the shapes RetinaNet uses. Compare with
+//! `python3 benchmarks/conv_torch.py` (same shapes, torch, same threads).
+//!
+//! `cargo bench --bench conv`
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use candle_retinanet::ops::conv::conv2d;
+
+/// (name, n, c_in, c_out, size, kernel, stride)
+const CASES: [(&str, usize, usize, usize, usize, usize, usize); 4] = [
+    ("3x3 256->256 64x64 n2", 2, 256, 256, 64, 3, 1),
+    ("3x3 64->64 24x24 n16", 16, 64, 64, 24, 3, 1),
+    ("3x3 16->16 48x48 n16", 16, 16, 16, 48, 3, 1),
+    ("7x7/2 3->64 512x512 n2", 2, 3, 64, 512, 7, 2),
+];
+
+fn median_seconds(mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    f()?;
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f().map(|_| t.elapsed().as_secs_f64())
+        })
+        .collect::<candle_core::Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
+}
+
+fn main() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    println!("{:<26} {:>12} {:>12} {:>12} {:>12}", "case", "ours fwd", "ours f+b", "candle fwd", "candle f+b");
+    for (name, n, c, co, size, k, s) in CASES {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, size, size), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (co, c, k, k), &dev)?)?;
+        let p = k / 2;
+        let ours_f = median_seconds(|| conv2d(x.as_tensor(), w.as_tensor(), p, s).map(|_| ()))?;
+        let ours_fb = median_seconds(|| conv2d(x.as_tensor(), w.as_tensor(), p, s)?.sum_all()?.backward().map(|_| ()))?;
+        let candle_f = median_seconds(|| x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1).map(|_| ()))?;
+        // Candle's backward needs sizes the strides divide (see ops::conv).
+        let candle_fb =
+            median_seconds(|| x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1)?.sum_all()?.backward().map(|_| ()))
+                .unwrap_or(f64::NAN);
+        println!("{name:<26} {ours_f:>12.4} {ours_fb:>12.4} {candle_f:>12.4} {candle_fb:>12.4}");
+    }
+    Ok(())
+}

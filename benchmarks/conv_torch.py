@@ -1,0 +1,40 @@
+"""torch's convolution forward and forward+backward on the shapes of
+`cargo bench --bench conv`, with the same thread count.
+
+    python3 benchmarks/conv_torch.py [THREADS]   (default: all cores)
+"""
+import os
+import sys
+import time
+
+import torch
+
+threads = int(sys.argv[1]) if len(sys.argv) > 1 else os.cpu_count()
+torch.set_num_threads(threads)
+CASES = [
+    ("3x3 256->256 64x64 n2", 2, 256, 256, 64, 3, 1),
+    ("3x3 64->64 24x24 n16", 16, 64, 64, 24, 3, 1),
+    ("3x3 16->16 48x48 n16", 16, 16, 16, 48, 3, 1),
+    ("7x7/2 3->64 512x512 n2", 2, 3, 64, 512, 7, 2),
+]
+
+
+def median_seconds(f):
+    f()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[2]
+
+
+print(f"torch {torch.__version__}, {threads} threads")
+print(f"{'case':<26} {'torch fwd':>12} {'torch f+b':>12}")
+for name, n, c, co, size, k, s in CASES:
+    x = torch.randn(n, c, size, size, requires_grad=True)
+    w = (torch.randn(co, c, k, k) * 0.1).requires_grad_(True)
+    conv = lambda: torch.nn.functional.conv2d(x, w, padding=k // 2, stride=s)
+    fwd = median_seconds(lambda: conv())
+    fb = median_seconds(lambda: conv().sum().backward())
+    print(f"{name:<26} {fwd:>12.4f} {fb:>12.4f}")

@@ -1,0 +1,124 @@
+//! `retinanet bench`: a training step or inference timed on random images
+//! with random boxes and a randomly initialised model (no file is read).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+pub use crate::cli::BenchMode;
+use crate::config::Config;
+use crate::data::loader::{Batch, Target};
+use crate::model::weights;
+use crate::train::step::{StepOutcome, StepRunner};
+
+/// Classes of the random model when the config does not fix them (COCO's).
+pub const DEFAULT_CLASSES: usize = 80;
+/// Untimed steps before timing starts.
+pub const WARMUP_STEPS: usize = 2;
+
+/// The `--json` object of DESIGN.md.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchReport {
+    pub mode: BenchMode,
+    pub size: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub seconds_per_step_median: f64,
+    pub images_per_second: f64,
+    /// Peak resident memory of the process (0 where the OS does not say).
+    pub peak_rss_mib: f64,
+}
+
+/// Times `steps` steps of `mode` after [`WARMUP_STEPS`] untimed ones.
+pub fn run(
+    mut config: Config,
+    mode: BenchMode,
+    size: usize,
+    batch: usize,
+    steps: usize,
+    device: &Device,
+) -> Result<BenchReport> {
+    if size < 32 || batch == 0 || steps == 0 {
+        bail!("bench needs --size >= 32, --batch >= 1 and --steps >= 1");
+    }
+    if config.model.num_classes == 0 {
+        config.model.num_classes =
+            if config.data.classes.is_empty() { DEFAULT_CLASSES } else { config.data.classes.len() };
+    }
+    let loaded = weights::build(&config.model, config.model.num_classes, device, None)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
+    let data = random_batch(&mut rng, size, batch, config.model.num_classes)?;
+    let mut runner = StepRunner::new(loaded.model, loaded.varmap, &config, device);
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..WARMUP_STEPS + steps {
+        let started = Instant::now();
+        match mode {
+            BenchMode::Train => {
+                if let StepOutcome::NonFinite { what, detail } = runner.step(&data, config.train.lr)? {
+                    bail!("bench: the {what} is not finite ({detail})");
+                }
+            }
+            BenchMode::Infer => {
+                let sizes: Vec<_> =
+                    data.targets.iter().map(|t| (t.image_id, t.resized_size, t.original_size)).collect();
+                crate::inference::detect_images(&runner.model, &data.images, &sizes, device)?;
+            }
+        }
+        device.synchronize()?;
+        if i >= WARMUP_STEPS {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    Ok(BenchReport {
+        mode,
+        size,
+        batch,
+        steps,
+        seconds_per_step_median: median,
+        images_per_second: batch as f64 / median,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// Normal-noise images with 1 to 8 random boxes each.
+fn random_batch(rng: &mut ChaCha8Rng, size: usize, batch: usize, num_classes: usize) -> Result<Batch> {
+    let images = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)?;
+    let s = size as f32;
+    let targets = (0..batch)
+        .map(|i| {
+            let n = rng.random_range(1..=8);
+            let boxes: Vec<[f32; 4]> = (0..n)
+                .map(|_| {
+                    let (w, h) = (rng.random_range(0.05..0.6) * s, rng.random_range(0.05..0.6) * s);
+                    let (x, y) = (rng.random_range(0.0..s - w), rng.random_range(0.0..s - h));
+                    [x, y, x + w, y + h]
+                })
+                .collect();
+            Target {
+                image_id: i as u64,
+                labels: (0..n).map(|_| rng.random_range(0..num_classes)).collect(),
+                crowd: vec![false; n],
+                boxes,
+                original_size: (size, size),
+                resized_size: (size, size),
+            }
+        })
+        .collect();
+    Ok(Batch { images, targets, epoch: 0, index: 0 })
+}
+
+/// VmHWM from /proc/self/status, in MiB.
+fn peak_rss_mib() -> f64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0.0 };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}

@@ -1,0 +1,30 @@
+//! `retinanet bench`: times a training step or inference on random data.
+
+use anyhow::Result;
+
+use crate::bench;
+use crate::cli::BenchArgs;
+use crate::config::Config;
+use crate::device::parse_device;
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let config = Config::resolve(args.config.config.as_deref(), &args.config.overrides)?;
+    let device = parse_device(&args.device)?;
+    let report = bench::run(config, args.mode, args.size as usize, args.batch, args.steps, &device)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{:?} {}x{} batch {}: {:.4} s/step (median of {}), {:.2} images/s, peak RSS {:.0} MiB",
+            report.mode,
+            report.size,
+            report.size,
+            report.batch,
+            report.seconds_per_step_median,
+            report.steps,
+            report.images_per_second,
+            report.peak_rss_mib
+        );
+    }
+    Ok(())
+}

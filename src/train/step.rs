@@ -1,0 +1,99 @@
+//! One training step (forward, matching, losses, backward, clipping,
+//! optimiser), shared by the trainer and `retinanet bench`.
+
+use candle_core::{DType, Device, Result};
+use candle_nn::VarMap;
+
+use super::loss::{retinanet_loss, Normalizer};
+use super::matcher::Matcher;
+use super::optim::Optimizer;
+use super::targets::build_targets;
+use crate::config::Config;
+use crate::data::loader::Batch;
+use crate::model::retinanet::RetinaNet;
+use crate::model::weights;
+
+/// What a step produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    /// The parameters were updated.
+    Updated { loss_cls: f64, loss_box: f64, grad_norm: f64 },
+    /// Nothing was updated: the loss or the gradient is not finite.
+    NonFinite { what: &'static str, detail: String },
+}
+
+/// The model with everything a step updates.
+pub struct StepRunner {
+    pub model: RetinaNet,
+    /// Every parameter and buffer, by state-dict name.
+    pub varmap: VarMap,
+    pub optimizer: Optimizer,
+    pub normalizer: Normalizer,
+    matcher: Matcher,
+    config: Config,
+    num_classes: usize,
+    device: Device,
+}
+
+impl StepRunner {
+    /// `config.model.num_classes` must already be resolved.
+    pub fn new(model: RetinaNet, varmap: VarMap, config: &Config, device: &Device) -> Self {
+        let optimizer = Optimizer::new(weights::trainable_vars(&varmap, &config.model), &config.train);
+        let matcher = Matcher {
+            high_threshold: config.loss.fg_iou_thresh as f32,
+            low_threshold: config.loss.bg_iou_thresh as f32,
+            allow_low_quality_matches: config.loss.allow_low_quality_matches,
+        };
+        Self {
+            num_classes: model.num_classes(),
+            model,
+            varmap,
+            optimizer,
+            normalizer: Normalizer::new(config.loss.normalizer),
+            matcher,
+            config: config.clone(),
+            device: device.clone(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One optimiser step on `batch` with learning rate `lr`.
+    pub fn step(&mut self, batch: &Batch, lr: f64) -> Result<StepOutcome> {
+        let images = batch.images.to_device(&self.device)?;
+        let outputs = self.model.forward(&images, true)?;
+        let (targets, _) = build_targets(
+            &batch.targets,
+            &outputs.anchors.boxes,
+            self.num_classes,
+            &self.matcher,
+            &mut self.normalizer,
+            &self.device,
+        )?;
+        let terms = retinanet_loss(
+            &outputs.cls_logits,
+            &outputs.bbox_regression,
+            &targets,
+            &self.config.loss,
+            self.model.box_coder(),
+        )?;
+        let loss_cls = terms.classification.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let loss_box = terms.box_regression.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !(loss_cls.is_finite() && loss_box.is_finite()) {
+            return Ok(StepOutcome::NonFinite { what: "loss", detail: format!("cls {loss_cls}, box {loss_box}") });
+        }
+        let grads = terms.total()?.backward()?;
+        let grad_norm = self.optimizer.grad_norm(&grads)?;
+        if !grad_norm.is_finite() {
+            let detail = format!("cls {loss_cls}, box {loss_box}, gradient norm {grad_norm}");
+            return Ok(StepOutcome::NonFinite { what: "gradient", detail });
+        }
+        let max_norm = self.config.train.clip_grad_norm;
+        // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6), at most 1.
+        let scale = if max_norm > 0.0 { (max_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
+        self.optimizer.step(&grads, lr, scale)?;
+        Ok(StepOutcome::Updated { loss_cls, loss_box, grad_norm })
+    }
+}
