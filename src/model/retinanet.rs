@@ -117,13 +117,13 @@ fn check_config(cfg: &ModelConfig, num_classes: usize) -> Result<()> {
         return fail("backbone.width / fpn.channels", "expected positive channel counts".into());
     }
     let groups = cfg.backbone.gn_groups;
-    if cfg.backbone.norm == BackboneNorm::Gn && (groups == 0 || cfg.backbone.width % groups != 0) {
+    if cfg.backbone.norm == BackboneNorm::Gn && (groups == 0 || !cfg.backbone.width.is_multiple_of(groups)) {
         return fail(
             "backbone.gn_groups",
             format!("{groups} groups do not divide the {} stem channels", cfg.backbone.width),
         );
     }
-    if cfg.head.norm == HeadNorm::Gn && cfg.fpn.channels % HEAD_GN_GROUPS != 0 {
+    if cfg.head.norm == HeadNorm::Gn && !cfg.fpn.channels.is_multiple_of(HEAD_GN_GROUPS) {
         return fail(
             "fpn.channels",
             format!("the GroupNorm head needs a multiple of {HEAD_GN_GROUPS}, got {}", cfg.fpn.channels),
