@@ -160,6 +160,27 @@ mod tests {
         assert_eq!(g.cell_anchors()[0], expected);
     }
 
+    /// torchvision's test_anchor_generator: one size 10, ratio 1, a 3x3 grid
+    /// on a 15x15 image (stride 5).
+    #[test]
+    fn torchvision_small_grid() {
+        let cfg = AnchorConfig { sizes: vec![10.0], scales: vec![1.0], ratios: vec![1.0], ..AnchorConfig::default() };
+        let a = AnchorGenerator::new(&cfg).anchors((15, 15), &[(3, 3)]);
+        let expected = [
+            [-5.0, -5.0, 5.0, 5.0],
+            [0.0, -5.0, 10.0, 5.0],
+            [5.0, -5.0, 15.0, 5.0],
+            [-5.0, 0.0, 5.0, 10.0],
+            [0.0, 0.0, 10.0, 10.0],
+            [5.0, 0.0, 15.0, 10.0],
+            [-5.0, 5.0, 5.0, 15.0],
+            [0.0, 5.0, 10.0, 15.0],
+            [5.0, 5.0, 15.0, 15.0],
+        ];
+        assert_eq!(a.boxes, expected);
+        assert_eq!(a.strides, vec![(5, 5)]);
+    }
+
     /// Size 101 at ratio 1 gives +-50.5, which torch.round takes to +-50.
     #[test]
     fn torchvision_rounds_half_to_even() {
