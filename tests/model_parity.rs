@@ -28,6 +28,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_retinanet::config::{BackboneNorm, ModelConfig};
+use candle_retinanet::data::transforms::resize_bilinear;
 use candle_retinanet::model::weights::{build, LoadMode};
 use serde::Deserialize;
 
@@ -110,36 +111,24 @@ fn image(h: usize, w: usize) -> Vec<f32> {
     out
 }
 
-/// Source index and weights of PyTorch's bilinear resize (align_corners=False,
-/// scale = in / out) for each output position.
-fn bilinear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
-    let scale = input as f32 / output as f32;
-    (0..output)
-        .map(|i| {
-            let src = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
-            let i0 = src as usize;
-            let i1 = if i0 < input - 1 { i0 + 1 } else { i0 };
-            let l1 = src - i0 as f32;
-            (i0, i1, 1.0 - l1, l1)
-        })
-        .collect()
-}
-
 /// torchvision's GeneralizedRCNNTransform for one image: normalise, resize
-/// bilinearly to `resized`, zero-pad to `padded`; returns [1, 3, ph, pw].
+/// bilinearly to `resized` (the crate's torch-exact resize), zero-pad to
+/// `padded`; returns [1, 3, ph, pw].
 fn transform(img: &[f32], (h, w): (usize, usize), resized: (usize, usize), padded: (usize, usize)) -> Vec<f32> {
-    let rows = bilinear_taps(h, resized.0);
-    let cols = bilinear_taps(w, resized.1);
+    let normalised: Vec<f32> = img
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let c = i / (h * w);
+            (v - MEAN[c]) / STD[c]
+        })
+        .collect();
+    let small = resize_bilinear(&normalised, 3, h, w, resized.0, resized.1);
     let mut out = vec![0f32; 3 * padded.0 * padded.1];
-    for c in 0..3 {
-        let plane: Vec<f32> = img[c * h * w..(c + 1) * h * w].iter().map(|v| (v - MEAN[c]) / STD[c]).collect();
-        for (y, &(y0, y1, ly0, ly1)) in rows.iter().enumerate() {
-            for (x, &(x0, x1, lx0, lx1)) in cols.iter().enumerate() {
-                let p = |yy: usize, xx: usize| plane[yy * w + xx];
-                let v = ly0 * (lx0 * p(y0, x0) + lx1 * p(y0, x1)) + ly1 * (lx0 * p(y1, x0) + lx1 * p(y1, x1));
-                out[(c * padded.0 + y) * padded.1 + x] = v;
-            }
-        }
+    for (row, src) in small.chunks(resized.1).enumerate() {
+        let (c, y) = (row / resized.0, row % resized.0);
+        let start = (c * padded.0 + y) * padded.1;
+        out[start..start + resized.1].copy_from_slice(src);
     }
     out
 }

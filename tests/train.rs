@@ -76,7 +76,9 @@ fn loss_falls_and_stays_finite() {
     let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
     let last: f64 = l[l.len() - 5..].iter().sum::<f64>() / 5.0;
     assert!(last < 0.8 * first, "loss did not fall: first {first:.4}, last {last:.4}");
-    for f in ["config.toml", "eval.json", "loss.png", "checkpoints/last/state.json", "checkpoints/best/model.safetensors"] {
+    for f in
+        ["config.toml", "eval.json", "loss.png", "checkpoints/last/state.json", "checkpoints/best/model.safetensors"]
+    {
         assert!(out.join(f).exists(), "{f} missing");
     }
 }

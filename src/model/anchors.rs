@@ -160,6 +160,27 @@ mod tests {
         assert_eq!(g.cell_anchors()[0], expected);
     }
 
+    /// torchvision's test_anchor_generator: one size 10, ratio 1, a 3x3 grid
+    /// on a 15x15 image (stride 5).
+    #[test]
+    fn torchvision_small_grid() {
+        let cfg = AnchorConfig { sizes: vec![10.0], scales: vec![1.0], ratios: vec![1.0], ..AnchorConfig::default() };
+        let a = AnchorGenerator::new(&cfg).anchors((15, 15), &[(3, 3)]);
+        let expected = [
+            [-5.0, -5.0, 5.0, 5.0],
+            [0.0, -5.0, 10.0, 5.0],
+            [5.0, -5.0, 15.0, 5.0],
+            [-5.0, 0.0, 5.0, 10.0],
+            [0.0, 0.0, 10.0, 10.0],
+            [5.0, 0.0, 15.0, 10.0],
+            [-5.0, 5.0, 5.0, 15.0],
+            [0.0, 5.0, 10.0, 15.0],
+            [5.0, 5.0, 15.0, 15.0],
+        ];
+        assert_eq!(a.boxes, expected);
+        assert_eq!(a.strides, vec![(5, 5)]);
+    }
+
     /// Size 101 at ratio 1 gives +-50.5, which torch.round takes to +-50.
     #[test]
     fn torchvision_rounds_half_to_even() {
@@ -177,7 +198,8 @@ mod tests {
     }
 
     /// 800x1344 pads P6/P7 to 13x21 and 7x11: torchvision's strides become
-    /// 61x64 and 114x122.
+    /// 61x64 and 114x122. Expected values from torchvision 0.29's
+    /// `AnchorGenerator` on an `ImageList` of that size.
     #[test]
     fn torchvision_strides_and_layout() {
         let g = generator(AnchorConvention::Torchvision);
@@ -192,6 +214,14 @@ mod tests {
         // Last P7 anchor: location (6, 10), ratio 2 at size 812.
         let last = a.boxes[a.boxes.len() - 1];
         assert_eq!(last, [1220.0 - 287.0, 684.0 - 574.0, 1220.0 + 287.0, 684.0 + 574.0]);
+        // Column sums of torchvision's AnchorGenerator output for this size.
+        let mut sums = [0f64; 4];
+        for b in &a.boxes {
+            for (s, v) in sums.iter_mut().zip(b) {
+                *s += f64::from(*v);
+            }
+        }
+        assert_eq!(sums, [128035215.0, 73197873.0, 140555205.0, 85717863.0]);
         assert!(Arc::ptr_eq(&a, &g.anchors((800, 1344), &grids)));
     }
 }

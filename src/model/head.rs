@@ -12,7 +12,7 @@ use crate::ops::conv::Conv2d;
 /// Weight init of every head conv: normal(std = 0.01).
 const HEAD_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.01 };
 /// torchvision v2's `partial(nn.GroupNorm, 32)`.
-const HEAD_GN_GROUPS: usize = 32;
+pub const HEAD_GN_GROUPS: usize = 32;
 /// PyTorch's GroupNorm epsilon.
 const HEAD_GN_EPS: f64 = 1e-5;
 

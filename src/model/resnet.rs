@@ -31,7 +31,9 @@ fn layout(depth: usize) -> Result<([usize; 4], bool)> {
         34 => ([3, 4, 6, 3], false),
         50 => ([3, 4, 6, 3], true),
         101 => ([3, 4, 23, 3], true),
-        other => candle_core::bail!("model.backbone.depth: expected 18, 34, 50 or 101, got {other}"),
+        other => {
+            candle_core::bail!("model.backbone.depth: expected 18, 34, 50 or 101, got {other}")
+        }
     })
 }
 
@@ -44,10 +46,7 @@ fn stage_frozen(cfg: &BackboneConfig, stage: usize) -> bool {
 /// `layer2.0.bn1.weight`) is trained: not in a frozen stage, not a running
 /// statistic and not a frozen BatchNorm's affine.
 pub fn is_trainable(cfg: &BackboneConfig, key: &str) -> bool {
-    let stage = match key.strip_prefix("layer") {
-        Some(rest) => rest[..1].parse().unwrap_or(0),
-        None => 0,
-    };
+    let stage = key.strip_prefix("layer").and_then(|rest| rest.chars().next()?.to_digit(10)).unwrap_or(0) as usize;
     let is_norm_param = key.contains(".bn") || key.starts_with("bn") || key.contains("downsample.1.");
     let is_stat = key.ends_with("running_mean") || key.ends_with("running_var");
     let frozen_norm = is_norm_param && cfg.norm == BackboneNorm::FrozenBn;

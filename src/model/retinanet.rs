@@ -7,11 +7,11 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::ModelConfig;
+use crate::config::{BackboneNorm, HeadNorm, ModelConfig};
 use crate::model::anchors::{AnchorGenerator, Anchors};
 use crate::model::box_coder::BoxCoder;
 use crate::model::fpn::Fpn;
-use crate::model::head::RetinaNetHead;
+use crate::model::head::{RetinaNetHead, HEAD_GN_GROUPS};
 use crate::model::postprocess::{Detections, PostProcessor};
 use crate::model::resnet::ResNet;
 
@@ -42,9 +42,7 @@ impl RetinaNet {
     /// (`backbone.body.*`, `backbone.fpn.*`, `head.*`). With a `VarMap`
     /// backend, absent tensors are created with torchvision's init.
     pub fn new(cfg: &ModelConfig, num_classes: usize, vb: VarBuilder) -> Result<Self> {
-        if num_classes == 0 {
-            candle_core::bail!("model.num_classes: a RetinaNet needs at least one class");
-        }
+        check_config(cfg, num_classes)?;
         let anchor_generator = AnchorGenerator::new(&cfg.anchors);
         let body = ResNet::new(&cfg.backbone, vb.pp("backbone").pp("body"))?;
         let fpn = Fpn::new(&cfg.fpn, body.out_channels(), vb.pp("backbone").pp("fpn"))?;
@@ -93,10 +91,50 @@ impl RetinaNet {
     }
 }
 
+/// Pyramid levels P3-P7, one anchor size each.
+const NUM_LEVELS: usize = 5;
+
+/// Rejects settings the layers cannot be built from, naming the config key.
+fn check_config(cfg: &ModelConfig, num_classes: usize) -> Result<()> {
+    let fail = |key: &str, what: String| candle_core::bail!("config key model.{key}: {what}");
+    if num_classes == 0 {
+        return fail("num_classes", "a RetinaNet needs at least one class".into());
+    }
+    let a = &cfg.anchors;
+    if a.sizes.len() != NUM_LEVELS || a.sizes.iter().any(|&s| s <= 0.0) {
+        return fail("anchors.sizes", format!("expected {NUM_LEVELS} positive sizes (P3-P7), got {:?}", a.sizes));
+    }
+    if a.scales.is_empty() || a.scales.iter().any(|&s| s <= 0.0) {
+        return fail("anchors.scales", format!("expected positive scales, got {:?}", a.scales));
+    }
+    if a.ratios.is_empty() || a.ratios.iter().any(|&r| r <= 0.0) {
+        return fail("anchors.ratios", format!("expected positive ratios, got {:?}", a.ratios));
+    }
+    if !(cfg.head.prior_prob > 0.0 && cfg.head.prior_prob < 1.0) {
+        return fail("head.prior_prob", format!("expected a probability in (0, 1), got {}", cfg.head.prior_prob));
+    }
+    if cfg.backbone.width == 0 || cfg.fpn.channels == 0 {
+        return fail("backbone.width / fpn.channels", "expected positive channel counts".into());
+    }
+    let groups = cfg.backbone.gn_groups;
+    if cfg.backbone.norm == BackboneNorm::Gn && (groups == 0 || !cfg.backbone.width.is_multiple_of(groups)) {
+        return fail(
+            "backbone.gn_groups",
+            format!("{groups} groups do not divide the {} stem channels", cfg.backbone.width),
+        );
+    }
+    if cfg.head.norm == HeadNorm::Gn && !cfg.fpn.channels.is_multiple_of(HEAD_GN_GROUPS) {
+        return fail(
+            "fpn.channels",
+            format!("the GroupNorm head needs a multiple of {HEAD_GN_GROUPS}, got {}", cfg.fpn.channels),
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackboneNorm, HeadNorm};
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
@@ -137,9 +175,24 @@ mod tests {
     }
 
     #[test]
-    fn zero_classes_is_an_error() {
+    fn bad_settings_are_errors_naming_the_key() {
         let vm = VarMap::new();
-        let err = RetinaNet::new(&small_config(), 0, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu));
-        assert!(err.is_err());
+        let build =
+            |cfg: &ModelConfig, k| RetinaNet::new(cfg, k, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu));
+        let message = |cfg: &ModelConfig, k| build(cfg, k).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message(&small_config(), 0).contains("model.num_classes"));
+        let mut cfg = small_config();
+        cfg.anchors.sizes.pop();
+        assert!(message(&cfg, 3).contains("model.anchors.sizes"));
+        let mut cfg = small_config();
+        cfg.anchors.ratios.clear();
+        assert!(message(&cfg, 3).contains("model.anchors.ratios"));
+        let mut cfg = small_config();
+        cfg.fpn.channels = 48;
+        assert!(message(&cfg, 3).contains("model.fpn.channels"));
+        let mut cfg = small_config();
+        cfg.backbone.norm = BackboneNorm::Gn;
+        cfg.backbone.gn_groups = 0;
+        assert!(message(&cfg, 3).contains("model.backbone.gn_groups"));
     }
 }

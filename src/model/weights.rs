@@ -3,17 +3,20 @@
 //! `num_batches_tracked` entries are ignored) and our checkpoints load in
 //! torchvision.
 //!
-//! Parameters live in a `VarMap`: the model is built once to create them
-//! (with torchvision's init), the checkpoint is copied in, and the model is
-//! built again from the same variables so that frozen BatchNorms fold the
-//! loaded statistics.
+//! Parameters live in a `VarMap`. Loading first records the name and shape
+//! of every tensor the model asks for (without allocating them), checks the
+//! checkpoint against that list, puts the checkpoint's tensors into the
+//! `VarMap`, and then builds the model once: only tensors the checkpoint
+//! does not provide get torchvision's random init.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder, VarMap};
 
 use crate::config::ModelConfig;
 use crate::model::resnet;
@@ -50,8 +53,9 @@ pub struct LoadedModel {
     pub notes: Vec<String>,
 }
 
-/// Builds a model on `device` with torchvision's init, then, if given,
-/// copies `checkpoint`'s tensors in (checked as `mode` says).
+/// Builds a model on `device`; tensors not in `checkpoint` (all of them
+/// without one) get torchvision's init. The checkpoint is checked as `mode`
+/// says, every problem listed in one error.
 pub fn build(
     cfg: &ModelConfig,
     num_classes: usize,
@@ -59,14 +63,49 @@ pub fn build(
     checkpoint: Option<(&HashMap<String, Tensor>, LoadMode)>,
 ) -> Result<LoadedModel> {
     let varmap = VarMap::new();
+    let mut notes = Vec::new();
+    if let Some((tensors, mode)) = checkpoint {
+        let expected = expected_shapes(cfg, num_classes)?;
+        let plan = match_checkpoint(&expected, tensors, mode)?;
+        notes = plan.notes;
+        let mut data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (name, tensor) in plan.assignments {
+            let value = tensor.to_dtype(DType::F32)?.to_device(device)?;
+            data.insert(name, Var::from_tensor(&value)?);
+        }
+    }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let model = RetinaNet::new(cfg, num_classes, vb.clone()).context("building the model")?;
-    let Some((tensors, mode)) = checkpoint else {
-        return Ok(LoadedModel { model, varmap, notes: Vec::new() });
-    };
-    let notes = load_into(&varmap, tensors, mode)?;
-    let model = RetinaNet::new(cfg, num_classes, vb).context("building the model from the loaded weights")?;
+    let model = RetinaNet::new(cfg, num_classes, vb).context("building the model")?;
     Ok(LoadedModel { model, varmap, notes })
+}
+
+/// Records the name and shape of each tensor the model asks for and hands
+/// out broadcast zeros, so nothing is allocated or initialised.
+struct ShapeRecorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape recorder: {name} requested without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// Every tensor of the model, by state_dict name, with its shape.
+pub fn expected_shapes(cfg: &ModelConfig, num_classes: usize) -> Result<BTreeMap<String, Vec<usize>>> {
+    let shapes = Arc::new(Mutex::new(BTreeMap::new()));
+    let backend: Box<dyn SimpleBackend> = Box::new(ShapeRecorder(shapes.clone()));
+    RetinaNet::new(cfg, num_classes, VarBuilder::from_backend(backend, DType::F32, Device::Cpu))
+        .context("building the model")?;
+    let shapes = shapes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+    Ok(shapes)
 }
 
 /// Reads a safetensors file onto the CPU.
@@ -98,52 +137,50 @@ pub fn trainable_vars(varmap: &VarMap, cfg: &ModelConfig) -> Vec<(String, Var)> 
     vars
 }
 
-/// Shapes as `[a, b, c]`.
-fn dims(t: &Tensor) -> String {
-    format!("{:?}", t.dims())
+/// Checkpoint tensors to use, by model name, and notes for the user.
+struct LoadPlan<'a> {
+    assignments: Vec<(String, &'a Tensor)>,
+    notes: Vec<String>,
 }
 
-/// Copies `tensors` into the matching variables; returns notes. All
-/// missing, unexpected and mis-shaped tensors are reported in one error.
-pub fn load_into(varmap: &VarMap, tensors: &HashMap<String, Tensor>, mode: LoadMode) -> Result<Vec<String>> {
-    let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let file_name = |model_name: &str| -> Option<String> {
-        match mode {
-            LoadMode::Backbone => model_name.strip_prefix(BODY_PREFIX).map(str::to_string),
-            _ => Some(model_name.to_string()),
-        }
-    };
+/// Matches checkpoint tensors to the model's; all missing, unexpected and
+/// mis-shaped tensors are reported in one error.
+fn match_checkpoint<'a>(
+    expected: &BTreeMap<String, Vec<usize>>,
+    tensors: &'a HashMap<String, Tensor>,
+    mode: LoadMode,
+) -> Result<LoadPlan<'a>> {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
-    let mut used = std::collections::HashSet::new();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
+    let mut used = HashSet::new();
     let mut assignments = Vec::new();
-    for name in names {
-        let Some(key) = file_name(name) else { continue };
-        let var = &data[name];
-        match tensors.get(&key) {
-            None => problems.push(format!("missing {key} {}", dims(var.as_tensor()))),
-            Some(t) if t.dims() != var.dims() => {
-                used.insert(key.clone());
-                if mode == LoadMode::NewClasses && name.starts_with(CLS_LOGITS_PREFIX) {
+    for (name, shape) in expected {
+        let key = match mode {
+            LoadMode::Backbone => match name.strip_prefix(BODY_PREFIX) {
+                Some(key) => key,
+                None => continue,
+            },
+            _ => name.as_str(),
+        };
+        match tensors.get(key) {
+            None => problems.push(format!("missing {key} {shape:?}")),
+            Some(t) => {
+                used.insert(key);
+                if t.dims() == shape.as_slice() {
+                    assignments.push((name.clone(), t));
+                } else if mode == LoadMode::NewClasses && name.starts_with(CLS_LOGITS_PREFIX) {
                     notes.push(format!(
-                        "re-initialised {name}: checkpoint shape {}, model shape {} (another class count)",
-                        dims(t),
-                        dims(var.as_tensor())
+                        "re-initialised {name}: checkpoint shape {:?}, model shape {shape:?} (another class count)",
+                        t.dims()
                     ));
                 } else {
-                    problems.push(format!("shape of {key}: checkpoint {}, model {}", dims(t), dims(var.as_tensor())));
+                    problems.push(format!("shape of {key}: checkpoint {:?}, model {shape:?}", t.dims()));
                 }
-            }
-            Some(t) => {
-                used.insert(key.clone());
-                assignments.push((var, t));
             }
         }
     }
     let mut unexpected: Vec<&String> =
-        tensors.keys().filter(|k| !used.contains(*k) && !k.ends_with("num_batches_tracked")).collect();
+        tensors.keys().filter(|k| !used.contains(k.as_str()) && !k.ends_with("num_batches_tracked")).collect();
     unexpected.sort();
     match mode {
         LoadMode::Backbone if !unexpected.is_empty() => {
@@ -155,7 +192,7 @@ pub fn load_into(varmap: &VarMap, tensors: &HashMap<String, Tensor>, mode: LoadM
             ));
         }
         LoadMode::Backbone => {}
-        _ => problems.extend(unexpected.iter().map(|k| format!("unexpected {k} {}", dims(&tensors[*k])))),
+        _ => problems.extend(unexpected.iter().map(|k| format!("unexpected {k} {:?}", tensors[*k].dims()))),
     }
     if !problems.is_empty() {
         let listed = problems.iter().take(MAX_LISTED).cloned().collect::<Vec<_>>().join("; ");
@@ -163,11 +200,7 @@ pub fn load_into(varmap: &VarMap, tensors: &HashMap<String, Tensor>, mode: LoadM
         let rest = if more > 0 { format!("; and {more} more") } else { String::new() };
         bail!("weights do not match the model ({} problems): {listed}{rest}", problems.len());
     }
-    for (var, t) in assignments {
-        let value = t.to_dtype(var.dtype())?.to_device(var.device())?;
-        var.set(&value).context("copying a checkpoint tensor")?;
-    }
-    Ok(notes)
+    Ok(LoadPlan { assignments, notes })
 }
 
 #[cfg(test)]
@@ -259,6 +292,16 @@ mod tests {
         let loaded = state(&b);
         let k = "backbone.body.layer4.1.bn2.running_var";
         assert_eq!((&loaded[k] - &full[k])?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn expected_shapes_list_every_variable() -> Result<()> {
+        let cfg = small_config();
+        let m = build(&cfg, 3, &Device::Cpu, None)?;
+        let data = m.varmap.data().lock().expect("varmap lock");
+        let built: BTreeMap<String, Vec<usize>> = data.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+        assert_eq!(expected_shapes(&cfg, 3)?, built);
         Ok(())
     }
 

@@ -3,9 +3,10 @@
 //!
 //! The gradient of each output goes to its window's argmax; the first
 //! maximum in row-major window order wins, as in PyTorch (padding never
-//! wins). On the CPU this is a `CustomOp1`; on other devices the pooled
-//! values are gathered from the input at argmax indices found on the CPU, so
-//! `index_select`'s backward routes the gradient the same way.
+//! wins). On the CPU this is a `CustomOp1`; on other devices the argmax is
+//! found with tensor ops on the device and the pooled values are gathered
+//! from the input there, so `index_select`'s backward routes the gradient the
+//! same way.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -99,11 +100,52 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(MaxPool3x3S2P1);
     }
-    let (values, dims) = cpu_values(&x.detach())?;
-    let (idx, shape) = argmax_indices(&values, dims);
-    let len = idx.len();
-    let idx = Tensor::from_vec(idx, len, x.device())?;
-    x.flatten_all()?.index_select(&idx, 0)?.reshape(shape)
+    gather_pool(x)
+}
+
+/// Rows `start, start + 2, ...` (`count` of them) of `dim`.
+fn every_other(t: &Tensor, dim: usize, start: usize, count: usize) -> Result<Tensor> {
+    let end = start + 2 * count;
+    let len = t.dim(dim)?;
+    let t = if end > len { t.pad_with_zeros(dim, 0, end - len)? } else { t.clone() };
+    let mut shape = t.dims().to_vec();
+    shape[dim] = count;
+    shape.insert(dim + 1, 2);
+    t.narrow(dim, start, 2 * count)?.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+}
+
+/// The pool as device tensor ops: the 9 window taps of an edge-replicated
+/// input, the first tap holding the maximum, its (clamped) source index, and
+/// a differentiable gather of the input at those indices.
+fn gather_pool(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = (out_size(h), out_size(w));
+    let dev = x.device();
+    let padded = x.detach().pad_with_same(2, PADDING, PADDING)?.pad_with_same(3, PADDING, PADDING)?;
+    let mut taps = Vec::with_capacity(KERNEL * KERNEL);
+    for dy in 0..KERNEL {
+        let rows = every_other(&padded, 2, dy, oh)?;
+        for dx in 0..KERNEL {
+            taps.push(every_other(&rows, 3, dx, ow)?);
+        }
+    }
+    let taps = Tensor::stack(&taps, 0)?; // [9, n, c, oh, ow]
+    let is_max = taps.broadcast_eq(&taps.max_keepdim(0)?)?;
+    let tap_ids = Tensor::arange(0f32, (KERNEL * KERNEL) as f32, dev)?.reshape((KERNEL * KERNEL, 1, 1, 1, 1))?;
+    let never = Tensor::full((KERNEL * KERNEL) as f32, taps.shape(), dev)?;
+    let first = is_max.where_cond(&tap_ids.broadcast_as(taps.shape())?, &never)?.min(0)?; // [n, c, oh, ow]
+                                                                                          // Tap (dy, dx) of output (oy, ox) reads input (2oy - 1 + dy, 2ox - 1 + dx), clamped.
+    let dy = (&first / KERNEL as f64)?.floor()?;
+    let dx = (&first - (&dy * KERNEL as f64)?)?;
+    let oy = Tensor::arange(0f32, oh as f32, dev)?.reshape((1, 1, oh, 1))?;
+    let ox = Tensor::arange(0f32, ow as f32, dev)?.reshape((1, 1, 1, ow))?;
+    let row = dy.broadcast_add(&((oy * STRIDE as f64)? - PADDING as f64)?)?.clamp(0f32, (h - 1) as f32)?;
+    let col = dx.broadcast_add(&((ox * STRIDE as f64)? - PADDING as f64)?)?.clamp(0f32, (w - 1) as f32)?;
+    let within = (row * w as f64)?.add(&col)?.to_dtype(DType::U32)?; // < h*w, exact in f32 below 2^24
+    let planes = (Tensor::arange(0u32, (n * c) as u32, dev)?.reshape((n, c, 1, 1))?
+        * Tensor::new(&[(h * w) as u32], dev)?.reshape((1, 1, 1, 1))?.broadcast_as((n, c, 1, 1))?)?;
+    let idx = within.broadcast_add(&planes)?.flatten_all()?;
+    x.flatten_all()?.index_select(&idx, 0)?.reshape((n, c, oh, ow))
 }
 
 /// The same pool without a backward pass, for frozen stems: Candle's native
@@ -163,6 +205,25 @@ mod tests {
             };
             let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
             assert!((numeric - a).abs() < 1e-2, "element {k}: finite difference {numeric}, backward {a}");
+        }
+        Ok(())
+    }
+
+    /// The device path (run here on the CPU) agrees with the custom op in
+    /// values and gradients, ties included.
+    #[test]
+    fn device_path_matches_the_cpu_op() -> Result<()> {
+        let ties = Tensor::from_vec((0..70).map(|k| (k % 4) as f32).collect::<Vec<_>>(), (1, 2, 5, 7), &Device::Cpu)?;
+        for x in [input((2, 3, 7, 9))?, input((1, 2, 8, 6))?, Var::from_tensor(&ties)?] {
+            let (a, b) = (max_pool_3x3_s2_p1(x.as_tensor())?, gather_pool(x.as_tensor())?);
+            assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+            let w = Tensor::rand(0f32, 1., a.dims(), &Device::Cpu)?;
+            let ga = (a * &w)?.sum_all()?.backward()?;
+            let gb = (b * &w)?.sum_all()?.backward()?;
+            let g = |grads: &candle_core::backprop::GradStore| -> Result<Vec<f32>> {
+                grads.get(x.as_tensor()).expect("gradient of x").flatten_all()?.to_vec1::<f32>()
+            };
+            assert_eq!(g(&ga)?, g(&gb)?);
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Tensor and box operations the model needs beyond Candle's: box geometry
-//! and NMS (torchvision.ops.boxes), a convolution whose backward works for
-//! every size and a max-pool with a backward pass.
+//! and NMS (torchvision.ops.boxes), a GEMM convolution with a fast backward
+//! and a max-pool with a backward pass.
 
 pub mod boxes;
 pub mod conv;
