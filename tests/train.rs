@@ -85,7 +85,7 @@ fn loss_falls_and_stays_finite() {
 
 #[test]
 fn sigkill_then_resume_gives_bit_identical_weights() {
-    let steps = ["train.max_steps=12", "train.checkpoint_every=4"];
+    let steps = ["train.max_steps=40", "train.checkpoint_every=4"];
     let whole = temp("whole");
     run_ok(train_command(&whole, &steps));
 
@@ -99,6 +99,9 @@ fn sigkill_then_resume_gives_bit_identical_weights() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let killed_at = state["step"].as_u64().unwrap();
+    assert!(killed_at < 40, "the run finished before it could be killed");
 
     let mut resume = Command::new(env!("CARGO_BIN_EXE_retinanet"));
     resume.arg("train").arg("--resume").arg(&killed).env("RETINANET_CACHE", temp_cache());
