@@ -14,5 +14,6 @@ pub mod hub;
 pub mod inference;
 pub mod model;
 pub mod ops;
+pub mod runtime;
 pub mod train;
 pub mod viz;
