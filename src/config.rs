@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::data::coco::LabelMode;
+use crate::data::coco::{CategoryMap, CocoCategory, LabelMode};
 
 /// Presets shipped in `configs/`, compiled into the binary.
 pub const PRESETS: &[(&str, &str)] = &[
@@ -75,8 +75,10 @@ pub struct DataConfig {
     /// Skip (and count) images that are missing or cannot be decoded,
     /// instead of stopping with an error.
     pub skip_bad_images: bool,
-    /// Class names, filled in from the dataset when the config is resolved.
+    /// Class names, filled in from the dataset when a run starts.
     pub classes: Vec<String>,
+    /// The COCO category id of each of `classes`, likewise.
+    pub category_ids: Vec<u64>,
     pub synth: SynthConfig,
 }
 
@@ -91,8 +93,31 @@ impl Default for DataConfig {
             drop_empty: false,
             skip_bad_images: false,
             classes: Vec::new(),
+            category_ids: Vec::new(),
             synth: SynthConfig::default(),
         }
+    }
+}
+
+impl DataConfig {
+    /// The label map recorded in the config (`classes`, `category_ids`),
+    /// so a trained model names its classes without its dataset.
+    pub fn category_map(&self) -> Result<CategoryMap> {
+        if self.classes.is_empty() || self.classes.len() != self.category_ids.len() {
+            bail!(
+                "config keys data.classes and data.category_ids: expected one category id per class name \
+                 ({} names, {} ids)",
+                self.classes.len(),
+                self.category_ids.len()
+            );
+        }
+        let categories: Vec<CocoCategory> = self
+            .category_ids
+            .iter()
+            .zip(&self.classes)
+            .map(|(&id, name)| CocoCategory { id, name: name.clone(), supercategory: None })
+            .collect();
+        CategoryMap::new(&categories, self.label_mode)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod inference;
 pub mod model;
 pub mod ops;
+pub mod predictor;
 pub mod runtime;
 pub mod train;
 pub mod viz;

@@ -315,6 +315,7 @@ impl Trainer {
 /// `model.num_classes`, or the dataset's when 0.
 fn resolve_num_classes(config: &mut Config, categories: &CategoryMap) -> Result<usize> {
     config.data.classes = categories.categories().iter().map(|c| c.name.clone()).collect();
+    config.data.category_ids = categories.categories().iter().map(|c| c.id).collect();
     let needed = categories.num_labels();
     match config.model.num_classes {
         0 => {
