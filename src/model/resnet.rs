@@ -8,10 +8,11 @@
 //! as detectron2's `FrozenBatchNorm2d` conversion does.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, GroupNorm, Init, VarBuilder};
+use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 
 use crate::config::{BackboneConfig, BackboneNorm};
 use crate::ops::conv::Conv2d;
+use crate::ops::group_norm::{group_norm, GroupNorm};
 use crate::ops::maxpool::{max_pool_3x3_s2_p1, max_pool_3x3_s2_p1_inference};
 
 /// torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -95,7 +96,7 @@ impl ConvNorm {
         }
         let conv = Conv2d::new(weight, None, spec.padding, spec.stride);
         let norm = match cfg.norm {
-            BackboneNorm::Gn => Norm::Gn(candle_nn::group_norm(cfg.gn_groups, c, cfg.norm_eps, norm_vb)?),
+            BackboneNorm::Gn => Norm::Gn(group_norm(cfg.gn_groups, c, cfg.norm_eps, norm_vb)?),
             _ => {
                 let bn_cfg = BatchNormConfig { eps: cfg.norm_eps, momentum: BN_MOMENTUM, ..Default::default() };
                 Norm::Bn(candle_nn::batch_norm(c, bn_cfg, norm_vb)?)

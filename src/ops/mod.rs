@@ -4,4 +4,5 @@
 
 pub mod boxes;
 pub mod conv;
+pub mod group_norm;
 pub mod maxpool;
