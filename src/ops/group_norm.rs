@@ -100,7 +100,7 @@ impl CustomOp3 for GroupNormOp {
         let (x, gamma, beta) = (f32_slice(xs, xl, "input")?, f32_slice(ws, wl, "weight")?, f32_slice(bs, bl, "bias")?);
         let dims = xl.shape().dims();
         let c = dims[1];
-        if c % self.groups != 0 {
+        if self.groups == 0 || !c.is_multiple_of(self.groups) {
             candle_core::bail!("group norm: {} groups do not divide {c} channels", self.groups);
         }
         let (cpg, hw) = self.group_shape(dims);
