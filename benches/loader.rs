@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         prefetch: t.prefetch,
         skip_bad_images: false,
     };
-    let loader = Loader::new(dataset.images, files.images, Transform::new(&config.input), options);
+    let loader = Loader::new(split.dataset.images, split.files.images, Transform::new(&config.input), options);
     let start = Instant::now();
     let mut images = 0;
     for epoch in 0..epochs {

@@ -49,7 +49,7 @@ pub fn run(
         config.model.num_classes =
             if config.data.classes.is_empty() { DEFAULT_CLASSES } else { config.data.classes.len() };
     }
-    let loaded = weights::build(&config.model, config.model.num_classes, device, None)?;
+    let loaded = weights::build(&config.model, config.model.num_classes, device, config.train.seed, None)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
     let data = random_batch(&mut rng, size, batch, config.model.num_classes)?;
     let mut runner = StepRunner::new(loaded.model, loaded.varmap, &config, device);
@@ -63,9 +63,7 @@ pub fn run(
                 }
             }
             BenchMode::Infer => {
-                let sizes: Vec<_> =
-                    data.targets.iter().map(|t| (t.image_id, t.resized_size, t.original_size)).collect();
-                crate::inference::detect_images(&runner.model, &data.images, &sizes, device)?;
+                crate::inference::detect_batch(&runner.model, &data, device)?;
             }
         }
         device.synchronize()?;

@@ -20,33 +20,42 @@ pub struct ImageDetections {
     pub labels: Vec<usize>,
 }
 
-/// Runs the model (eval mode) on a batch on `device`.
-pub fn detect_batch(model: &RetinaNet, batch: &Batch, device: &Device) -> Result<Vec<ImageDetections>> {
-    detect_images(
-        model,
-        &batch.images,
-        &batch.targets.iter().map(|t| (t.image_id, t.resized_size, t.original_size)).collect::<Vec<_>>(),
-        device,
-    )
+/// Which image a row of a batch is, and its `(height, width)` sizes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageInfo {
+    pub image_id: u64,
+    /// After resizing, before padding.
+    pub resized: (usize, usize),
+    pub original: (usize, usize),
 }
 
-/// Runs the model on padded `images [n, 3, h, w]`; `sizes` gives, per image,
-/// its id and its `(height, width)` resized and original.
+/// Runs the model (eval mode) on a batch on `device`.
+pub fn detect_batch(model: &RetinaNet, batch: &Batch, device: &Device) -> Result<Vec<ImageDetections>> {
+    let infos: Vec<ImageInfo> = batch
+        .targets
+        .iter()
+        .map(|t| ImageInfo { image_id: t.image_id, resized: t.resized_size, original: t.original_size })
+        .collect();
+    detect_images(model, &batch.images, &infos, device)
+}
+
+/// Runs the model on padded `images [n, 3, h, w]`, one [`ImageInfo`] per
+/// image.
 pub fn detect_images(
     model: &RetinaNet,
     images: &Tensor,
-    sizes: &[(u64, (usize, usize), (usize, usize))],
+    infos: &[ImageInfo],
     device: &Device,
 ) -> Result<Vec<ImageDetections>> {
     let outputs = model.forward(&images.to_device(device)?, false)?;
-    let resized: Vec<(usize, usize)> = sizes.iter().map(|s| s.1).collect();
+    let resized: Vec<(usize, usize)> = infos.iter().map(|i| i.resized).collect();
     let detections = model.postprocess(&outputs, &resized)?;
     Ok(detections
         .into_iter()
-        .zip(sizes)
-        .map(|(mut d, &(image_id, resized, original))| {
-            scale_boxes(&mut d.boxes, resized, original);
-            ImageDetections { image_id, boxes: d.boxes, scores: d.scores, labels: d.labels }
+        .zip(infos)
+        .map(|(mut d, info)| {
+            scale_boxes(&mut d.boxes, info.resized, info.original);
+            ImageDetections { image_id: info.image_id, boxes: d.boxes, scores: d.scores, labels: d.labels }
         })
         .collect())
 }

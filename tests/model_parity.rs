@@ -192,7 +192,7 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let cfg = config(&meta);
-    let model = build(&cfg, 91, &dev, Some((&tensors, LoadMode::Exact)))?.model;
+    let model = build(&cfg, 91, &dev, 0, Some((&tensors, LoadMode::Exact)))?.model;
 
     let (ph, pw) = meta.padded_size;
     let images = Tensor::from_vec(input, (1, 3, ph, pw), &dev)?;

@@ -95,7 +95,13 @@ pub fn ensure_cached(spec: SynthSpec) -> Result<PathBuf> {
     let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     write_dataset(&tmp, spec)?;
-    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()))?;
+    if let Err(err) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Another process may have finished the same dataset first.
+        if !dir.join("annotations/instances_val.json").exists() {
+            return Err(err).with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()));
+        }
+    }
     Ok(dir)
 }
 

@@ -9,7 +9,8 @@
 //! let device = candle_core::Device::Cpu;
 //! // Fresh (torchvision init), or from a checkpoint with torchvision's names.
 //! let tensors = weights::read_safetensors("model.safetensors".as_ref())?;
-//! let loaded = weights::build(&cfg, 91, &device, Some((&tensors, LoadMode::Exact)))?;
+//! let seed = 0; // tensors the checkpoint lacks are initialised from it
+//! let loaded = weights::build(&cfg, 91, &device, seed, Some((&tensors, LoadMode::Exact)))?;
 //! // images: normalised, padded [n, 3, h, w]; `true` in training.
 //! let images = candle_core::Tensor::zeros((1, 3, 800, 1088), candle_core::DType::F32, &device)?;
 //! let out = loaded.model.forward(&images, false)?;
@@ -26,6 +27,7 @@ pub mod anchors;
 pub mod box_coder;
 pub mod fpn;
 pub mod head;
+pub mod init;
 pub mod postprocess;
 pub mod resnet;
 pub mod retinanet;

@@ -19,6 +19,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 
 use crate::config::ModelConfig;
+use crate::model::init::SeededInit;
 use crate::model::resnet;
 use crate::model::retinanet::RetinaNet;
 
@@ -60,6 +61,7 @@ pub fn build(
     cfg: &ModelConfig,
     num_classes: usize,
     device: &Device,
+    seed: u64,
     checkpoint: Option<(&HashMap<String, Tensor>, LoadMode)>,
 ) -> Result<LoadedModel> {
     let varmap = VarMap::new();
@@ -74,7 +76,8 @@ pub fn build(
             data.insert(name, Var::from_tensor(&value)?);
         }
     }
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let backend = SeededInit { varmap: varmap.clone(), seed };
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
     let model = RetinaNet::new(cfg, num_classes, vb).context("building the model")?;
     Ok(LoadedModel { model, varmap, notes })
 }
@@ -228,14 +231,14 @@ mod tests {
     fn save_then_load_reproduces_outputs() -> Result<()> {
         let cfg = small_config();
         let dev = Device::Cpu;
-        let a = build(&cfg, 3, &dev, None)?;
+        let a = build(&cfg, 3, &dev, 0, None)?;
         let dir = std::env::temp_dir().join(format!("retinanet-weights-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("model.safetensors");
         save(&a.varmap, &path)?;
         let mut tensors = read_safetensors(&path)?;
         tensors.insert("backbone.body.bn1.num_batches_tracked".into(), Tensor::new(&[0i64], &dev)?);
-        let b = build(&cfg, 3, &dev, Some((&tensors, LoadMode::Exact)))?;
+        let b = build(&cfg, 3, &dev, 0, Some((&tensors, LoadMode::Exact)))?;
         std::fs::remove_dir_all(&dir)?;
         let x = Tensor::rand(0f32, 1., (1, 3, 64, 64), &dev)?;
         let (ya, yb) = (a.model.forward(&x, false)?, b.model.forward(&x, false)?);
@@ -248,11 +251,11 @@ mod tests {
     fn mismatches_are_listed_by_name_in_one_error() -> Result<()> {
         let cfg = small_config();
         let dev = Device::Cpu;
-        let mut tensors = state(&build(&cfg, 3, &dev, None)?);
+        let mut tensors = state(&build(&cfg, 3, &dev, 0, None)?);
         tensors.remove("backbone.body.layer1.0.conv1.weight");
         tensors.insert("backbone.fpn.layer_blocks.0.0.bias".into(), Tensor::zeros(7, DType::F32, &dev)?);
         tensors.insert("head.extra.weight".into(), Tensor::zeros(2, DType::F32, &dev)?);
-        let Err(err) = build(&cfg, 3, &dev, Some((&tensors, LoadMode::Exact))) else {
+        let Err(err) = build(&cfg, 3, &dev, 0, Some((&tensors, LoadMode::Exact))) else {
             panic!("mismatched weights loaded")
         };
         let err = err.to_string();
@@ -267,9 +270,9 @@ mod tests {
     fn new_classes_reinitialise_only_the_cls_logits() -> Result<()> {
         let cfg = small_config();
         let dev = Device::Cpu;
-        let tensors = state(&build(&cfg, 3, &dev, None)?);
-        assert!(build(&cfg, 5, &dev, Some((&tensors, LoadMode::Exact))).is_err());
-        let b = build(&cfg, 5, &dev, Some((&tensors, LoadMode::NewClasses)))?;
+        let tensors = state(&build(&cfg, 3, &dev, 0, None)?);
+        assert!(build(&cfg, 5, &dev, 0, Some((&tensors, LoadMode::Exact))).is_err());
+        let b = build(&cfg, 5, &dev, 0, Some((&tensors, LoadMode::NewClasses)))?;
         assert_eq!(b.notes.len(), 2, "{:?}", b.notes);
         assert!(b.notes.iter().all(|n| n.contains(CLS_LOGITS_PREFIX)));
         let loaded = state(&b);
@@ -283,11 +286,11 @@ mod tests {
     fn backbone_weights_load_under_the_body_prefix() -> Result<()> {
         let cfg = small_config();
         let dev = Device::Cpu;
-        let full = state(&build(&cfg, 3, &dev, None)?);
+        let full = state(&build(&cfg, 3, &dev, 0, None)?);
         let mut body: HashMap<String, Tensor> =
             full.iter().filter_map(|(k, v)| k.strip_prefix(BODY_PREFIX).map(|k| (k.to_string(), v.clone()))).collect();
         body.insert("fc.weight".into(), Tensor::zeros((10, 64), DType::F32, &dev)?);
-        let b = build(&cfg, 3, &dev, Some((&body, LoadMode::Backbone)))?;
+        let b = build(&cfg, 3, &dev, 0, Some((&body, LoadMode::Backbone)))?;
         assert_eq!(b.notes.len(), 1);
         let loaded = state(&b);
         let k = "backbone.body.layer4.1.bn2.running_var";
@@ -298,7 +301,7 @@ mod tests {
     #[test]
     fn expected_shapes_list_every_variable() -> Result<()> {
         let cfg = small_config();
-        let m = build(&cfg, 3, &Device::Cpu, None)?;
+        let m = build(&cfg, 3, &Device::Cpu, 0, None)?;
         let data = m.varmap.data().lock().expect("varmap lock");
         let built: BTreeMap<String, Vec<usize>> = data.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
         assert_eq!(expected_shapes(&cfg, 3)?, built);
@@ -308,7 +311,7 @@ mod tests {
     #[test]
     fn trainable_vars_follow_freeze_at() -> Result<()> {
         let cfg = small_config(); // frozen_bn, freeze_at 2
-        let m = build(&cfg, 3, &Device::Cpu, None)?;
+        let m = build(&cfg, 3, &Device::Cpu, 0, None)?;
         let names: Vec<String> = trainable_vars(&m.varmap, &cfg).into_iter().map(|(n, _)| n).collect();
         assert!(names.contains(&"backbone.body.layer2.0.conv1.weight".to_string()));
         assert!(names.contains(&"head.classification_head.cls_logits.bias".to_string()));

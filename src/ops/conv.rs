@@ -13,8 +13,7 @@
 //!
 //! The batch is processed in chunks whose columns stay under
 //! [`COLUMN_BUDGET`] floats, so memory stays bounded for large images.
-//! Other devices and dtypes use Candle's own convolution, with strided
-//! inputs padded by hand so that its backward works for every size.
+//! Other devices and dtypes use Candle's own convolution.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
@@ -51,7 +50,7 @@ impl Module for Conv2d {
 }
 
 /// Convolution without bias: the GEMM custom op for f32 on the CPU,
-/// Candle's `conv2d` elsewhere.
+/// Candle's `conv2d` elsewhere (see [`candle_conv2d`]).
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         return candle_conv2d(x, weight, padding, stride);
@@ -60,21 +59,22 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Res
     x.contiguous()?.apply_op2(&weight.contiguous()?, ConvForward(geometry))
 }
 
-/// Candle's convolution, with strided inputs padded by hand and cropped so
-/// that the kernel fits the strides exactly: Candle's own backward derives
-/// the transposed convolution's output padding from the height alone and
-/// fails when height and width leave different remainders `(n + 2p - k) % s`
-/// (e.g. FPN P6 -> P7 on a 2x3 map). Cropped rows are never read.
-fn candle_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+/// Candle's convolution, made differentiable for every size: its backward
+/// derives the transposed convolution's output padding from the height
+/// alone, so a strided conv whose height and width leave different
+/// remainders `(n + 2p - k) % s` fails (FPN P6 -> P7 on a 2x3 map). The
+/// input is padded by hand and cropped so the kernel fits the strides
+/// exactly, which gives the same values.
+pub fn candle_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     if stride == 1 {
         return x.conv2d(weight, padding, 1, 1, 1);
     }
-    let (_, _, kh, kw) = weight.dims4()?;
+    let k = weight.dims4()?.2;
     let mut x = x.clone();
-    for (dim, k) in [(2, kh), (3, kw)] {
+    for dim in [2, 3] {
         let n = x.dim(dim)? + 2 * padding;
         if n < k {
-            candle_core::bail!("conv2d: input with padding {padding} is smaller than the {kh}x{kw} kernel");
+            candle_core::bail!("conv2d: input smaller than the {k}x{k} kernel with padding {padding}");
         }
         x = x.pad_with_zeros(dim, padding, padding)?.narrow(dim, 0, n - (n - k) % stride)?;
     }
@@ -185,25 +185,41 @@ fn matmul(
     }
 }
 
+/// The output positions `lo..hi` along one axis whose input position
+/// `o * stride + k - padding` falls inside `0..size`.
+fn valid_range(out: usize, size: usize, k: usize, padding: usize, stride: usize) -> (usize, usize) {
+    let lo = padding.saturating_sub(k).div_ceil(stride);
+    let hi = if size + padding > k { ((size + padding - k - 1) / stride + 1).min(out) } else { 0 };
+    (lo.min(hi), hi)
+}
+
 /// Writes the columns of `images` ([count, c, h, w]) into `cols`
 /// ([patch, count * out_plane], image-major within a row).
 fn im2col(g: &Geometry, images: &[f32], count: usize, cols: &mut [f32]) {
     let (plane, row_len) = (g.h * g.w, count * g.out_plane());
     cols.par_chunks_mut(row_len).enumerate().for_each(|(row, dst)| {
         let (c, ki, kj) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
+        let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
+        let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
         for (i, image_cols) in dst.chunks_mut(g.out_plane()).enumerate() {
             let src = &images[(i * g.c_in + c) * plane..][..plane];
-            for oy in 0..g.out_h {
-                let out_row = &mut image_cols[oy * g.out_w..][..g.out_w];
-                let iy = (oy * g.stride + ki) as isize - g.padding as isize;
-                if iy < 0 || iy >= g.h as isize {
+            for (oy, out_row) in image_cols.chunks_mut(g.out_w).enumerate() {
+                if oy < y_lo || oy >= y_hi {
                     out_row.fill(0.0);
                     continue;
                 }
-                let src_row = &src[iy as usize * g.w..][..g.w];
-                for (ox, v) in out_row.iter_mut().enumerate() {
-                    let ix = (ox * g.stride + kj) as isize - g.padding as isize;
-                    *v = if ix < 0 || ix >= g.w as isize { 0.0 } else { src_row[ix as usize] };
+                let iy = oy * g.stride + ki - g.padding;
+                let src_row = &src[iy * g.w..][..g.w];
+                out_row[..x_lo].fill(0.0);
+                out_row[x_hi..].fill(0.0);
+                let first = x_lo * g.stride + kj - g.padding;
+                let inside = &mut out_row[x_lo..x_hi];
+                if g.stride == 1 {
+                    inside.copy_from_slice(&src_row[first..first + inside.len()]);
+                } else {
+                    for (v, &x) in inside.iter_mut().zip(src_row[first..].iter().step_by(g.stride)) {
+                        *v = x;
+                    }
                 }
             }
         }
@@ -217,19 +233,23 @@ fn col2im(g: &Geometry, cols: &[f32], count: usize, images: &mut [f32]) {
     images.par_chunks_mut(g.c_in * plane).enumerate().for_each(|(i, image)| {
         for (c, dst) in image.chunks_mut(plane).enumerate() {
             for ki in 0..g.kh {
+                let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
                 for kj in 0..g.kw {
+                    let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
                     let row = (c * g.kh + ki) * g.kw + kj;
                     let src = &cols[row * row_len + i * g.out_plane()..][..g.out_plane()];
-                    for oy in 0..g.out_h {
-                        let iy = (oy * g.stride + ki) as isize - g.padding as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let dst_row = &mut dst[iy as usize * g.w..][..g.w];
-                        for (ox, &v) in src[oy * g.out_w..][..g.out_w].iter().enumerate() {
-                            let ix = (ox * g.stride + kj) as isize - g.padding as isize;
-                            if ix >= 0 && ix < g.w as isize {
-                                dst_row[ix as usize] += v;
+                    for oy in y_lo..y_hi {
+                        let iy = oy * g.stride + ki - g.padding;
+                        let dst_row = &mut dst[iy * g.w..][..g.w];
+                        let values = &src[oy * g.out_w + x_lo..oy * g.out_w + x_hi];
+                        let first = x_lo * g.stride + kj - g.padding;
+                        if g.stride == 1 {
+                            for (d, &v) in dst_row[first..first + values.len()].iter_mut().zip(values) {
+                                *d += v;
+                            }
+                        } else {
+                            for (d, &v) in dst_row[first..].iter_mut().step_by(g.stride).zip(values) {
+                                *d += v;
                             }
                         }
                     }
@@ -400,7 +420,7 @@ mod tests {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, w), &dev)?)?;
             let weight = Var::from_tensor(&Tensor::randn(0f32, 1., (co, c, k, k), &dev)?)?;
             let y = conv2d(x.as_tensor(), weight.as_tensor(), p, s)?;
-            let reference = reference_conv(x.as_tensor(), weight.as_tensor(), p, s)?;
+            let reference = candle_conv2d(x.as_tensor(), weight.as_tensor(), p, s)?;
             assert_eq!(y.dims(), reference.dims());
             let what = format!("n{n} c{c} {h}x{w} co{co} k{k} p{p} s{s}");
             assert_close(&y, &reference, &format!("{what} forward"))?;
@@ -417,16 +437,23 @@ mod tests {
         Ok(())
     }
 
-    /// The fallback path of other devices (Candle's ops, differentiable).
-    fn reference_conv(x: &Tensor, w: &Tensor, p: usize, s: usize) -> Result<Tensor> {
-        candle_conv2d(x, w, p, s)
-    }
-
     fn assert_close(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
         assert!(diff <= 1e-4 * scale, "{what}: max difference {diff} (scale {scale})");
         Ok(())
+    }
+
+    #[test]
+    fn valid_ranges_keep_inputs_in_bounds() {
+        // 5 wide, 3x3 kernel, padding 1, stride 1 and 2.
+        assert_eq!(valid_range(5, 5, 0, 1, 1), (1, 5));
+        assert_eq!(valid_range(5, 5, 1, 1, 1), (0, 5));
+        assert_eq!(valid_range(5, 5, 2, 1, 1), (0, 4));
+        assert_eq!(valid_range(3, 5, 0, 1, 2), (1, 3));
+        assert_eq!(valid_range(3, 5, 2, 1, 2), (0, 2));
+        // A 7x7 kernel on a 2-wide input with padding 3: few taps land.
+        assert_eq!(valid_range(1, 2, 6, 3, 2), (0, 0));
     }
 
     #[test]

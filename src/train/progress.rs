@@ -70,18 +70,22 @@ impl MetricsLog {
 }
 
 /// Running sums between two log lines.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Window {
     steps: usize,
     images: usize,
     loss_cls: f64,
     loss_box: f64,
-    started: Option<Instant>,
+    started: Instant,
 }
 
 impl Window {
+    /// An empty window whose clock starts now.
+    pub fn start() -> Self {
+        Self { steps: 0, images: 0, loss_cls: 0.0, loss_box: 0.0, started: Instant::now() }
+    }
+
     pub fn add(&mut self, loss_cls: f64, loss_box: f64, images: usize) {
-        self.started.get_or_insert_with(Instant::now);
         self.steps += 1;
         self.images += images;
         self.loss_cls += loss_cls;
@@ -91,7 +95,7 @@ impl Window {
     /// The averaged entry, and a reset window.
     pub fn take(&mut self, step: usize, epoch: usize, lr: f64) -> MetricsEntry {
         let n = self.steps.max(1) as f64;
-        let seconds = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let seconds = self.started.elapsed().as_secs_f64();
         let entry = MetricsEntry::Train {
             step,
             epoch,
@@ -101,7 +105,7 @@ impl Window {
             lr,
             images_per_second: if seconds > 0.0 { self.images as f64 / seconds } else { 0.0 },
         };
-        *self = Self { started: Some(Instant::now()), ..Self::default() };
+        *self = Self::start();
         entry
     }
 }

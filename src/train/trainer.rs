@@ -178,7 +178,7 @@ impl Trainer {
     /// Trains until `total_steps` or until `stop` is set (then a checkpoint
     /// is saved and the outcome says so).
     pub fn run(mut self, stop: &AtomicBool) -> Result<TrainOutcome> {
-        let mut window = Window::default();
+        let mut window = Window::start();
         while self.state.step < self.total_steps {
             let epoch = self.state.epoch;
             let batches = self.loader.epoch(epoch, self.state.batch_in_epoch)?;
@@ -189,7 +189,7 @@ impl Trainer {
                 window.add(loss_cls, loss_box, batch.targets.len());
                 self.advance();
                 let step = self.state.step;
-                if step % self.config.train.log_every.max(1) == 0 || step == self.total_steps {
+                if step.is_multiple_of(self.config.train.log_every.max(1)) || step == self.total_steps {
                     let entry = window.take(step, epoch, lr);
                     self.progress.show(&entry);
                     self.metrics.push(entry)?;
@@ -199,7 +199,7 @@ impl Trainer {
                     self.progress.finish();
                     return Ok(self.outcome(true, None));
                 }
-                if step % self.config.train.checkpoint_every.max(1) == 0 && step < self.total_steps {
+                if step.is_multiple_of(self.config.train.checkpoint_every.max(1)) && step < self.total_steps {
                     self.save("last")?;
                 }
                 if step == self.total_steps {
@@ -208,7 +208,7 @@ impl Trainer {
             }
             let finished_epoch = self.state.batch_in_epoch == 0 && self.state.epoch == epoch + 1;
             let every = self.config.train.eval_every;
-            if finished_epoch && every > 0 && (epoch + 1) % every == 0 && self.state.step < self.total_steps {
+            if finished_epoch && every > 0 && (epoch + 1).is_multiple_of(every) && self.state.step < self.total_steps {
                 self.evaluate()?;
             }
         }
@@ -336,7 +336,9 @@ fn build_model(
     checkpoint: Option<&Checkpoint>,
 ) -> Result<(RetinaNet, VarMap, Vec<String>)> {
     let loaded = match checkpoint {
-        Some(ckpt) => weights::build(&config.model, num_classes, device, Some((&ckpt.model, LoadMode::Exact)))?,
+        Some(ckpt) => {
+            weights::build(&config.model, num_classes, device, config.train.seed, Some((&ckpt.model, LoadMode::Exact)))?
+        }
         None if !config.model.backbone.weights.is_empty() => {
             let path = resolve_weights(&config.model.backbone.weights, None)?;
             let tensors = weights::read_safetensors(&path)?;
@@ -346,10 +348,10 @@ fn build_model(
             } else {
                 LoadMode::Backbone
             };
-            weights::build(&config.model, num_classes, device, Some((&tensors, mode)))
+            weights::build(&config.model, num_classes, device, config.train.seed, Some((&tensors, mode)))
                 .with_context(|| format!("weights {}", path.display()))?
         }
-        None => weights::build(&config.model, num_classes, device, None)?,
+        None => weights::build(&config.model, num_classes, device, config.train.seed, None)?,
     };
     Ok((loaded.model, loaded.varmap, loaded.notes))
 }
