@@ -4,10 +4,11 @@
 //! then a 3x3 conv to A*K logits or A*4 deltas, shared across levels.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use crate::config::{HeadConfig, HeadNorm};
 use crate::ops::conv::Conv2d;
+use crate::ops::group_norm::{group_norm, GroupNorm};
 
 /// Weight init of every head conv: normal(std = 0.01).
 const HEAD_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.01 };
@@ -37,7 +38,7 @@ impl Tower {
                     HeadNorm::None => Ok((conv3x3(channels, channels, Some(Init::Const(0.0)), &vb.pp("0"))?, None)),
                     HeadNorm::Gn => {
                         let conv = conv3x3(channels, channels, None, &vb.pp("0"))?;
-                        let gn = candle_nn::group_norm(HEAD_GN_GROUPS, channels, HEAD_GN_EPS, vb.pp("1"))?;
+                        let gn = group_norm(HEAD_GN_GROUPS, channels, HEAD_GN_EPS, vb.pp("1"))?;
                         Ok((conv, Some(gn)))
                     }
                 }

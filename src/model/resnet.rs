@@ -8,10 +8,12 @@
 //! as detectron2's `FrozenBatchNorm2d` conversion does.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, GroupNorm, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use crate::config::{BackboneConfig, BackboneNorm};
+use crate::ops::batch_norm::{batch_norm, BatchNorm};
 use crate::ops::conv::Conv2d;
+use crate::ops::group_norm::{group_norm, GroupNorm};
 use crate::ops::maxpool::{max_pool_3x3_s2_p1, max_pool_3x3_s2_p1_inference};
 
 /// torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -95,11 +97,8 @@ impl ConvNorm {
         }
         let conv = Conv2d::new(weight, None, spec.padding, spec.stride);
         let norm = match cfg.norm {
-            BackboneNorm::Gn => Norm::Gn(candle_nn::group_norm(cfg.gn_groups, c, cfg.norm_eps, norm_vb)?),
-            _ => {
-                let bn_cfg = BatchNormConfig { eps: cfg.norm_eps, momentum: BN_MOMENTUM, ..Default::default() };
-                Norm::Bn(candle_nn::batch_norm(c, bn_cfg, norm_vb)?)
-            }
+            BackboneNorm::Gn => Norm::Gn(group_norm(cfg.gn_groups, c, cfg.norm_eps, norm_vb)?),
+            _ => Norm::Bn(batch_norm(c, cfg.norm_eps, BN_MOMENTUM, norm_vb)?),
         };
         Ok(Self { conv, norm })
     }
@@ -286,7 +285,7 @@ mod tests {
     /// Frozen stages get no gradient; trained ones do, down to the stem.
     #[test]
     fn freeze_at_stops_gradients() -> Result<()> {
-        let x = Tensor::rand(0f32, 1f32, (1, 3, 32, 32), &Device::Cpu)?;
+        let x = Tensor::rand(0f32, 1f32, (1, 3, 64, 64), &Device::Cpu)?;
         for freeze_at in [0, 2] {
             let vm = VarMap::new();
             let c = cfg(18, BackboneNorm::Bn, freeze_at);

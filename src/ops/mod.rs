@@ -2,6 +2,8 @@
 //! and NMS (torchvision.ops.boxes), a GEMM convolution with a fast backward
 //! and a max-pool with a backward pass.
 
+pub mod batch_norm;
 pub mod boxes;
 pub mod conv;
+pub mod group_norm;
 pub mod maxpool;
