@@ -73,8 +73,9 @@ impl Predictor {
             n => n,
         };
         let tensors = weights::read_safetensors(&source.model_file)?;
-        let loaded = weights::build(&config.model, num_classes, device, config.train.seed, Some((&tensors, LoadMode::Exact)))
-            .with_context(|| format!("weights {}", source.model_file.display()))?;
+        let loaded =
+            weights::build(&config.model, num_classes, device, config.train.seed, Some((&tensors, LoadMode::Exact)))
+                .with_context(|| format!("weights {}", source.model_file.display()))?;
         Ok(Self {
             transform: Transform::new(&config.input),
             model: loaded.model,

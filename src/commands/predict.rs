@@ -74,7 +74,8 @@ pub fn run(args: PredictArgs) -> Result<()> {
     }
     if let Some(dir) = &out {
         let path = dir.join("predictions.json");
-        std::fs::write(&path, serde_json::to_string(&coco)?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_string(&coco)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("{} image(s): drawn detections and predictions.json in {}", files.len(), dir.display());
     }
     if args.json {
@@ -134,7 +135,10 @@ fn image_result(file: &Path, &(width, height): &(u32, u32), dets: &[Detection], 
             bbox: d.bbox,
             score: d.score,
             category_id: d.category_id,
-            label: predictor.categories.label_of(d.category_id).map_or_else(String::new, |l| predictor.categories.name_of(l)),
+            label: predictor
+                .categories
+                .label_of(d.category_id)
+                .map_or_else(String::new, |l| predictor.categories.name_of(l)),
         })
         .collect();
     ImageResult { file: file.display().to_string(), width, height, detections }
