@@ -15,6 +15,9 @@
 //! [`COLUMN_BUDGET`] floats, so memory stays bounded for large images.
 //! Other devices and dtypes use Candle's own convolution.
 
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -138,11 +141,28 @@ impl Geometry {
 }
 
 /// Threads for a GEMM: Candle's count (RAYON_NUM_THREADS or the cores).
+/// Read once: Candle's count reads /proc/cpuinfo, which cost 3% of a step
+/// when asked per GEMM.
 fn parallelism() -> Parallelism {
-    match candle_core::utils::get_num_threads() {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    match *THREADS.get_or_init(candle_core::utils::get_num_threads) {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
     }
+}
+
+thread_local! {
+    /// im2col columns and GEMM products, kept between calls so each
+    /// convolution does not allocate and zero them again.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's two scratch buffers.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|s| {
+        let (a, b) = &mut *s.borrow_mut();
+        f(a, b)
+    })
 }
 
 /// `dst[m, n] (+)= lhs[m, k] x rhs[k, n]` with explicit row/column strides.
@@ -298,23 +318,31 @@ impl CustomOp2 for ConvForward {
         let (x, w) = (f32_data(xs, xl, "input")?, f32_data(ws, wl, "weight")?);
         let mut out = vec![0f32; g.n * g.c_out * g.out_plane()];
         let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
-        let mut cols = Vec::new();
-        let mut product = Vec::new();
-        for first in (0..g.n).step_by(chunk) {
-            let count = chunk.min(g.n - first);
-            let images = &x[first * in_image..][..count * in_image];
-            let dst = &mut out[first * out_image..][..count * out_image];
-            if g.is_pointwise() && count == 1 {
-                matmul((g.c_out, g.out_plane(), g.patch()), dst, false, w, (g.patch(), 1), images, (g.out_plane(), 1));
-                continue;
+        with_scratch(|cols, product| {
+            for first in (0..g.n).step_by(chunk) {
+                let count = chunk.min(g.n - first);
+                let images = &x[first * in_image..][..count * in_image];
+                let dst = &mut out[first * out_image..][..count * out_image];
+                if g.is_pointwise() && count == 1 {
+                    matmul(
+                        (g.c_out, g.out_plane(), g.patch()),
+                        dst,
+                        false,
+                        w,
+                        (g.patch(), 1),
+                        images,
+                        (g.out_plane(), 1),
+                    );
+                    continue;
+                }
+                let width = count * g.out_plane();
+                cols.resize(g.patch() * width, 0.0);
+                im2col(g, images, count, cols);
+                product.resize(g.c_out * width, 0.0);
+                matmul((g.c_out, width, g.patch()), product, false, w, (g.patch(), 1), cols, (width, 1));
+                from_channel_major(product, count, g.c_out, g.out_plane(), dst);
             }
-            let width = count * g.out_plane();
-            cols.resize(g.patch() * width, 0.0);
-            im2col(g, images, count, &mut cols);
-            product.resize(g.c_out * width, 0.0);
-            matmul((g.c_out, width, g.patch()), &mut product, false, w, (g.patch(), 1), &cols, (width, 1));
-            from_channel_major(&product, count, g.c_out, g.out_plane(), dst);
-        }
+        });
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))))
     }
 
@@ -339,24 +367,32 @@ impl CustomOp2 for ConvInputGrad {
         let (grad, w) = (f32_data(gs, gl, "gradient")?, f32_data(ws, wl, "weight")?);
         let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
         let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
-        let mut grad_cm = Vec::new();
-        let mut cols = Vec::new();
-        for first in (0..g.n).step_by(chunk) {
-            let count = chunk.min(g.n - first);
-            let grads = &grad[first * out_image..][..count * out_image];
-            let dst = &mut dx[first * in_image..][..count * in_image];
-            // W^T [patch, co]: W is [co, patch] row-major.
-            if g.is_pointwise() && count == 1 {
-                matmul((g.patch(), g.out_plane(), g.c_out), dst, false, w, (1, g.patch()), grads, (g.out_plane(), 1));
-                continue;
+        with_scratch(|grad_cm, cols| {
+            for first in (0..g.n).step_by(chunk) {
+                let count = chunk.min(g.n - first);
+                let grads = &grad[first * out_image..][..count * out_image];
+                let dst = &mut dx[first * in_image..][..count * in_image];
+                // W^T [patch, co]: W is [co, patch] row-major.
+                if g.is_pointwise() && count == 1 {
+                    matmul(
+                        (g.patch(), g.out_plane(), g.c_out),
+                        dst,
+                        false,
+                        w,
+                        (1, g.patch()),
+                        grads,
+                        (g.out_plane(), 1),
+                    );
+                    continue;
+                }
+                let width = count * g.out_plane();
+                grad_cm.resize(g.c_out * width, 0.0);
+                to_channel_major(grads, count, g.c_out, g.out_plane(), grad_cm);
+                cols.resize(g.patch() * width, 0.0);
+                matmul((g.patch(), width, g.c_out), cols, false, w, (1, g.patch()), grad_cm, (width, 1));
+                col2im(g, cols, count, dst);
             }
-            let width = count * g.out_plane();
-            grad_cm.resize(g.c_out * width, 0.0);
-            to_channel_major(grads, count, g.c_out, g.out_plane(), &mut grad_cm);
-            cols.resize(g.patch() * width, 0.0);
-            matmul((g.patch(), width, g.c_out), &mut cols, false, w, (1, g.patch()), &grad_cm, (width, 1));
-            col2im(g, &cols, count, dst);
-        }
+        });
         Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
     }
 }
@@ -374,25 +410,25 @@ impl CustomOp2 for ConvWeightGrad {
         let (x, grad) = (f32_data(xs, xl, "input")?, f32_data(gs, gl, "gradient")?);
         let mut dw = vec![0f32; g.c_out * g.patch()];
         let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
-        let mut grad_cm = Vec::new();
-        let mut cols = Vec::new();
-        for (step, first) in (0..g.n).step_by(chunk).enumerate() {
-            let count = chunk.min(g.n - first);
-            let images = &x[first * in_image..][..count * in_image];
-            let grads = &grad[first * out_image..][..count * out_image];
-            let width = count * g.out_plane();
-            grad_cm.resize(g.c_out * width, 0.0);
-            to_channel_major(grads, count, g.c_out, g.out_plane(), &mut grad_cm);
-            let cols: &[f32] = if g.is_pointwise() && count == 1 {
-                images
-            } else {
-                cols.resize(g.patch() * width, 0.0);
-                im2col(g, images, count, &mut cols);
-                &cols
-            };
-            // dW [co, patch] += g [co, width] x cols^T [width, patch].
-            matmul((g.c_out, g.patch(), width), &mut dw, step > 0, &grad_cm, (width, 1), cols, (1, width));
-        }
+        with_scratch(|grad_cm, cols| {
+            for (step, first) in (0..g.n).step_by(chunk).enumerate() {
+                let count = chunk.min(g.n - first);
+                let images = &x[first * in_image..][..count * in_image];
+                let grads = &grad[first * out_image..][..count * out_image];
+                let width = count * g.out_plane();
+                grad_cm.resize(g.c_out * width, 0.0);
+                to_channel_major(grads, count, g.c_out, g.out_plane(), grad_cm);
+                let cols: &[f32] = if g.is_pointwise() && count == 1 {
+                    images
+                } else {
+                    cols.resize(g.patch() * width, 0.0);
+                    im2col(g, images, count, cols);
+                    cols
+                };
+                // dW [co, patch] += g [co, width] x cols^T [width, patch].
+                matmul((g.c_out, g.patch(), width), &mut dw, step > 0, grad_cm, (width, 1), cols, (1, width));
+            }
+        });
         Ok((CpuStorage::F32(dw), Shape::from((g.c_out, g.c_in, g.kh, g.kw))))
     }
 }
