@@ -109,3 +109,46 @@ fn sigkill_then_resume_gives_bit_identical_weights() {
     assert!(weights(&whole) == weights(&killed), "resumed weights differ from the uninterrupted run");
     assert_eq!(losses(&whole), losses(&killed), "the metrics history differs");
 }
+
+/// A trained run folder is used by `eval --weights` and `predict`.
+#[test]
+fn eval_and_predict_use_a_trained_run() {
+    let out = temp("use");
+    run_ok(train_command(&out, &["train.max_steps=6"]));
+    let retinanet = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_retinanet"));
+        cmd.env("RETINANET_CACHE", temp_cache());
+        cmd
+    };
+
+    let mut eval = retinanet();
+    let eval_out = out.join("eval-out");
+    eval.args(["eval", "--json", "--weights"]).arg(&out).arg("--out").arg(&eval_out);
+    let report: serde_json::Value = serde_json::from_str(&run_ok(eval)).unwrap();
+    assert_eq!(report["stats"].as_array().unwrap().len(), 12);
+    assert_eq!(report["images"], 6);
+    assert!(eval_out.join("detections.json").exists() && eval_out.join("eval.json").exists());
+
+    // The cache folder is named after data.synth: train, val, size, seed.
+    let images = temp_cache().join("shapes-24-6-64-0/images");
+    let image = images.join("val_000000.png");
+    let mut predict = retinanet();
+    let drawn = out.join("drawn");
+    predict.args(["predict", "--json", "--score-thresh", "0.0", "--weights"]).arg(&out).arg(&image).arg("--out").arg(&drawn);
+    let results: serde_json::Value = serde_json::from_str(&run_ok(predict)).unwrap();
+    let first = &results[0];
+    assert_eq!((first["width"].as_u64(), first["height"].as_u64()), (Some(64), Some(64)));
+    let dets = first["detections"].as_array().unwrap();
+    assert!(!dets.is_empty(), "a score threshold of 0 keeps detections");
+    let scores: Vec<f64> = dets.iter().map(|d| d["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best score first");
+    assert!(["circle", "square", "triangle"].contains(&dets[0]["label"].as_str().unwrap()));
+    assert!(drawn.join("val_000000.jpg").exists() && drawn.join("predictions.json").exists());
+
+    // A bare .safetensors file needs --config.
+    let mut bare = retinanet();
+    bare.args(["predict", "--weights"]).arg(out.join("checkpoints/last/model.safetensors")).arg(&image);
+    let o = bare.output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs --config"));
+}

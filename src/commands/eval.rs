@@ -9,7 +9,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::cli::EvalArgs;
 use crate::data::coco::read_coco_json;
+use crate::data::loader::Loader;
+use crate::data::source::load_split;
+use crate::device::parse_device;
 use crate::eval::{evaluate, read_results, write_eval_json, write_pr_plots, EvalParams, EvalReport, EvalResult};
+use crate::inference::evaluate_split;
+use crate::predictor::{locate_weights, model_config, Predictor};
 
 /// Runs `retinanet eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -19,12 +24,41 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             let result = score_files(gt, dt)?;
             report(&result, start.elapsed().as_secs_f64(), args.json, args.out.as_deref())
         }
-        (_, _, Some(_)) => bail!(
-            "`retinanet eval --weights` is not built yet: model inference has not landed in this version \
-             (score a results file with --gt GT.json --dt DT.json)"
-        ),
+        (_, _, Some(weights)) => evaluate_model(args, weights),
         _ => bail!("eval needs --weights W, or --gt GT.json together with --dt DT.json"),
     }
+}
+
+/// `--weights`: runs the model over `--split`, scores it, and with `--out`
+/// writes the detections there as a COCO results file.
+fn evaluate_model(args: &EvalArgs, weights: &Path) -> Result<()> {
+    let source = locate_weights(weights)?;
+    let config = model_config(&source, args.config.config.as_deref(), &args.config.overrides)?;
+    let device = parse_device(&args.device)?;
+    let predictor = Predictor::load(&source, config, &device)?;
+    let split = load_split(&predictor.config.data, &args.split)?;
+    let id_names = |c: &[crate::data::coco::CocoCategory]| c.iter().map(|c| (c.id, c.name.clone())).collect::<Vec<_>>();
+    if id_names(split.dataset.categories.categories()) != id_names(predictor.categories.categories()) {
+        bail!(
+            "{}: its categories differ from the model's ({})",
+            split.files.annotations.display(),
+            predictor.config.data.classes.join(", ")
+        );
+    }
+    let ground_truth = split.coco.clone();
+    let loader = Loader::for_split(&predictor.config, split, false);
+    let images = loader.len_images();
+    eprintln!("running the model on {images} images");
+    let started = Instant::now();
+    let (result, detections) =
+        evaluate_split(&predictor.model, &loader, &ground_truth, &predictor.categories, &device, |_| {})?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("detections.json");
+        std::fs::write(&path, serde_json::to_string(&detections)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    report(&result, started.elapsed().as_secs_f64(), args.json, args.out.as_deref())
 }
 
 /// Reads ground truth and a results file and evaluates them with

@@ -13,6 +13,8 @@ use crate::config::Config;
 use crate::data::coco::{Dataset, ImageEntry};
 use crate::data::image_io::load_rgb;
 use crate::data::source::{load_split, LoadedSplit};
+use crate::data::transforms::Transform;
+use crate::model::coverage::{anchor_coverage, Coverage, BUCKETS};
 use crate::viz::draw::{class_colour, draw_labeled_box};
 
 /// COCO's area buckets: small < 32^2 <= medium < 96^2 <= large.
@@ -27,7 +29,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let mut problems = dataset.report.warnings(&files.annotations);
     problems.extend(check_images(&dataset.images, &files.images));
     println!("{}", statistics(&dataset, &files.annotations, &files.images));
-    println!("anchor coverage: not available yet (it needs the model's anchor generator, which has not landed)");
+    println!("{}", coverage_report(&config, &dataset));
     if problems.is_empty() {
         println!("problems: none");
     } else {
@@ -82,6 +84,64 @@ pub fn statistics(dataset: &Dataset, annotations: &Path, images_dir: &Path) -> S
         let _ = writeln!(s, "{label:<6} {:<20} {total:>8} {small:>8} {medium:>8} {large:>8}", category.name);
     }
     s.trim_end().to_string()
+}
+
+/// Images the coverage check looks at, evenly spread over the split.
+const COVERAGE_IMAGES: usize = 2000;
+/// Below this share of boxes with an IoU >= 0.5 anchor, a hint is printed.
+const COVERAGE_HINT: f64 = 0.9;
+
+/// The anchor coverage table (see [`anchor_coverage`]), with a hint when
+/// anchors miss many boxes.
+fn coverage_report(config: &Config, dataset: &Dataset) -> String {
+    let step = dataset.images.len().div_ceil(COVERAGE_IMAGES).max(1);
+    let sample: Vec<ImageEntry> = dataset.images.iter().step_by(step).cloned().collect();
+    let transform = Transform::new(&config.input);
+    let map = &dataset.categories;
+    let table = anchor_coverage(&sample, &transform, &config.model.anchors, map.num_labels());
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "anchor coverage: best anchor IoU per box at the evaluation size ({} of {} images)",
+        sample.len(),
+        dataset.images.len()
+    );
+    let _ = writeln!(s, "{:<20} {:<8} {:>8} {:>9} {:>9}", "class", "size", "boxes", "IoU>=0.5", "IoU>=0.4");
+    let mut total = Coverage::default();
+    let mut weak = Vec::new();
+    for category in map.categories() {
+        let label = map.label_of(category.id).expect("every category has a label");
+        for (bucket, c) in BUCKETS.iter().zip(&table[label]) {
+            if c.boxes == 0 {
+                continue;
+            }
+            let (a, b) = (100.0 * c.share_05(), 100.0 * c.share_04());
+            let _ = writeln!(s, "{:<20} {bucket:<8} {:>8} {a:>8.1}% {b:>8.1}%", category.name, c.boxes);
+            if *bucket != "all" && c.share_05() < COVERAGE_HINT {
+                weak.push(format!("{} {bucket}", category.name));
+            }
+        }
+        total = total.merge(table[label][0]);
+    }
+    let _ = write!(
+        s,
+        "{:<20} {:<8} {:>8} {:>8.1}% {:>8.1}%",
+        "all",
+        "all",
+        total.boxes,
+        100.0 * total.share_05(),
+        100.0 * total.share_04()
+    );
+    if !weak.is_empty() {
+        let _ = write!(
+            s,
+            "\nhint: under {:.0}% of boxes have an anchor with IoU >= 0.5 in: {}. Fit model.anchors.sizes \
+             (one per level P3-P7) and model.anchors.ratios (h/w) to these boxes, or change input.min_size.",
+            100.0 * COVERAGE_HINT,
+            weak.join(", ")
+        );
+    }
+    s
 }
 
 /// Decodes every image in parallel; one problem line per unreadable image

@@ -21,7 +21,9 @@ use rayon::prelude::*;
 
 use super::coco::ImageEntry;
 use super::image_io::load_rgb;
+use super::source::LoadedSplit;
 use super::transforms::{pad_batch, Augment, Transform, TransformedImage};
+use crate::config::Config;
 
 /// Targets of one image, in the resized (unpadded) image's pixels.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +89,23 @@ impl Loader {
             options,
             skipped: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// The loader a config asks for: training (shuffled, augmented, last
+    /// partial batch dropped) or evaluation (file order, every image).
+    pub fn for_split(config: &Config, split: LoadedSplit, train: bool) -> Self {
+        let t = &config.train;
+        let options = LoaderOptions {
+            batch_size: if train { t.batch_size } else { config.eval.batch_size },
+            train,
+            seed: t.seed,
+            hflip_prob: config.input.hflip_prob,
+            drop_last: train,
+            workers: t.workers,
+            prefetch: t.prefetch,
+            skip_bad_images: config.data.skip_bad_images,
+        };
+        Self::new(split.dataset.images, split.files.images, Transform::new(&config.input), options)
     }
 
     pub fn len_images(&self) -> usize {

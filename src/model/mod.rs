@@ -25,6 +25,7 @@
 
 pub mod anchors;
 pub mod box_coder;
+pub mod coverage;
 pub mod fpn;
 pub mod head;
 pub mod init;

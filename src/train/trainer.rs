@@ -16,9 +16,8 @@ use super::schedule::learning_rate;
 use super::step::{StepOutcome, StepRunner};
 use crate::config::{Config, Precision};
 use crate::data::coco::{CategoryMap, CocoJson};
-use crate::data::loader::{Batch, Loader, LoaderOptions};
-use crate::data::source::{load_split, LoadedSplit};
-use crate::data::transforms::Transform;
+use crate::data::loader::{Batch, Loader};
+use crate::data::source::load_split;
 use crate::eval::{write_eval_json, EvalResult};
 use crate::hub::resolve_weights;
 use crate::inference::evaluate_split;
@@ -152,7 +151,7 @@ impl Trainer {
                 seed: config.train.seed,
             },
         };
-        let loader = make_loader(&config, train, true);
+        let loader = Loader::for_split(&config, train, true);
         if loader.batches_per_epoch() == 0 {
             bail!("the training split has no images");
         }
@@ -161,7 +160,7 @@ impl Trainer {
             n => n,
         };
         let ground_truth = val.coco.clone();
-        let val = ValSplit { loader: make_loader(&config, val, false), ground_truth };
+        let val = ValSplit { loader: Loader::for_split(&config, val, false), ground_truth };
         let metrics = MetricsLog::open(&run.metrics(), resume.map(|_| state.step))?;
         let progress = Progress::new(total_steps, state.step);
         Ok(Self { config, device, run, runner, categories, loader, val, state, total_steps, metrics, progress })
@@ -355,21 +354,6 @@ fn build_model(
         None => weights::build(&config.model, num_classes, device, config.train.seed, None)?,
     };
     Ok((loaded.model, loaded.varmap, loaded.notes))
-}
-
-fn make_loader(config: &Config, split: LoadedSplit, train: bool) -> Loader {
-    let t = &config.train;
-    let options = LoaderOptions {
-        batch_size: if train { t.batch_size } else { config.eval.batch_size },
-        train,
-        seed: t.seed,
-        hflip_prob: config.input.hflip_prob,
-        drop_last: train,
-        workers: t.workers,
-        prefetch: t.prefetch,
-        skip_bad_images: config.data.skip_bad_images,
-    };
-    Loader::new(split.dataset.images, split.files.images, Transform::new(&config.input), options)
 }
 
 /// loss.png: the loss terms and the learning rate against the step.
