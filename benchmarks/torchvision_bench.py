@@ -33,8 +33,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 PRESETS = {
     # configs/shapes.toml
-    "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=192, batch=16,
-                   classes=3, sizes=[8, 16, 32, 64, 128], ratios=[1.0], min_size=192, max_size=192),
+    "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128, batch=16,
+                   classes=3, sizes=[8, 16, 32, 64, 128], ratios=[1.0], min_size=128, max_size=128),
 }
 
 
@@ -75,14 +75,17 @@ def build(args):
     if args.head_convs != 4:
         for sub in (head.classification_head, head.regression_head):
             sub.conv = sub.conv[: args.head_convs]
+    width = args.image_width or args.size
     return RetinaNet(backbone, args.classes, anchor_generator=anchors, head=head,
-                     min_size=args.min_size or args.size, max_size=args.max_size or args.size)
+                     min_size=args.min_size or min(args.size, width),
+                     max_size=args.max_size or max(args.size, width))
 
 
 def random_batch(args, gen):
-    images = [torch.randn(3, args.size, args.size, generator=gen) for _ in range(args.batch)]
+    width = args.image_width or args.size
+    images = [torch.randn(3, args.size, width, generator=gen) for _ in range(args.batch)]
     targets = []
-    s = float(args.size)
+    s = torch.tensor([float(width), float(args.size)])
     for _ in range(args.batch):
         n = int(torch.randint(1, 9, (1,), generator=gen))
         wh = (torch.rand(n, 2, generator=gen) * 0.55 + 0.05) * s
@@ -103,7 +106,8 @@ def main():
     p.add_argument("--classes", type=int, default=80)
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0])
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, default=512, help="image height")
+    p.add_argument("--image-width", type=int, help="image width (default: --size)")
     p.add_argument("--min-size", type=int)
     p.add_argument("--max-size", type=int)
     p.add_argument("--batch", type=int, default=2)

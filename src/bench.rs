@@ -12,6 +12,7 @@ use serde::Serialize;
 pub use crate::cli::BenchMode;
 use crate::config::Config;
 use crate::data::loader::{Batch, Target};
+use crate::data::transforms::Transform;
 use crate::model::weights;
 use crate::train::step::{StepOutcome, StepRunner};
 
@@ -24,7 +25,11 @@ pub const WARMUP_STEPS: usize = 2;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchReport {
     pub mode: BenchMode,
+    /// Input height (and width unless `width` differs).
     pub size: usize,
+    /// Not in the JSON, whose fields DESIGN.md fixes.
+    #[serde(skip)]
+    pub width: usize,
     pub batch: usize,
     pub steps: usize,
     pub seconds_per_step_median: f64,
@@ -37,13 +42,13 @@ pub struct BenchReport {
 pub fn run(
     mut config: Config,
     mode: BenchMode,
-    size: usize,
+    (size, width): (usize, usize),
     batch: usize,
     steps: usize,
     device: &Device,
 ) -> Result<BenchReport> {
-    if size < 32 || batch == 0 || steps == 0 {
-        bail!("bench needs --size >= 32, --batch >= 1 and --steps >= 1");
+    if size < 32 || width < 32 || batch == 0 || steps == 0 {
+        bail!("bench needs --size and --width >= 32, --batch >= 1 and --steps >= 1");
     }
     if config.model.num_classes == 0 {
         config.model.num_classes =
@@ -51,7 +56,7 @@ pub fn run(
     }
     let loaded = weights::build(&config.model, config.model.num_classes, device, config.train.seed, None)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
-    let data = random_batch(&mut rng, size, batch, config.model.num_classes)?;
+    let data = random_batch(&mut rng, (size, width), batch, config.model.num_classes, &Transform::new(&config.input))?;
     let mut runner = StepRunner::new(loaded.model, loaded.varmap, &config, device);
     let mut times = Vec::with_capacity(steps);
     for i in 0..WARMUP_STEPS + steps {
@@ -76,6 +81,7 @@ pub fn run(
     Ok(BenchReport {
         mode,
         size,
+        width,
         batch,
         steps,
         seconds_per_step_median: median,
@@ -84,18 +90,27 @@ pub fn run(
     })
 }
 
-/// Normal-noise images with 1 to 8 random boxes each.
-fn random_batch(rng: &mut ChaCha8Rng, size: usize, batch: usize, num_classes: usize) -> Result<Batch> {
-    let images = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)?;
-    let s = size as f32;
+/// Normal-noise `height x width` images, zero-padded as the transform pads
+/// them, with 1 to 8 random boxes each.
+fn random_batch(
+    rng: &mut ChaCha8Rng,
+    (height, width): (usize, usize),
+    batch: usize,
+    num_classes: usize,
+    transform: &Transform,
+) -> Result<Batch> {
+    let (pad_h, pad_w) = transform.padded_size([(height, width)]);
+    let noise = Tensor::randn(0f32, 1.0, (batch, 3, height, width), &Device::Cpu)?;
+    let images = noise.pad_with_zeros(2, 0, pad_h - height)?.pad_with_zeros(3, 0, pad_w - width)?;
+    let (h, w) = (height as f32, width as f32);
     let targets = (0..batch)
         .map(|i| {
             let n = rng.random_range(1..=8);
             let boxes: Vec<[f32; 4]> = (0..n)
                 .map(|_| {
-                    let (w, h) = (rng.random_range(0.05..0.6) * s, rng.random_range(0.05..0.6) * s);
-                    let (x, y) = (rng.random_range(0.0..s - w), rng.random_range(0.0..s - h));
-                    [x, y, x + w, y + h]
+                    let (bw, bh) = (rng.random_range(0.05..0.6) * w, rng.random_range(0.05..0.6) * h);
+                    let (x, y) = (rng.random_range(0.0..w - bw), rng.random_range(0.0..h - bh));
+                    [x, y, x + bw, y + bh]
                 })
                 .collect();
             Target {
@@ -103,8 +118,8 @@ fn random_batch(rng: &mut ChaCha8Rng, size: usize, batch: usize, num_classes: us
                 labels: (0..n).map(|_| rng.random_range(0..num_classes)).collect(),
                 crowd: vec![false; n],
                 boxes,
-                original_size: (size, size),
-                resized_size: (size, size),
+                original_size: (height, width),
+                resized_size: (height, width),
             }
         })
         .collect();

@@ -161,9 +161,12 @@ pub struct BenchArgs {
     /// What to time: a full training step, or inference.
     #[arg(long, value_enum, default_value_t = BenchMode::Train)]
     pub mode: BenchMode,
-    /// Square input side in pixels.
+    /// Input height in pixels (and width, unless --width is given).
     #[arg(long, default_value_t = 512, value_name = "PX")]
     pub size: u32,
+    /// Input width in pixels (default: --size).
+    #[arg(long, value_name = "PX")]
+    pub width: Option<u32>,
     /// Images per step.
     #[arg(long, default_value_t = 2, value_name = "B")]
     pub batch: usize,

@@ -207,7 +207,7 @@ fn cli_table_plots_and_errors() {
     assert!(stderr.contains("dt.json: entry 0: image_id 999 is not in the ground truth"), "{stderr}");
     assert!(out.stdout.is_empty());
 
-    let out = retinanet(&["eval", "--weights", "model.safetensors"]);
+    let out = retinanet(&["eval", "--weights", "no-such-model.safetensors"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--weights no-such-model.safetensors"));
 }

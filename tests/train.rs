@@ -134,7 +134,12 @@ fn eval_and_predict_use_a_trained_run() {
     let image = images.join("val_000000.png");
     let mut predict = retinanet();
     let drawn = out.join("drawn");
-    predict.args(["predict", "--json", "--score-thresh", "0.0", "--weights"]).arg(&out).arg(&image).arg("--out").arg(&drawn);
+    predict
+        .args(["predict", "--json", "--score-thresh", "0.0", "--weights"])
+        .arg(&out)
+        .arg(&image)
+        .arg("--out")
+        .arg(&drawn);
     let results: serde_json::Value = serde_json::from_str(&run_ok(predict)).unwrap();
     let first = &results[0];
     assert_eq!((first["width"].as_u64(), first["height"].as_u64()), (Some(64), Some(64)));

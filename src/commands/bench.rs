@@ -10,7 +10,14 @@ use crate::device::parse_device;
 pub fn run(args: BenchArgs) -> Result<()> {
     let config = Config::resolve(args.config.config.as_deref(), &args.config.overrides)?;
     let device = parse_device(&args.device)?;
-    let report = bench::run(config, args.mode, args.size as usize, args.batch, args.steps, &device)?;
+    let report = bench::run(
+        config,
+        args.mode,
+        (args.size as usize, args.width.unwrap_or(args.size) as usize),
+        args.batch,
+        args.steps,
+        &device,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -18,7 +25,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "{:?} {}x{} batch {}: {:.4} s/step (median of {}), {:.2} images/s, peak RSS {:.0} MiB",
             report.mode,
             report.size,
-            report.size,
+            report.width,
             report.batch,
             report.seconds_per_step_median,
             report.steps,

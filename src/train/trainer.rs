@@ -114,6 +114,11 @@ impl Trainer {
         }
         let train = load_split(&config.data, "train")?;
         let val = load_split(&config.data, "val")?;
+        for split in [&train, &val] {
+            for line in split.dataset.report.warnings(&split.files.annotations) {
+                eprintln!("warning: {line}");
+            }
+        }
         let categories = train.dataset.categories.clone();
         let num_classes = resolve_num_classes(&mut config, &categories)?;
 
@@ -214,6 +219,10 @@ impl Trainer {
         self.progress.finish();
         let result = self.evaluate()?;
         self.save("last")?;
+        let skipped = self.loader.skipped_images() + self.val.loader.skipped_images();
+        if skipped > 0 {
+            eprintln!("warning: skipped {skipped} unreadable image load(s) (data.skip_bad_images)");
+        }
         Ok(self.outcome(false, Some(result)))
     }
 

@@ -13,7 +13,7 @@ pub const FAMILY: &str = "sans-serif";
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// Registers the bundled font with plotters (once per process).
-pub fn register_font_once() -> Result<()> {
+fn register_font_once() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     if *REGISTERED.get_or_init(|| register_font(FAMILY, FontStyle::Normal, FONT).is_ok()) {
         Ok(())

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The CPU throughput table of BENCHMARKS.md: `retinanet bench` and
+# torchvision (benchmarks/torchvision_bench.py) in the same configurations,
+# one after the other on the same machine, with the same thread count.
+#
+#   cargo build --release && bash benchmarks/cpu_table.sh [STEPS]
+#
+# Needs torch and torchvision (pip install torch torchvision).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${1:-3}
+threads=$(nproc)
+bin=target/release/retinanet
+tv="python3 benchmarks/torchvision_bench.py --threads $threads --steps $steps --classes 80"
+ours() { # depth recipe mode size width batch
+    local norm=bn freeze=0
+    if [ "$2" = finetune ]; then norm=frozen_bn; freeze=2; fi
+    $bin bench --config torchvision_retinanet_r50_fpn --json --steps "$steps" --mode "$3" --size "$4" --width "$5" \
+        --batch "$6" --set model.num_classes=80 --set model.backbone.depth="$1" \
+        --set model.backbone.norm=$norm --set model.backbone.freeze_at=$freeze
+}
+row() { # label depth recipe mode size width batch
+    local a b
+    a=$(ours "$2" "$3" "$4" "$5" "$6" "$7")
+    b=$($tv --depth "$2" --recipe "$3" --mode "$4" --size "$5" --image-width "$6" --batch "$7")
+    python3 - "$1" "$a" "$b" <<'PY'
+import json, sys
+label, a, b = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+ratio = a["images_per_second"] / b["images_per_second"]
+print(f"| {label} | {a['images_per_second']:.2f} | {b['images_per_second']:.2f} | {ratio:.2f}x "
+      f"| {a['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} |")
+PY
+}
+echo "| configuration | ours img/s | torchvision img/s | ratio | ours peak MiB | torchvision peak MiB |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+row "(a) R18-FPN 512x512 b2 train, fine-tune recipe" 18 finetune train 512 512 2
+row "(a) R18-FPN 512x512 b2 train, from scratch" 18 scratch train 512 512 2
+row "(b) R50-FPN 512x512 b2 train, fine-tune recipe" 50 finetune train 512 512 2
+row "(b) R50-FPN 512x512 b2 train, from scratch" 50 scratch train 512 512 2
+row "(c) R18-FPN 512x512 b1 inference" 18 finetune infer 512 512 1
+row "(c) R50-FPN 512x512 b1 inference" 50 finetune infer 512 512 1
+row "(d) R50-FPN 800x1333 b1 inference" 50 finetune infer 800 1333 1
