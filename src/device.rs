@@ -5,7 +5,7 @@ use candle_core::utils::{cuda_is_available, metal_is_available};
 use candle_core::Device;
 
 /// Parses and opens a device. `auto` takes CUDA if this binary was built
-/// with it and a GPU answers, else Metal likewise, else the CPU.
+/// with it and a GPU opens, else Metal likewise, else the CPU.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let (kind, ordinal) = match spec.split_once(':') {
         Some((kind, n)) => {
@@ -16,13 +16,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     };
     match kind {
         "cpu" if spec == "cpu" => Ok(Device::Cpu),
-        "auto" if spec == "auto" => Ok(if cuda_is_available() {
-            Device::new_cuda(0)?
-        } else if metal_is_available() {
-            Device::new_metal(0)?
-        } else {
-            Device::Cpu
-        }),
+        "auto" if spec == "auto" => Ok(auto_device()),
         "cuda" if !cfg!(feature = "cuda") => {
             bail!("--device {spec}: this binary was built without CUDA (rebuild with `--features cuda`)")
         }
@@ -33,6 +27,14 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "metal" => Device::new_metal(ordinal).with_context(|| format!("--device {spec}: cannot open the GPU")),
         _ => bail!("--device {spec}: expected auto, cpu, cuda, cuda:N, metal or metal:N"),
     }
+}
+
+/// The first of CUDA, Metal and the CPU that this binary was built for and
+/// that opens.
+fn auto_device() -> Device {
+    let cuda = cuda_is_available().then(|| Device::new_cuda(0).ok()).flatten();
+    let metal = || metal_is_available().then(|| Device::new_metal(0).ok()).flatten();
+    cuda.or_else(metal).unwrap_or(Device::Cpu)
 }
 
 #[cfg(test)]
