@@ -137,16 +137,19 @@ fn remove_unlinked(checkpoints: &Path) {
     }
 }
 
-/// Reads a checkpoint folder (or a link to one).
-pub fn load(folder: &Path, device: &Device) -> Result<Checkpoint> {
+/// Reads only the `state.json` of a checkpoint folder.
+pub fn read_state(folder: &Path) -> Result<TrainState> {
     let state_path = folder.join(STATE_FILE);
     if !state_path.is_file() {
         bail!("{}: not a checkpoint folder (no {STATE_FILE})", folder.display());
     }
-    let state: TrainState = serde_json::from_str(
-        &std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: invalid checkpoint state", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid checkpoint state", state_path.display()))
+}
+
+/// Reads a checkpoint folder (or a link to one).
+pub fn load(folder: &Path, device: &Device) -> Result<Checkpoint> {
+    let state = read_state(folder)?;
     let read_tensors = |file: &str| -> Result<HashMap<String, Tensor>> {
         let path = folder.join(file);
         candle_core::safetensors::load(&path, device)

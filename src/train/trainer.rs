@@ -113,6 +113,9 @@ impl Trainer {
             bail!("config key train.precision: only \"f32\" is built yet");
         }
         let train = load_split(&config.data, "train")?;
+        if train.dataset.images.is_empty() {
+            bail!("{}: the training split has no images", train.files.annotations.display());
+        }
         let val = load_split(&config.data, "val")?;
         for split in [&train, &val] {
             for line in split.dataset.report.warnings(&split.files.annotations) {
@@ -157,9 +160,6 @@ impl Trainer {
             },
         };
         let loader = Loader::for_split(&config, train, true);
-        if loader.batches_per_epoch() == 0 {
-            bail!("the training split has no images");
-        }
         let total_steps = match config.train.max_steps {
             0 => config.train.epochs * loader.batches_per_epoch(),
             n => n,
@@ -257,12 +257,9 @@ impl Trainer {
     /// FloatingPointError; this also says which images and what to try).
     fn non_finite(&self, what: &str, batch: &Batch, terms: &str) -> String {
         let ids: Vec<u64> = batch.targets.iter().map(|t| t.image_id).collect();
-        let last = match checkpoint::load(&self.run.checkpoints().join("last"), &Device::Cpu) {
-            Ok(c) => format!(
-                "the last good checkpoint is {} (step {})",
-                self.run.checkpoints().join("last").display(),
-                c.state.step
-            ),
+        let folder = self.run.checkpoints().join("last");
+        let last = match checkpoint::read_state(&folder) {
+            Ok(state) => format!("the last good checkpoint is {} (step {})", folder.display(), state.step),
             Err(_) => "no checkpoint was written yet".to_string(),
         };
         format!(
