@@ -1,0 +1,135 @@
+"""Trains torchvision's RetinaNet from scratch on a COCO-layout dataset with
+one of our presets' recipes, then scores the val split with pycocotools: the
+peer of `retinanet train` for the same data, schedule and image size.
+
+    pip install torch torchvision pycocotools pillow
+    retinanet synth --out /tmp/shapes128 --size 128          # or any COCO folder
+    python3 benchmarks/torchvision_train.py --data /tmp/shapes128 --preset shapes
+
+The `shapes` recipe mirrors configs/shapes.toml: the tiny ResNet-18-style
+body (16-128 channels, BatchNorm), FPN 64, two-conv GroupNorm heads,
+anchors 8-128 with ratio 1, IoU 0.4/0.3, batch 16, SGD lr 0.02 momentum 0.9
+weight decay 1e-4, 100 warmup steps then cosine, horizontal flips, 9 epochs.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.transforms.functional import pil_to_tensor
+
+from torchvision_bench import build
+
+RECIPES = {
+    "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
+                   sizes=[8, 16, 32, 64, 128], ratios=[1.0], fg_iou=0.4, bg_iou=0.3,
+                   batch=16, lr=0.02, epochs=9, warmup=100),
+}
+
+
+def load_split(root, split, cat_index):
+    coco = json.load(open(os.path.join(root, "annotations", f"instances_{split}.json")))
+    by_image = {im["id"]: [] for im in coco["images"]}
+    for a in coco["annotations"]:
+        if not a.get("iscrowd", 0):
+            by_image[a["image_id"]].append(a)
+    items = []
+    for im in coco["images"]:
+        anns = by_image[im["id"]]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([cat_index[a["category_id"]] for a in anns], dtype=torch.int64)
+        items.append((im["id"], os.path.join(root, "images", im["file_name"]), boxes, labels))
+    return items
+
+
+def image_tensor(path):
+    return pil_to_tensor(Image.open(path).convert("RGB")).float() / 255.0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--preset", choices=RECIPES, default="shapes")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    r = dict(RECIPES[args.preset])
+    if args.epochs:
+        r["epochs"] = args.epochs
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    gt = COCO(os.path.join(args.data, "annotations", "instances_val.json"))
+    cat_ids = sorted(gt.getCatIds())
+    cat_index = {c: i for i, c in enumerate(cat_ids)}
+    train = load_split(args.data, "train", cat_index)
+    val = load_split(args.data, "val", cat_index)
+    model_args = argparse.Namespace(depth=r["depth"], width=r["width"], fpn=r["fpn"], head_convs=r["head_convs"],
+                                    head_gn=r["head_gn"], classes=len(cat_ids), sizes=r["sizes"], ratios=r["ratios"],
+                                    size=r["size"], image_width=None, min_size=r["size"], max_size=r["size"],
+                                    recipe="scratch")
+    model = build(model_args)
+    model.proposal_matcher.high_threshold = r["fg_iou"]
+    model.proposal_matcher.low_threshold = r["bg_iou"]
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.SGD(params, lr=r["lr"], momentum=0.9, weight_decay=1e-4)
+    steps_per_epoch = len(train) // r["batch"]
+    total = steps_per_epoch * r["epochs"]
+
+    def lr_at(step):
+        warm = 0.001 * (1 - step / r["warmup"]) + step / r["warmup"] if step < r["warmup"] else 1.0
+        return r["lr"] * 0.5 * (1 + math.cos(math.pi * step / total)) * warm
+
+    gen = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    step = 0
+    model.train()
+    for epoch in range(r["epochs"]):
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for b in range(steps_per_epoch):
+            images, targets = [], []
+            for i in order[b * r["batch"]:(b + 1) * r["batch"]]:
+                _, path, boxes, labels = train[i]
+                img = image_tensor(path)
+                if torch.rand(1, generator=gen).item() < 0.5:
+                    img = img.flip(-1)
+                    w = img.shape[-1]
+                    boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+                images.append(img)
+                targets.append({"boxes": boxes, "labels": labels})
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 50 == 0:
+                rate = step * r["batch"] / (time.perf_counter() - started)
+                print(f"step {step}/{total} epoch {epoch} loss {loss.item():.4f} {rate:.1f} img/s", flush=True)
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    results = []
+    with torch.no_grad():
+        for image_id, path, _, _ in val:
+            out = model([image_tensor(path)])[0]
+            for box, score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+                results.append({"image_id": image_id, "category_id": cat_ids[label],
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+    ev = COCOeval(gt, gt.loadRes(results), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    print(json.dumps({"preset": args.preset, "epochs": r["epochs"], "images_seen": step * r["batch"],
+                      "train_seconds": train_seconds, "ap": ev.stats[0], "ap50": ev.stats[1],
+                      "torch": torch.__version__, "threads": args.threads}))
+
+
+if __name__ == "__main__":
+    main()
