@@ -14,12 +14,9 @@ use crate::data::coco::{Dataset, ImageEntry};
 use crate::data::image_io::load_rgb;
 use crate::data::source::{load_split, LoadedSplit};
 use crate::data::transforms::Transform;
-use crate::model::coverage::{anchor_coverage, Coverage, BUCKETS};
+use crate::model::coverage::{anchor_coverage, area_bucket, Coverage, BUCKETS};
 use crate::viz::draw::{class_colour, draw_labeled_box};
 
-/// COCO's area buckets: small < 32^2 <= medium < 96^2 <= large.
-const SMALL_AREA: f32 = 32.0 * 32.0;
-const LARGE_AREA: f32 = 96.0 * 96.0;
 /// Images drawn with `--out`.
 const SAMPLES: usize = 16;
 
@@ -54,13 +51,7 @@ pub fn statistics(dataset: &Dataset, annotations: &Path, images_dir: &Path) -> S
     for image in &dataset.images {
         for ((b, &label), &is_crowd) in image.boxes.iter().zip(&image.labels).zip(&image.crowd) {
             let area = (b[2] - b[0]) * (b[3] - b[1]);
-            let bucket = if area < SMALL_AREA {
-                1
-            } else if area < LARGE_AREA {
-                2
-            } else {
-                3
-            };
+            let bucket = area_bucket(area);
             per_class[label][0] += 1;
             per_class[label][bucket] += 1;
             crowd += usize::from(is_crowd);

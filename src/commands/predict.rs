@@ -62,6 +62,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     let mut used_names = HashSet::new();
     for (i, file) in files.iter().enumerate() {
         let image = load_rgb(file)?;
+        let size = image.dimensions();
         let mut detections = predictor.predict(&image)?;
         detections.image_id = i as u64 + 1;
         let coco_dets = to_coco_results(std::slice::from_ref(&detections), &predictor.categories);
@@ -69,7 +70,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
             let path = dir.join(unique_name(file, &mut used_names));
             draw(image, &detections, &predictor, &path)?;
         }
-        results.push(image_result(file, &image_size(file)?, &coco_dets, &predictor));
+        results.push(image_result(file, size, &coco_dets, &predictor));
         coco.extend(coco_dets);
     }
     if let Some(dir) = &out {
@@ -124,11 +125,7 @@ fn unique_name(file: &Path, used: &mut HashSet<String>) -> String {
     name
 }
 
-fn image_size(file: &Path) -> Result<(u32, u32)> {
-    crate::data::image_io::image_size(file)
-}
-
-fn image_result(file: &Path, &(width, height): &(u32, u32), dets: &[Detection], predictor: &Predictor) -> ImageResult {
+fn image_result(file: &Path, (width, height): (u32, u32), dets: &[Detection], predictor: &Predictor) -> ImageResult {
     let detections = dets
         .iter()
         .map(|d| DetectionJson {

@@ -16,6 +16,17 @@ pub const BUCKETS: [&str; 4] = ["all", "small", "medium", "large"];
 const SMALL_AREA: f32 = 32.0 * 32.0;
 const LARGE_AREA: f32 = 96.0 * 96.0;
 
+/// The index in [`BUCKETS`] (1, 2 or 3) of a box of `area` square pixels.
+pub fn area_bucket(area: f32) -> usize {
+    if area < SMALL_AREA {
+        1
+    } else if area < LARGE_AREA {
+        2
+    } else {
+        3
+    }
+}
+
 /// Boxes counted, and how many have a best anchor IoU of at least 0.5 / 0.4.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Coverage {
@@ -90,13 +101,7 @@ pub fn anchor_coverage(
                 scale_boxes(&mut scaled, original, resized);
                 let best = anchors.boxes.iter().map(|a| iou(&scaled[0], a)).fold(0.0f32, f32::max);
                 let area = (b[2] - b[0]) * (b[3] - b[1]);
-                let bucket = if area < SMALL_AREA {
-                    1
-                } else if area < LARGE_AREA {
-                    2
-                } else {
-                    3
-                };
+                let bucket = area_bucket(area);
                 if let Some(row) = table.get_mut(label) {
                     row[0].add(best);
                     row[bucket].add(best);
