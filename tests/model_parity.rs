@@ -32,6 +32,9 @@ use candle_retinanet::data::transforms::resize_bilinear;
 use candle_retinanet::model::weights::{build, LoadMode};
 use serde::Deserialize;
 
+mod common;
+use common::{check_checksum, checksum, weight_values};
+
 const FIXTURE: &str = "tests/fixtures/torchvision";
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -50,48 +53,6 @@ struct Meta {
     bbox_regression_checksums: Vec<[f64; 2]>,
     anchors_per_level: Vec<usize>,
     num_detections: usize,
-}
-
-/// make_parity.py's `uniform`: a 32-bit integer hash of (t, k) in [-1, 1).
-fn uniform(t: usize, k: usize) -> f64 {
-    let mut x = (k as u32).wrapping_add((t as u32).wrapping_mul(0x9E37_79B9));
-    for _ in 0..2 {
-        x = (x ^ (x >> 16)).wrapping_mul(0x045D_9F3B);
-    }
-    x ^= x >> 16;
-    f64::from(x) / 2f64.powi(32) * 2.0 - 1.0
-}
-
-/// make_parity.py's `weight_values`.
-fn weight_values(t: usize, name: &str, shape: &[usize]) -> Vec<f32> {
-    let n: usize = shape.iter().product();
-    let gain = if name.contains("cls_logits") {
-        2.0
-    } else if name.contains("bbox_reg") || name.contains("fpn") {
-        1.0
-    } else {
-        2f64.sqrt()
-    };
-    (0..n)
-        .map(|k| {
-            let v = uniform(t, k);
-            let x = if name.ends_with("running_var") {
-                1.0 + 0.25 * (v + 1.0)
-            } else if name.ends_with("running_mean") {
-                0.1 * v
-            } else if shape.len() == 4 {
-                let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
-                v * 3f64.sqrt() * gain / fan_in.sqrt()
-            } else if name.ends_with("cls_logits.bias") {
-                -3.0 + 0.5 * v
-            } else if name.ends_with("weight") {
-                0.6 + 0.2 * v
-            } else {
-                0.1 * v
-            };
-            x as f32
-        })
-        .collect()
 }
 
 /// make_parity.py's `image`: [3, h, w] in [0, 1].
@@ -131,20 +92,6 @@ fn transform(img: &[f32], (h, w): (usize, usize), resized: (usize, usize), padde
         out[start..start + resized.1].copy_from_slice(src);
     }
     out
-}
-
-fn checksum(values: &[f32]) -> [f64; 2] {
-    values.iter().fold([0.0, 0.0], |[s, a], &v| [s + f64::from(v), a + f64::from(v).abs()])
-}
-
-/// Sum and sum of |x| agree to `tol` relative to the sum of |x|.
-fn check_checksum(what: &str, ours: [f64; 2], theirs: [f64; 2], tol: f64) -> Result<()> {
-    let scale = theirs[1].max(1e-12);
-    ensure!(
-        (ours[0] - theirs[0]).abs() / scale < tol && (ours[1] - theirs[1]).abs() / scale < tol,
-        "{what}: checksum {ours:?}, torchvision {theirs:?}"
-    );
-    Ok(())
 }
 
 /// Largest absolute and relative (to 1 + |torchvision|) errors at `index`.

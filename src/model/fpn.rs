@@ -27,7 +27,13 @@ fn conv(c_in: usize, c_out: usize, kernel: usize, stride: usize, vb: VarBuilder)
 fn upsample_nearest(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
     let (_, _, in_h, in_w) = x.dims4()?;
     if h == 2 * in_h && w == 2 * in_w {
-        return x.upsample_nearest2d(h, w);
+        // Candle 0.11's backward of upsample_nearest2d *assigns* its gradient
+        // to the input instead of adding it (backprop.rs: `*sum_grad =
+        // conv_sum`), which dropped every gradient the FPN's upper levels got
+        // from their own heads (fix pending upstream: huggingface/candle#3507).
+        // Upsampling a copy gives that op an input of its own; the copy's
+        // backward then adds correctly. tests/train_parity.rs catches a relapse.
+        return x.copy()?.upsample_nearest2d(h, w);
     }
     let index = |out: usize, input: usize| -> Result<Tensor> {
         let scale = input as f32 / out as f32;
@@ -99,6 +105,21 @@ mod tests {
         assert_eq!(y, [0.0, 0.0, 1.0, 1.0, 2.0]);
         let y = upsample_nearest(&x, (2, 6))?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(y, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn upsampled_tensor_keeps_its_other_gradients() -> Result<()> {
+        // y = sum(3 x) + sum(upsample(x)): dy/dx = 3 + the cells each input fills.
+        // 2x3 -> 4x6 (exact 2x): 4 each; 2x3 -> 3x5: rows [0, 0, 1], columns [0, 0, 1, 1, 2].
+        let cases = [((4, 6), [7.0; 6]), ((3, 5), [7.0, 7.0, 5.0, 5.0, 5.0, 4.0])];
+        for (size, expected) in cases {
+            let x = candle_core::Var::ones((1, 1, 2, 3), DType::F32, &Device::Cpu)?;
+            let y = ((x.as_tensor() * 3.0)?.sum_all()? + upsample_nearest(x.as_tensor(), size)?.sum_all()?)?;
+            let grads = y.backward()?;
+            let g = grads.get(x.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(g, expected, "upsampled to {size:?}");
+        }
         Ok(())
     }
 

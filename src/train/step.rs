@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Result};
 use candle_nn::VarMap;
 
-use super::loss::{retinanet_loss, Normalizer};
+use super::loss::{retinanet_loss, LossTerms, Normalizer};
 use super::matcher::Matcher;
 use super::optim::Optimizer;
 use super::targets::build_targets;
@@ -60,8 +60,8 @@ impl StepRunner {
         &self.device
     }
 
-    /// One optimiser step on `batch` with learning rate `lr`.
-    pub fn step(&mut self, batch: &Batch, lr: f64) -> Result<StepOutcome> {
+    /// The loss terms of `batch` in training mode (graph attached).
+    pub fn losses(&mut self, batch: &Batch) -> Result<LossTerms> {
         let images = batch.images.to_device(&self.device)?;
         let outputs = self.model.forward(&images, true)?;
         let (targets, _) = build_targets(
@@ -72,13 +72,18 @@ impl StepRunner {
             &mut self.normalizer,
             &self.device,
         )?;
-        let terms = retinanet_loss(
+        retinanet_loss(
             &outputs.cls_logits,
             &outputs.bbox_regression,
             &targets,
             &self.config.loss,
             self.model.box_coder(),
-        )?;
+        )
+    }
+
+    /// One optimiser step on `batch` with learning rate `lr`.
+    pub fn step(&mut self, batch: &Batch, lr: f64) -> Result<StepOutcome> {
+        let terms = self.losses(batch)?;
         let loss_cls = terms.classification.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let loss_box = terms.box_regression.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !(loss_cls.is_finite() && loss_box.is_finite()) {

@@ -1,0 +1,159 @@
+//! Training steps against torchvision on identical weights and batch.
+//!
+//! The fixture comes from `tests/fixtures/train_step/make_train_step.py`
+//! (torch 2.15 / torchvision 0.29, run by hand). In short:
+//!
+//! ```python
+//! model = build(shapes preset)      # benchmarks/torchvision_bench.py, plain BatchNorm
+//! model.proposal_matcher.high_threshold, low_threshold = 0.4, 0.3
+//! model.load_state_dict({k: weight_values(t, k, shape) ...}, strict=False)
+//! model.train()
+//! opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+//! for step in range(3):
+//!     terms = model(images, targets)   # two 128x128 images with 3 and 2 boxes
+//!     opt.zero_grad(); sum(terms.values()).backward(); opt.step()
+//! ```
+//!
+//! The test checks the loss terms of every step, every parameter's gradient
+//! at the first step (checksums and 64 sampled entries) and every tensor,
+//! BatchNorm running statistics included, after the last step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use candle_retinanet::config::Config;
+use candle_retinanet::data::loader::{Batch, Target};
+use candle_retinanet::model::weights::{build, LoadMode};
+use candle_retinanet::train::step::{StepOutcome, StepRunner};
+use serde::Deserialize;
+
+mod common;
+use common::{check_checksum, checksum, weight_values};
+
+const FIXTURE: &str = "tests/fixtures/train_step";
+
+#[derive(Deserialize)]
+struct Meta {
+    keys: Vec<(String, Vec<usize>)>,
+    /// Per image: `[x1, y1, x2, y2, label]`.
+    boxes: Vec<Vec<[f32; 5]>>,
+    size: usize,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    fg_iou: f64,
+    bg_iou: f64,
+    /// `[classification, bbox_regression]` of every step.
+    losses: Vec<[f64; 2]>,
+    grad_checksums: BTreeMap<String, [f64; 2]>,
+    final_checksums: BTreeMap<String, [f64; 2]>,
+}
+
+fn config(meta: &Meta) -> Result<Config> {
+    let set = [
+        format!("loss.fg_iou_thresh={}", meta.fg_iou),
+        format!("loss.bg_iou_thresh={}", meta.bg_iou),
+        format!("train.momentum={}", meta.momentum),
+        format!("train.weight_decay={}", meta.weight_decay),
+        "train.clip_grad_norm=0".to_string(),
+        "model.num_classes=3".to_string(),
+    ];
+    Config::resolve(Some("shapes"), &set)
+}
+
+fn batch(meta: &Meta, images: Tensor) -> Batch {
+    let size = (meta.size, meta.size);
+    let targets = meta
+        .boxes
+        .iter()
+        .enumerate()
+        .map(|(i, boxes)| Target {
+            image_id: i as u64,
+            boxes: boxes.iter().map(|b| [b[0], b[1], b[2], b[3]]).collect(),
+            labels: boxes.iter().map(|b| b[4] as usize).collect(),
+            crowd: vec![false; boxes.len()],
+            original_size: size,
+            resized_size: size,
+        })
+        .collect();
+    Batch { images, targets, epoch: 0, index: 0 }
+}
+
+/// The shapes model with the fixture's weights and its SGD, ready to step.
+fn runner(meta: &Meta) -> Result<StepRunner> {
+    let dev = Device::Cpu;
+    let cfg = config(meta)?;
+    let tensors: HashMap<String, Tensor> = meta
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(t, (name, shape))| {
+            Ok((name.clone(), Tensor::from_vec(weight_values(t, name, shape), shape.as_slice(), &dev)?))
+        })
+        .collect::<Result<_>>()?;
+    let loaded = build(&cfg.model, 3, &dev, 0, Some((&tensors, LoadMode::Exact)))?;
+    Ok(StepRunner::new(loaded.model, loaded.varmap, &cfg, &dev))
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+#[test]
+fn shapes_model_trains_like_torchvision() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
+    let meta: Meta = serde_json::from_str(&std::fs::read_to_string(dir.join("train_step.json"))?)?;
+    let fixture = candle_core::safetensors::load(dir.join("train_step.safetensors"), &Device::Cpu)?;
+    let get = |name: &str| fixture.get(name).with_context(|| format!("fixture tensor {name}"));
+
+    let mut runner = runner(&meta)?;
+    let batch = batch(&meta, get("images")?.clone());
+
+    // First step: loss terms and every gradient.
+    let terms = runner.losses(&batch)?;
+    let grads = terms.total()?.backward()?;
+    ensure!(meta.grad_checksums.len() == runner.optimizer.params().len(), "trainable tensors differ in number");
+    let mut worst = (0f32, String::new());
+    for p in runner.optimizer.params() {
+        let grad = grads.get(p.var.as_tensor()).with_context(|| format!("{}: no gradient", p.name))?;
+        let ours = values(grad)?;
+        let theirs = meta.grad_checksums.get(&p.name).with_context(|| format!("{}: not trained by torch", p.name))?;
+        check_checksum(&format!("gradient of {}", p.name), checksum(&ours), *theirs, 2e-3)?;
+        let index = get(&format!("{}.index", p.name))?.to_vec1::<i64>()?;
+        let samples = values(get(&format!("{}.grad", p.name))?)?;
+        // Relative to |torchvision| plus the tensor's mean |gradient|:
+        // entries near zero carry only rounding noise.
+        let scale = (theirs[1] / ours.len() as f64) as f32;
+        for (&i, &t) in index.iter().zip(&samples) {
+            let err = (ours[i as usize] - t).abs() / (t.abs() + scale).max(1e-12);
+            if err > worst.0 {
+                worst = (err, format!("{}[{i}]: {} vs torchvision {t}", p.name, ours[i as usize]));
+            }
+        }
+    }
+    println!("worst sampled gradient error {:.2e} (of the mean |gradient|): {}", worst.0, worst.1);
+    ensure!(worst.0 < 1e-2, "gradients differ: {}", worst.1);
+
+    // Every step's loss terms, then the tensors after the last, from the
+    // start again: the forward above moved the BatchNorm statistics.
+    let mut runner = self::runner(&meta)?;
+    for (step, expected) in meta.losses.iter().enumerate() {
+        let StepOutcome::Updated { loss_cls, loss_box, .. } = runner.step(&batch, meta.lr)? else {
+            anyhow::bail!("step {step}: not finite");
+        };
+        println!("step {step}: cls {loss_cls:.6} vs {:.6}, box {loss_box:.6} vs {:.6}", expected[0], expected[1]);
+        let tol = 1e-4 * (1 + step) as f64;
+        ensure!(
+            (loss_cls - expected[0]).abs() < tol * expected[0] && (loss_box - expected[1]).abs() < tol * expected[1],
+            "step {step}: loss ({loss_cls}, {loss_box}), torchvision {expected:?}"
+        );
+    }
+    let vars = runner.varmap.data().lock().unwrap();
+    for (name, theirs) in &meta.final_checksums {
+        let var = vars.get(name).with_context(|| format!("{name}: missing"))?;
+        check_checksum(&format!("{name} after training"), checksum(&values(var.as_tensor())?), *theirs, 1e-3)?;
+    }
+    Ok(())
+}
