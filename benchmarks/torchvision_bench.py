@@ -39,9 +39,11 @@ PRESETS = {
 
 
 class WideResNet(ResNet):
-    """torchvision's ResNet with `width` stem channels (stages width*1..8)."""
+    """torchvision's ResNet with `width` stem channels (stages width*1..8).
+    `init`: "kaiming_fan_out" is ResNet's own conv init, "torch_default"
+    keeps nn.Conv2d's (our `model.backbone.init`)."""
 
-    def __init__(self, block, layers, width, norm_layer):
+    def __init__(self, block, layers, width, norm_layer, init="kaiming_fan_out"):
         nn.Module.__init__(self)
         self._norm_layer = norm_layer
         self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64
@@ -55,7 +57,7 @@ class WideResNet(ResNet):
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
         # ResNet.__init__'s initialisation, which skipping it above also skips.
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and init == "kaiming_fan_out":
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.constant_(m.weight, 1)
@@ -66,7 +68,7 @@ def build(args):
     block, layers = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
                      50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}[args.depth]
     norm = FrozenBatchNorm2d if args.recipe == "finetune" else nn.BatchNorm2d
-    body = WideResNet(block, layers, args.width, norm)
+    body = WideResNet(block, layers, args.width, norm, getattr(args, "init", "kaiming_fan_out"))
     if args.recipe == "finetune":  # trainable_backbone_layers=3
         for name, p in body.named_parameters():
             if not name.startswith(("layer2", "layer3", "layer4")):
@@ -121,6 +123,7 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--recipe", choices=["finetune", "scratch"], default="scratch")
+    p.add_argument("--init", choices=["kaiming_fan_out", "torch_default"], default="kaiming_fan_out")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     if args.preset:

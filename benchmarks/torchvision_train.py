@@ -9,7 +9,8 @@ peer of `retinanet train` for the same data, schedule and image size.
 The `shapes` recipe mirrors configs/shapes.toml: the tiny ResNet-18-style
 body (16-128 channels, BatchNorm), FPN 64, two-conv GroupNorm heads,
 anchors 8-128 with ratio 1, IoU 0.4/0.3, batch 16, SGD lr 0.02 momentum 0.9
-weight decay 1e-4, 100 warmup steps then cosine, horizontal flips, 9 epochs.
+weight decay 1e-4, 100 warmup steps then cosine, horizontal flips, 9 epochs,
+and PyTorch's default conv init in the body (`model.backbone.init`).
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ from torchvision_bench import build
 RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
                    sizes=[8, 16, 32, 64, 128], ratios=[1.0], fg_iou=0.4, bg_iou=0.3,
-                   batch=16, lr=0.02, epochs=9, warmup=100),
+                   batch=16, lr=0.02, epochs=9, warmup=100, init="torch_default"),
 }
 
 
@@ -57,11 +58,18 @@ def main():
     p.add_argument("--data", required=True)
     p.add_argument("--preset", choices=RECIPES, default="shapes")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe entry, e.g. --set lr=0.04 (value parsed as JSON)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     r = dict(RECIPES[args.preset])
     if args.epochs:
         r["epochs"] = args.epochs
+    for item in args.set:
+        key, value = item.split("=", 1)
+        if key not in r:
+            p.error(f"unknown recipe key {key}; known: {', '.join(r)}")
+        r[key] = json.loads(value)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gt = COCO(os.path.join(args.data, "annotations", "instances_val.json"))
@@ -72,7 +80,7 @@ def main():
     model_args = argparse.Namespace(depth=r["depth"], width=r["width"], fpn=r["fpn"], head_convs=r["head_convs"],
                                     head_gn=r["head_gn"], classes=len(cat_ids), sizes=r["sizes"], ratios=r["ratios"],
                                     size=r["size"], image_width=None, min_size=r["size"], max_size=r["size"],
-                                    recipe="scratch")
+                                    recipe="scratch", init=r["init"])
     model = build(model_args)
     model.proposal_matcher.high_threshold = r["fg_iou"]
     model.proposal_matcher.low_threshold = r["bg_iou"]
@@ -126,7 +134,7 @@ def main():
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
-    print(json.dumps({"preset": args.preset, "epochs": r["epochs"], "images_seen": step * r["batch"],
+    print(json.dumps({"preset": args.preset, "recipe": r, "epochs": r["epochs"], "images_seen": step * r["batch"],
                       "train_seconds": train_seconds, "ap": ev.stats[0], "ap50": ev.stats[1],
                       "torch": torch.__version__, "threads": args.threads}))
 

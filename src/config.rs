@@ -182,6 +182,19 @@ pub enum BackboneNorm {
     Gn,
 }
 
+/// How backbone convolutions start when not loaded from weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvInit {
+    /// torchvision's ResNet: `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
+    KaimingFanOut,
+    /// PyTorch's `nn.Conv2d` default, `kaiming_uniform_(a=sqrt(5))`:
+    /// U(+-1/sqrt(fan_in)), about 2.4x smaller. Behind BatchNorm a smaller
+    /// weight only raises the effective learning rate of the layer, which
+    /// trains small bodies from scratch faster (BENCHMARKS.md, quickstart).
+    TorchDefault,
+}
+
 /// Where P6 is computed from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -238,6 +251,8 @@ pub struct BackboneConfig {
     pub norm_eps: f64,
     /// Groups when `norm = "gn"`.
     pub gn_groups: usize,
+    /// Initialisation of the convolutions (ignored for loaded weights).
+    pub init: ConvInit,
     /// detectron2's FREEZE_AT: 0 trains everything, 1 freezes the stem,
     /// 2 the stem and layer1, and so on.
     pub freeze_at: usize,
@@ -254,6 +269,7 @@ impl Default for BackboneConfig {
             norm: BackboneNorm::FrozenBn,
             norm_eps: 1e-5,
             gn_groups: 32,
+            init: ConvInit::KaimingFanOut,
             freeze_at: 2,
             weights: String::new(),
         }

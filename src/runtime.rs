@@ -8,12 +8,19 @@
 ///   the `shapes` preset took 2.5x longer on 2 cores), so element-wise ops,
 ///   which are memory-bound, run on the calling thread unless
 ///   `CANDLE_NUM_THREADS` says otherwise.
+/// - Candle asks for its thread count on every matmul, and without
+///   `RAYON_NUM_THREADS` that parses /proc/cpuinfo each time (10% of a
+///   `shapes` training step in the kernel's cpuinfo printer). The count is
+///   read once here and written to `RAYON_NUM_THREADS`.
 /// - glibc returns large freed blocks to the kernel at once, so every step
 ///   page-faults its activations in again (about 15% of a step). Keeping
 ///   them in the heap (as PyTorch's caching allocator does) avoids that.
 pub fn configure() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
     }
     keep_freed_memory();
 }

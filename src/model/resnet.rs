@@ -10,18 +10,27 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::config::{BackboneConfig, BackboneNorm};
+use crate::config::{BackboneConfig, BackboneNorm, ConvInit};
 use crate::ops::batch_norm::{batch_norm, BatchNorm};
 use crate::ops::conv::Conv2d;
 use crate::ops::group_norm::{group_norm, GroupNorm};
 use crate::ops::maxpool::{max_pool_3x3_s2_p1, max_pool_3x3_s2_p1_inference};
 
-/// torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
-const CONV_INIT: Init = Init::Kaiming {
-    dist: candle_nn::init::NormalOrUniform::Normal,
-    fan: candle_nn::init::FanInOut::FanOut,
-    non_linearity: candle_nn::init::NonLinearity::ReLU,
-};
+/// The initialisation `init` names (see [`ConvInit`]).
+fn conv_init(init: ConvInit) -> Init {
+    use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+    match init {
+        ConvInit::KaimingFanOut => {
+            Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanOut, non_linearity: NonLinearity::ReLU }
+        }
+        // kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)).
+        ConvInit::TorchDefault => Init::Kaiming {
+            dist: NormalOrUniform::Uniform,
+            fan: FanInOut::FanIn,
+            non_linearity: NonLinearity::ExplicitGain(1.0 / 3f64.sqrt()),
+        },
+    }
+}
 
 /// BatchNorm momentum, PyTorch's default.
 const BN_MOMENTUM: f64 = 0.1;
@@ -90,7 +99,8 @@ impl ConvNorm {
         conv_vb: VarBuilder,
         norm_vb: VarBuilder,
     ) -> Result<Self> {
-        let weight = conv_vb.get_with_hints((spec.c_out, spec.c_in, spec.kernel, spec.kernel), "weight", CONV_INIT)?;
+        let weight =
+            conv_vb.get_with_hints((spec.c_out, spec.c_in, spec.kernel, spec.kernel), "weight", conv_init(cfg.init))?;
         let c = spec.c_out;
         if frozen || cfg.norm == BackboneNorm::FrozenBn {
             return fold_frozen_bn(weight, frozen, spec, cfg.norm_eps, norm_vb);

@@ -25,6 +25,10 @@ use rayon::prelude::*;
 /// Most f32 values of im2col columns held at once (64 MiB).
 const COLUMN_BUDGET: usize = 16 << 20;
 
+/// Most f32 values of one image's columns for the per-image path (4 MiB,
+/// well inside this machine's L3 cache; see [`Geometry::per_image`]).
+const PER_IMAGE_COLUMNS: usize = 1 << 20;
+
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     /// [c_out, c_in, k, k]
@@ -134,18 +138,32 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
+    /// Many small images (the `shapes` model, FPN heads): each thread takes
+    /// whole images and runs im2col and a single-threaded GEMM on columns
+    /// that stay in its cache. Wide GEMMs over the whole batch instead send
+    /// every column through memory, and for narrow layers (16-64 channels)
+    /// that traffic, not arithmetic, sets the pace.
+    fn per_image(&self) -> bool {
+        self.n >= threads() && self.patch() * self.out_plane() <= PER_IMAGE_COLUMNS
+    }
+
     /// Images per chunk so that the columns fit [`COLUMN_BUDGET`].
     fn chunk(&self) -> usize {
         (COLUMN_BUDGET / (self.patch() * self.out_plane()).max(1)).clamp(1, self.n.max(1))
     }
 }
 
-/// Threads for a GEMM: Candle's count (RAYON_NUM_THREADS or the cores).
+/// Threads for the convolutions: Candle's count (RAYON_NUM_THREADS or the cores).
 /// Read once: Candle's count reads /proc/cpuinfo, which cost 3% of a step
 /// when asked per GEMM.
-fn parallelism() -> Parallelism {
+fn threads() -> usize {
     static THREADS: OnceLock<usize> = OnceLock::new();
-    match *THREADS.get_or_init(candle_core::utils::get_num_threads) {
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
+/// A GEMM over the whole batch uses every thread.
+fn parallelism() -> Parallelism {
+    match threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
     }
@@ -175,6 +193,7 @@ fn matmul(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
+    parallelism: Parallelism,
 ) {
     assert!(dst.len() >= m * n, "matmul: destination too small");
     assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "matmul: lhs too small");
@@ -200,7 +219,7 @@ fn matmul(
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         )
     }
 }
@@ -214,69 +233,156 @@ fn valid_range(out: usize, size: usize, k: usize, padding: usize, stride: usize)
 }
 
 /// Writes the columns of `images` ([count, c, h, w]) into `cols`
-/// ([patch, count * out_plane], image-major within a row).
-fn im2col(g: &Geometry, images: &[f32], count: usize, cols: &mut [f32]) {
-    let (plane, row_len) = (g.h * g.w, count * g.out_plane());
-    cols.par_chunks_mut(row_len).enumerate().for_each(|(row, dst)| {
-        let (c, ki, kj) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
-        let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
-        let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
-        for (i, image_cols) in dst.chunks_mut(g.out_plane()).enumerate() {
-            let src = &images[(i * g.c_in + c) * plane..][..plane];
-            for (oy, out_row) in image_cols.chunks_mut(g.out_w).enumerate() {
-                if oy < y_lo || oy >= y_hi {
-                    out_row.fill(0.0);
-                    continue;
-                }
-                let iy = oy * g.stride + ki - g.padding;
-                let src_row = &src[iy * g.w..][..g.w];
-                out_row[..x_lo].fill(0.0);
-                out_row[x_hi..].fill(0.0);
-                let first = x_lo * g.stride + kj - g.padding;
-                let inside = &mut out_row[x_lo..x_hi];
-                if g.stride == 1 {
-                    inside.copy_from_slice(&src_row[first..first + inside.len()]);
-                } else {
-                    for (v, &x) in inside.iter_mut().zip(src_row[first..].iter().step_by(g.stride)) {
-                        *v = x;
-                    }
+/// ([patch, count * out_plane], image-major within a row), on every thread
+/// or, inside a per-image task, on this one.
+fn im2col(g: &Geometry, images: &[f32], count: usize, cols: &mut [f32], parallel: bool) {
+    let row_len = count * g.out_plane();
+    let fill = |(row, dst): (usize, &mut [f32])| im2col_row(g, images, row, dst);
+    if parallel {
+        cols.par_chunks_mut(row_len).enumerate().for_each(fill);
+    } else {
+        cols.chunks_mut(row_len).enumerate().for_each(fill);
+    }
+}
+
+/// Row `row` (one channel and kernel tap) of [`im2col`]'s columns.
+fn im2col_row(g: &Geometry, images: &[f32], row: usize, dst: &mut [f32]) {
+    let plane = g.h * g.w;
+    let (c, ki, kj) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
+    let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
+    let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
+    for (i, image_cols) in dst.chunks_mut(g.out_plane()).enumerate() {
+        let src = &images[(i * g.c_in + c) * plane..][..plane];
+        for (oy, out_row) in image_cols.chunks_mut(g.out_w).enumerate() {
+            if oy < y_lo || oy >= y_hi {
+                out_row.fill(0.0);
+                continue;
+            }
+            let iy = oy * g.stride + ki - g.padding;
+            let src_row = &src[iy * g.w..][..g.w];
+            out_row[..x_lo].fill(0.0);
+            out_row[x_hi..].fill(0.0);
+            let first = x_lo * g.stride + kj - g.padding;
+            let inside = &mut out_row[x_lo..x_hi];
+            if g.stride == 1 {
+                inside.copy_from_slice(&src_row[first..first + inside.len()]);
+            } else {
+                for (v, &x) in inside.iter_mut().zip(src_row[first..].iter().step_by(g.stride)) {
+                    *v = x;
                 }
             }
         }
-    });
+    }
 }
 
 /// Adds the columns `cols` ([patch, count * out_plane]) back into the
 /// image gradients `images` ([count, c, h, w]), the adjoint of [`im2col`].
 fn col2im(g: &Geometry, cols: &[f32], count: usize, images: &mut [f32]) {
-    let (plane, row_len) = (g.h * g.w, count * g.out_plane());
-    images.par_chunks_mut(g.c_in * plane).enumerate().for_each(|(i, image)| {
-        for (c, dst) in image.chunks_mut(plane).enumerate() {
-            for ki in 0..g.kh {
-                let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
-                for kj in 0..g.kw {
-                    let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
-                    let row = (c * g.kh + ki) * g.kw + kj;
-                    let src = &cols[row * row_len + i * g.out_plane()..][..g.out_plane()];
-                    for oy in y_lo..y_hi {
-                        let iy = oy * g.stride + ki - g.padding;
-                        let dst_row = &mut dst[iy * g.w..][..g.w];
-                        let values = &src[oy * g.out_w + x_lo..oy * g.out_w + x_hi];
-                        let first = x_lo * g.stride + kj - g.padding;
-                        if g.stride == 1 {
-                            for (d, &v) in dst_row[first..first + values.len()].iter_mut().zip(values) {
-                                *d += v;
-                            }
-                        } else {
-                            for (d, &v) in dst_row[first..].iter_mut().step_by(g.stride).zip(values) {
-                                *d += v;
-                            }
+    let row_len = count * g.out_plane();
+    images.par_chunks_mut(g.c_in * g.h * g.w).enumerate().for_each(|(i, image)| {
+        col2im_image(g, &cols[i * g.out_plane()..], row_len, image);
+    });
+}
+
+/// [`col2im`] for one image whose columns start `cols` and whose rows are
+/// `row_len` apart.
+fn col2im_image(g: &Geometry, cols: &[f32], row_len: usize, image: &mut [f32]) {
+    let plane = g.h * g.w;
+    for (c, dst) in image.chunks_mut(plane).enumerate() {
+        for ki in 0..g.kh {
+            let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
+            for kj in 0..g.kw {
+                let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let src = &cols[row * row_len..][..g.out_plane()];
+                for oy in y_lo..y_hi {
+                    let iy = oy * g.stride + ki - g.padding;
+                    let dst_row = &mut dst[iy * g.w..][..g.w];
+                    let values = &src[oy * g.out_w + x_lo..oy * g.out_w + x_hi];
+                    let first = x_lo * g.stride + kj - g.padding;
+                    if g.stride == 1 {
+                        for (d, &v) in dst_row[first..first + values.len()].iter_mut().zip(values) {
+                            *d += v;
+                        }
+                    } else {
+                        for (d, &v) in dst_row[first..].iter_mut().step_by(g.stride).zip(values) {
+                            *d += v;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// The per-image path (see [`Geometry::per_image`]): `out = conv(x, w)`.
+fn forward_per_image(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
+    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_plane());
+    let shape = (g.c_out, g.out_plane(), g.patch());
+    out.par_chunks_mut(out_image).zip(x.par_chunks(in_image)).for_each(|(dst, image)| {
+        if g.is_pointwise() {
+            return matmul(shape, dst, false, w, (g.patch(), 1), image, (g.out_plane(), 1), Parallelism::None);
+        }
+        with_scratch(|cols, _| {
+            cols.resize(g.patch() * g.out_plane(), 0.0);
+            im2col(g, image, 1, cols, false);
+            matmul(shape, dst, false, w, (g.patch(), 1), cols, (g.out_plane(), 1), Parallelism::None);
+        })
     });
+}
+
+/// The per-image path: `dx` from `grad` and `w`.
+fn input_grad_per_image(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
+    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_plane());
+    // W^T [patch, co]: W is [co, patch] row-major.
+    let shape = (g.patch(), g.out_plane(), g.c_out);
+    dx.par_chunks_mut(in_image).zip(grad.par_chunks(out_image)).for_each(|(dst, grad)| {
+        if g.is_pointwise() {
+            return matmul(shape, dst, false, w, (1, g.patch()), grad, (g.out_plane(), 1), Parallelism::None);
+        }
+        with_scratch(|cols, _| {
+            cols.resize(g.patch() * g.out_plane(), 0.0);
+            matmul(shape, cols, false, w, (1, g.patch()), grad, (g.out_plane(), 1), Parallelism::None);
+            col2im_image(g, cols, g.out_plane(), dst);
+        })
+    });
+}
+
+/// The per-image path: `dw` from `x` and `grad`. Each thread sums a fixed
+/// run of images and the partial sums are added in order, so the result
+/// does not depend on scheduling (training stays reproducible).
+fn weight_grad_per_image(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_plane());
+    let per_task = g.n.div_ceil(threads().max(1));
+    let shape = (g.c_out, g.patch(), g.out_plane());
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(per_task * in_image)
+        .zip(grad.par_chunks(per_task * out_image))
+        .map(|(images, grads)| {
+            let mut dw = vec![0f32; g.c_out * g.patch()];
+            with_scratch(|cols, _| {
+                for (i, (image, grad)) in images.chunks(in_image).zip(grads.chunks(out_image)).enumerate() {
+                    let cols: &[f32] = if g.is_pointwise() {
+                        image
+                    } else {
+                        cols.resize(g.patch() * g.out_plane(), 0.0);
+                        im2col(g, image, 1, cols, false);
+                        cols
+                    };
+                    // dW [co, patch] += g [co, plane] x cols^T [plane, patch].
+                    let (rhs, rs) = (cols, (1, g.out_plane()));
+                    matmul(shape, &mut dw, i > 0, grad, (g.out_plane(), 1), rhs, rs, Parallelism::None);
+                }
+            });
+            dw
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut dw = partials.next().unwrap_or_else(|| vec![0f32; g.c_out * g.patch()]);
+    for partial in partials {
+        dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
+    }
+    dw
 }
 
 /// `[count, co, plane]` <-> `[co, count * plane]` (image-major rows).
@@ -317,6 +423,10 @@ impl CustomOp2 for ConvForward {
         let g = &self.0;
         let (x, w) = (f32_data(xs, xl, "input")?, f32_data(ws, wl, "weight")?);
         let mut out = vec![0f32; g.n * g.c_out * g.out_plane()];
+        if g.per_image() {
+            forward_per_image(g, x, w, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))));
+        }
         let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
         with_scratch(|cols, product| {
             for first in (0..g.n).step_by(chunk) {
@@ -332,14 +442,15 @@ impl CustomOp2 for ConvForward {
                         (g.patch(), 1),
                         images,
                         (g.out_plane(), 1),
+                        parallelism(),
                     );
                     continue;
                 }
                 let width = count * g.out_plane();
                 cols.resize(g.patch() * width, 0.0);
-                im2col(g, images, count, cols);
+                im2col(g, images, count, cols, true);
                 product.resize(g.c_out * width, 0.0);
-                matmul((g.c_out, width, g.patch()), product, false, w, (g.patch(), 1), cols, (width, 1));
+                matmul((g.c_out, width, g.patch()), product, false, w, (g.patch(), 1), cols, (width, 1), parallelism());
                 from_channel_major(product, count, g.c_out, g.out_plane(), dst);
             }
         });
@@ -366,6 +477,10 @@ impl CustomOp2 for ConvInputGrad {
         let g = &self.0;
         let (grad, w) = (f32_data(gs, gl, "gradient")?, f32_data(ws, wl, "weight")?);
         let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
+        if g.per_image() {
+            input_grad_per_image(g, grad, w, &mut dx);
+            return Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))));
+        }
         let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
         with_scratch(|grad_cm, cols| {
             for first in (0..g.n).step_by(chunk) {
@@ -382,6 +497,7 @@ impl CustomOp2 for ConvInputGrad {
                         (1, g.patch()),
                         grads,
                         (g.out_plane(), 1),
+                        parallelism(),
                     );
                     continue;
                 }
@@ -389,7 +505,7 @@ impl CustomOp2 for ConvInputGrad {
                 grad_cm.resize(g.c_out * width, 0.0);
                 to_channel_major(grads, count, g.c_out, g.out_plane(), grad_cm);
                 cols.resize(g.patch() * width, 0.0);
-                matmul((g.patch(), width, g.c_out), cols, false, w, (1, g.patch()), grad_cm, (width, 1));
+                matmul((g.patch(), width, g.c_out), cols, false, w, (1, g.patch()), grad_cm, (width, 1), parallelism());
                 col2im(g, cols, count, dst);
             }
         });
@@ -408,6 +524,10 @@ impl CustomOp2 for ConvWeightGrad {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let (x, grad) = (f32_data(xs, xl, "input")?, f32_data(gs, gl, "gradient")?);
+        let shape = Shape::from((g.c_out, g.c_in, g.kh, g.kw));
+        if g.per_image() {
+            return Ok((CpuStorage::F32(weight_grad_per_image(g, x, grad)), shape));
+        }
         let mut dw = vec![0f32; g.c_out * g.patch()];
         let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
         with_scratch(|grad_cm, cols| {
@@ -422,14 +542,15 @@ impl CustomOp2 for ConvWeightGrad {
                     images
                 } else {
                     cols.resize(g.patch() * width, 0.0);
-                    im2col(g, images, count, cols);
+                    im2col(g, images, count, cols, true);
                     cols
                 };
                 // dW [co, patch] += g [co, width] x cols^T [width, patch].
-                matmul((g.c_out, g.patch(), width), &mut dw, step > 0, grad_cm, (width, 1), cols, (1, width));
+                let shape = (g.c_out, g.patch(), width);
+                matmul(shape, &mut dw, step > 0, grad_cm, (width, 1), cols, (1, width), parallelism());
             }
         });
-        Ok((CpuStorage::F32(dw), Shape::from((g.c_out, g.c_in, g.kh, g.kw))))
+        Ok((CpuStorage::F32(dw), shape))
     }
 }
 
