@@ -8,8 +8,8 @@ peer of `retinanet train` for the same data, schedule and image size.
 
 The `shapes` recipe mirrors configs/shapes.toml: the tiny ResNet-18-style
 body (16-128 channels, BatchNorm), FPN 64, two-conv GroupNorm heads,
-anchors 8-128 with ratio 1, IoU 0.4/0.3, batch 16, SGD lr 0.02 momentum 0.9
-weight decay 1e-4, 100 warmup steps then cosine, horizontal flips, 9 epochs,
+anchors 8-128 with ratio 1, IoU 0.4/0.3, batch 16, SGD lr 0.04 momentum 0.9
+weight decay 1e-4, 100 warmup steps then cosine, horizontal flips, 13 epochs,
 and PyTorch's default conv init in the body (`model.backbone.init`).
 """
 import argparse
@@ -29,7 +29,7 @@ from torchvision_bench import build
 RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
                    sizes=[8, 16, 32, 64, 128], ratios=[1.0], fg_iou=0.4, bg_iou=0.3,
-                   batch=16, lr=0.02, epochs=9, warmup=100, init="torch_default"),
+                   batch=16, lr=0.04, epochs=13, warmup=100, init="torch_default"),
 }
 
 

@@ -538,10 +538,14 @@ impl Config {
     /// Parses a resolved config as written beside a run (`config.toml`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let tree: toml::Table =
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
-        let config = Self::from_tree(tree).with_context(|| path.display().to_string())?;
-        config.validate().with_context(|| path.display().to_string())?;
+        Self::from_toml(&text).with_context(|| path.display().to_string())
+    }
+
+    /// [`Config::from_file`] on the file's text.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let tree: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{}", one_line(&e.to_string())))?;
+        let config = Self::from_tree(tree)?;
+        config.validate()?;
         Ok(config)
     }
 

@@ -12,10 +12,22 @@ fn main() -> ExitCode {
     match candle_retinanet::commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // One line, the whole context chain: "error: file: field: cause".
-            let message = format!("{err:#}").replace('\n', " ");
-            eprintln!("error: {message}");
+            eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The whole context chain on one line: "file: field: cause". A cause that
+/// its wrapper already quotes (Candle's I/O errors repeat the OS message)
+/// is not printed twice.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !parts.last().is_some_and(|previous| previous.ends_with(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }

@@ -23,7 +23,23 @@ pub fn configure() {
         std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
     }
     keep_freed_memory();
+    report_oversized_writes();
 }
+
+/// A write past the file-size limit (`ulimit -f`) raises SIGXFSZ, which
+/// kills the process with no message. Ignored, the write fails with EFBIG
+/// instead and is reported like a full disk: one error, the previous
+/// checkpoint intact.
+#[cfg(unix)]
+fn report_oversized_writes() {
+    // SAFETY: setting a signal to SIG_IGN has no handler to run.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+#[cfg(not(unix))]
+fn report_oversized_writes() {}
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {

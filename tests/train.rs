@@ -157,3 +157,53 @@ fn eval_and_predict_use_a_trained_run() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs --config"));
 }
+
+/// A checkpoint write that fails (here: a file-size limit, which fails a
+/// write the way a full disk does) is an error, and `last` still names the
+/// previous, complete checkpoint.
+#[cfg(target_os = "linux")]
+#[test]
+fn failed_checkpoint_write_keeps_the_previous_one() {
+    use std::os::unix::process::CommandExt;
+
+    let out = temp("diskfull");
+    run_ok(train_command(&out, &["train.max_steps=8", "train.checkpoint_every=4"]));
+    let last = out.join("checkpoints/last");
+    let before = weights(&out);
+    let limit = (before.len() / 2) as libc::rlim_t;
+    assert!(
+        std::fs::metadata(out.join("metrics.jsonl")).unwrap().len() < limit / 2,
+        "the limit must hit the checkpoint"
+    );
+
+    let mut resume = Command::new(env!("CARGO_BIN_EXE_retinanet"));
+    resume.args(["train", "--set", "train.max_steps=16", "--resume"]).arg(&out).env("RETINANET_CACHE", temp_cache());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        resume.pre_exec(move || {
+            let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            match libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let o = resume.output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("cannot write checkpoint"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(last.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 8, "last moved to a checkpoint that was not written");
+    assert!(weights(&out) == before, "the previous checkpoint changed");
+    let leftovers: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+}

@@ -1,6 +1,7 @@
 //! Image decoding to 8-bit RGB: JPEG (baseline and progressive) and PNG;
 //! grayscale, alpha, 16-bit and CMYK converted; EXIF orientation applied.
 
+use std::io::Cursor;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -11,20 +12,22 @@ use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 /// The format is taken from the file's bytes, not its name, so a PNG named
 /// `.jpg` still decodes and a text file named `.jpg` is reported as such.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let reader = ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?;
-    let mut decoder = reader.into_decoder().with_context(|| format!("{}: not a supported image", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    decode_rgb(&bytes).with_context(|| path.display().to_string())
+}
+
+/// [`load_rgb`] on the bytes of an image file.
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().context("cannot read image")?;
+    let mut decoder = reader.into_decoder().context("not a supported image")?;
     // A broken EXIF block must not make a good image unreadable.
     let orientation = decoder.orientation().ok();
-    let mut image =
-        DynamicImage::from_decoder(decoder).with_context(|| format!("{}: corrupt image", path.display()))?;
+    let mut image = DynamicImage::from_decoder(decoder).context("corrupt image")?;
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);
     }
     if image.width() == 0 || image.height() == 0 {
-        anyhow::bail!("{}: image has zero width or height", path.display());
+        anyhow::bail!("image has zero width or height");
     }
     Ok(image.into_rgb8())
 }
