@@ -5,7 +5,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 
 /// Decodes an image file to RGB, upright as a viewer shows it.
 ///
@@ -16,10 +16,26 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     decode_rgb(&bytes).with_context(|| path.display().to_string())
 }
 
+/// Most bytes a decoded image may take (a 16-bit RGBA 8192x8192 image).
+/// A header can claim any size: without a cap a 33 kB PNG asked for 30 GB
+/// (found by fuzzing, tests/fixtures/images/huge_dimensions.png).
+pub const MAX_DECODED_BYTES: u64 = 512 << 20;
+
 /// [`load_rgb`] on the bytes of an image file.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().context("cannot read image")?;
     let mut decoder = reader.into_decoder().context("not a supported image")?;
+    let (width, height) = decoder.dimensions();
+    if decoder.total_bytes() > MAX_DECODED_BYTES {
+        anyhow::bail!(
+            "image of {width}x{height} pixels needs {} MiB to decode, more than the {} MiB allowed",
+            decoder.total_bytes() >> 20,
+            MAX_DECODED_BYTES >> 20
+        );
+    }
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    decoder.set_limits(limits).context("image too large to decode")?;
     // A broken EXIF block must not make a good image unreadable.
     let orientation = decoder.orientation().ok();
     let mut image = DynamicImage::from_decoder(decoder).context("corrupt image")?;
