@@ -135,3 +135,123 @@ fn devices_and_output_folders() {
     let out = blocker.join("sub");
     assert_error(&retinanet(&["synth", "--out", out.to_str().unwrap(), "--train", "1", "--val", "1"]), &["sub"]);
 }
+
+/// Rewrites the training annotations with `edit` applied to their JSON.
+fn edit_train_json(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let file = dir.join("annotations/instances_train.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(&file, json.to_string()).unwrap();
+}
+
+#[test]
+fn inconsistent_annotation_files_name_the_entry() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(Edit, &[&str]); 6] = [
+        (|j| j["images"][1]["id"] = j["images"][0]["id"].clone(), &["images[1]: duplicate image id"]),
+        (
+            |j| j["annotations"][1]["id"] = j["annotations"][0]["id"].clone(),
+            &["annotations[1]", "duplicate annotation id"],
+        ),
+        (
+            |j| j["annotations"][0]["category_id"] = 99.into(),
+            &["annotations[0]", "category_id 99 is not in categories"],
+        ),
+        (|j| j["images"][0]["width"] = 0.into(), &["images[0]", "zero width or height"]),
+        (|j| j["images"][0]["width"] = "64".into(), &["invalid type: string \"64\""]),
+        (|j| j.as_object_mut().unwrap().remove("categories").map(drop).unwrap(), &["missing field `categories`"]),
+    ];
+    for (i, (edit, needles)) in cases.into_iter().enumerate() {
+        let dir = dataset(&format!("inconsistent{i}"));
+        edit_train_json(&dir, edit);
+        let mut all = vec!["instances_train.json"];
+        all.extend_from_slice(needles);
+        assert_error(&train_on(&dir), &all);
+    }
+}
+
+#[test]
+fn boxes_are_repaired_with_a_warning_or_leave_nothing_to_learn() {
+    // Partly outside: clipped, counted, and training goes on.
+    let dir = dataset("clip");
+    edit_train_json(&dir, |j| j["annotations"][0]["bbox"] = serde_json::json!([-10, -10, 30, 30]));
+    let o = train_on(&dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("warning: ") && l.contains("clipped 1 box")), "{err}");
+
+    // Negative, zero-size and outside boxes are dropped; when no box is left
+    // there is nothing to learn.
+    let dir = dataset("degenerate");
+    edit_train_json(&dir, |j| {
+        let bad = [[-5.0, 10.0, 0.0, 4.0], [3.0, 3.0, -2.0, 5.0], [100.0, 100.0, 5.0, 5.0], [1.0, 1.0, 1e-9, 0.0]];
+        for (k, ann) in j["annotations"].as_array_mut().unwrap().iter_mut().enumerate() {
+            ann["bbox"] = serde_json::json!(bad[k % bad.len()]);
+        }
+    });
+    let o = train_on(&dir);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("warning: "), "the dropped boxes are counted");
+    assert_error(&o, &["instances_train.json", "none of the 8 training images has a box"]);
+
+    let dir = dataset("no-boxes");
+    edit_train_json(&dir, |j| j["annotations"] = serde_json::json!([]));
+    assert_error(&train_on(&dir), &["none of the 8 training images has a box"]);
+}
+
+#[test]
+fn results_files_name_the_entry() {
+    let dir = dataset("results");
+    let gt = dir.join("annotations/instances_val.json");
+    let gt_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&gt).unwrap()).unwrap();
+    let image_id = gt_json["images"][0]["id"].clone();
+    let category_id = gt_json["categories"][0]["id"].clone();
+    let good =
+        serde_json::json!({"image_id": image_id, "category_id": category_id, "bbox": [1, 1, 5, 5], "score": 0.5});
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("image_id", 987654.into(), "entry 1: image_id 987654 is not in the ground truth"),
+        ("category_id", 77.into(), "entry 1: category_id 77 is not in the ground-truth categories"),
+        ("score", serde_json::Value::Null, "entry 1:"),
+        ("bbox", serde_json::json!([1, 2]), "entry 1:"),
+    ];
+    for (field, value, needle) in cases {
+        let mut bad = good.clone();
+        match value {
+            serde_json::Value::Null => drop(bad.as_object_mut().unwrap().remove(field)),
+            v => bad[field] = v,
+        }
+        let dt = dir.join(format!("dt-{field}.json"));
+        std::fs::write(&dt, serde_json::json!([good, bad]).to_string()).unwrap();
+        let o = retinanet(&["eval", "--gt", gt.to_str().unwrap(), "--dt", dt.to_str().unwrap()]);
+        assert_error(&o, &[dt.file_name().unwrap().to_str().unwrap(), needle]);
+    }
+}
+
+#[test]
+fn weights_of_another_architecture_list_the_mismatches() {
+    let dir = std::env::temp_dir().join(format!("retinanet-bad-arch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("x.png");
+    image::RgbImage::new(32, 32).save(&image).unwrap();
+    // The shapes preset's 16-channel stem where ResNet-50 has 64 channels,
+    // and a tensor the model does not have.
+    let dev = candle_core::Device::Cpu;
+    let tensors = std::collections::HashMap::from([
+        (
+            "backbone.body.conv1.weight".to_string(),
+            candle_core::Tensor::zeros((16, 3, 7, 7), candle_core::DType::F32, &dev).unwrap(),
+        ),
+        ("fc.weight".to_string(), candle_core::Tensor::zeros((10, 2048), candle_core::DType::F32, &dev).unwrap()),
+    ]);
+    let weights = dir.join("other.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let o = retinanet(&[
+        "predict",
+        "--config",
+        "torchvision_retinanet_r50_fpn",
+        "--weights",
+        weights.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    let mismatch = "shape of backbone.body.conv1.weight: checkpoint [16, 3, 7, 7], model [64, 3, 7, 7]";
+    assert_error(&o, &["other.safetensors", mismatch, "missing backbone.body.bn1.bias", "problems"]);
+}

@@ -122,6 +122,16 @@ impl Trainer {
                 eprintln!("warning: {line}");
             }
         }
+        // Images without boxes are welcome as negatives, but a split of
+        // nothing else has nothing to learn (the warnings above say when
+        // every box was dropped as degenerate).
+        if train.dataset.images.iter().all(|image| image.crowd.iter().all(|&crowd| crowd)) {
+            bail!(
+                "{}: none of the {} training images has a box to learn from (crowd boxes do not count)",
+                train.files.annotations.display(),
+                train.dataset.images.len()
+            );
+        }
         let categories = train.dataset.categories.clone();
         let num_classes = resolve_num_classes(&mut config, &categories)?;
 
