@@ -459,9 +459,11 @@ impl CustomOp2 for ConvForward {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(w, &ConvInputGrad(self.0))?;
-        let dw = x.apply_op2_no_bwd(&grad, &ConvWeightGrad(self.0))?;
-        Ok((Some(dx), Some(dw)))
+        // Only what the graph needs: the stem's input is the image batch,
+        // and frozen layers have constant weights.
+        let dx = x.track_op().then(|| grad.apply_op2_no_bwd(w, &ConvInputGrad(self.0))).transpose()?;
+        let dw = w.track_op().then(|| x.apply_op2_no_bwd(&grad, &ConvWeightGrad(self.0))).transpose()?;
+        Ok((dx, dw))
     }
 }
 
@@ -592,6 +594,18 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn constant_inputs_get_no_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let images = Tensor::randn(0f32, 1., (2, 3, 9, 9), &dev)?; // not a variable: the stem's input
+        let weight = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev)?)?;
+        let grads = conv2d(&images, weight.as_tensor(), 1, 2)?.sum_all()?.backward()?;
+        assert!(grads.get(&images).is_none());
+        let reference = candle_conv2d(&images, weight.as_tensor(), 1, 2)?.sum_all()?.backward()?;
+        let (ours, theirs) = (grads.get(weight.as_tensor()), reference.get(weight.as_tensor()));
+        assert_close(ours.expect("weight gradient"), theirs.expect("weight gradient"), "weight gradient")
     }
 
     fn assert_close(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
