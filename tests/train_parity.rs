@@ -16,7 +16,9 @@
 //!
 //! The test checks the loss terms of every step, every parameter's gradient
 //! at the first step (checksums and 64 sampled entries) and every tensor,
-//! BatchNorm running statistics included, after the last step.
+//! BatchNorm running statistics included, after the last step; and the loss
+//! terms and final tensors once more with the GIoU box loss
+//! (`model.head.regression_head._loss_type = "giou"`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -49,15 +51,24 @@ struct Meta {
     losses: Vec<[f64; 2]>,
     grad_checksums: BTreeMap<String, [f64; 2]>,
     final_checksums: BTreeMap<String, [f64; 2]>,
+    /// The same training with the GIoU box loss.
+    giou: Run,
 }
 
-fn config(meta: &Meta) -> Result<Config> {
+#[derive(Deserialize)]
+struct Run {
+    losses: Vec<[f64; 2]>,
+    final_checksums: BTreeMap<String, [f64; 2]>,
+}
+
+fn config(meta: &Meta, box_loss: &str) -> Result<Config> {
     let set = [
         format!("loss.fg_iou_thresh={}", meta.fg_iou),
         format!("loss.bg_iou_thresh={}", meta.bg_iou),
         format!("train.momentum={}", meta.momentum),
         format!("train.weight_decay={}", meta.weight_decay),
         "train.clip_grad_norm=0".to_string(),
+        format!("loss.box_loss={box_loss}"),
         "model.num_classes=3".to_string(),
     ];
     Config::resolve(Some("shapes"), &set)
@@ -82,9 +93,9 @@ fn batch(meta: &Meta, images: Tensor) -> Batch {
 }
 
 /// The shapes model with the fixture's weights and its SGD, ready to step.
-fn runner(meta: &Meta) -> Result<StepRunner> {
+fn runner(meta: &Meta, box_loss: &str) -> Result<StepRunner> {
     let dev = Device::Cpu;
-    let cfg = config(meta)?;
+    let cfg = config(meta, box_loss)?;
     let tensors: HashMap<String, Tensor> = meta
         .keys
         .iter()
@@ -108,7 +119,7 @@ fn shapes_model_trains_like_torchvision() -> Result<()> {
     let fixture = candle_core::safetensors::load(dir.join("train_step.safetensors"), &Device::Cpu)?;
     let get = |name: &str| fixture.get(name).with_context(|| format!("fixture tensor {name}"));
 
-    let mut runner = runner(&meta)?;
+    let mut runner = runner(&meta, "l1")?;
     let batch = batch(&meta, get("images")?.clone());
 
     // First step: loss terms and every gradient.
@@ -138,22 +149,28 @@ fn shapes_model_trains_like_torchvision() -> Result<()> {
 
     // Every step's loss terms, then the tensors after the last, from the
     // start again: the forward above moved the BatchNorm statistics.
-    let mut runner = self::runner(&meta)?;
-    for (step, expected) in meta.losses.iter().enumerate() {
-        let StepOutcome::Updated { loss_cls, loss_box, .. } = runner.step(&batch, meta.lr)? else {
-            anyhow::bail!("step {step}: not finite");
+    let l1 = Run { losses: meta.losses.clone(), final_checksums: meta.final_checksums.clone() };
+    check_training(&mut self::runner(&meta, "l1")?, &batch, meta.lr, &l1, "l1")?;
+    check_training(&mut self::runner(&meta, "giou")?, &batch, meta.lr, &meta.giou, "giou")
+}
+
+/// Steps `runner` through `expected`'s loss terms, then compares every tensor.
+fn check_training(runner: &mut StepRunner, batch: &Batch, lr: f64, expected: &Run, what: &str) -> Result<()> {
+    for (step, terms) in expected.losses.iter().enumerate() {
+        let StepOutcome::Updated { loss_cls, loss_box, .. } = runner.step(batch, lr)? else {
+            anyhow::bail!("{what} step {step}: not finite");
         };
-        println!("step {step}: cls {loss_cls:.6} vs {:.6}, box {loss_box:.6} vs {:.6}", expected[0], expected[1]);
+        println!("{what} step {step}: cls {loss_cls:.6} vs {:.6}, box {loss_box:.6} vs {:.6}", terms[0], terms[1]);
         let tol = 1e-4 * (1 + step) as f64;
         ensure!(
-            (loss_cls - expected[0]).abs() < tol * expected[0] && (loss_box - expected[1]).abs() < tol * expected[1],
-            "step {step}: loss ({loss_cls}, {loss_box}), torchvision {expected:?}"
+            (loss_cls - terms[0]).abs() < tol * terms[0] && (loss_box - terms[1]).abs() < tol * terms[1],
+            "{what} step {step}: loss ({loss_cls}, {loss_box}), torchvision {terms:?}"
         );
     }
     let vars = runner.varmap.data().lock().unwrap();
-    for (name, theirs) in &meta.final_checksums {
+    for (name, theirs) in &expected.final_checksums {
         let var = vars.get(name).with_context(|| format!("{name}: missing"))?;
-        check_checksum(&format!("{name} after training"), checksum(&values(var.as_tensor())?), *theirs, 1e-3)?;
+        check_checksum(&format!("{what}: {name} after training"), checksum(&values(var.as_tensor())?), *theirs, 1e-3)?;
     }
     Ok(())
 }
