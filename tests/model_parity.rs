@@ -22,7 +22,6 @@
 //! 20,000 sampled entries each), and all detections (labels and order
 //! exactly, boxes within 1e-2 px, scores within 1e-4).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
@@ -33,7 +32,7 @@ use candle_retinanet::model::weights::{build, LoadMode};
 use serde::Deserialize;
 
 mod common;
-use common::{check_checksum, checksum, weight_values};
+use common::{check_checksum, checksum, hashed_weights};
 
 const FIXTURE: &str = "tests/fixtures/torchvision";
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -130,14 +129,7 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
     }
 
     // Weights by torchvision's state_dict names.
-    let tensors: HashMap<String, Tensor> = meta
-        .keys
-        .iter()
-        .enumerate()
-        .map(|(t, (name, shape))| {
-            Ok((name.clone(), Tensor::from_vec(weight_values(t, name, shape), shape.as_slice(), &dev)?))
-        })
-        .collect::<Result<_>>()?;
+    let tensors = hashed_weights(&meta.keys)?;
     let cfg = config(&meta);
     let model = build(&cfg, 91, &dev, 0, Some((&tensors, LoadMode::Exact)))?.model;
 

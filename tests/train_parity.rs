@@ -20,7 +20,7 @@
 //! terms and final tensors once more with the GIoU box loss
 //! (`model.head.regression_head._loss_type = "giou"`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
@@ -32,7 +32,7 @@ use candle_retinanet::train::step::{StepOutcome, StepRunner};
 use serde::Deserialize;
 
 mod common;
-use common::{check_checksum, checksum, weight_values};
+use common::{check_checksum, checksum, hashed_weights};
 
 const FIXTURE: &str = "tests/fixtures/train_step";
 
@@ -96,14 +96,7 @@ fn batch(meta: &Meta, images: Tensor) -> Batch {
 fn runner(meta: &Meta, box_loss: &str) -> Result<StepRunner> {
     let dev = Device::Cpu;
     let cfg = config(meta, box_loss)?;
-    let tensors: HashMap<String, Tensor> = meta
-        .keys
-        .iter()
-        .enumerate()
-        .map(|(t, (name, shape))| {
-            Ok((name.clone(), Tensor::from_vec(weight_values(t, name, shape), shape.as_slice(), &dev)?))
-        })
-        .collect::<Result<_>>()?;
+    let tensors = hashed_weights(&meta.keys)?;
     let loaded = build(&cfg.model, 3, &dev, 0, Some((&tensors, LoadMode::Exact)))?;
     Ok(StepRunner::new(loaded.model, loaded.varmap, &cfg, &dev))
 }

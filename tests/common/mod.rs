@@ -1,7 +1,10 @@
 //! Helpers shared by the fixture tests: the hashed weights of
 //! `tests/fixtures/torchvision/make_parity.py` and checksums.
 
+use std::collections::HashMap;
+
 use anyhow::{ensure, Result};
+use candle_core::{Device, Tensor};
 
 /// make_parity.py's `uniform`: a 32-bit integer hash of (t, k) in [-1, 1).
 pub fn uniform(t: usize, k: usize) -> f64 {
@@ -11,6 +14,17 @@ pub fn uniform(t: usize, k: usize) -> f64 {
     }
     x ^= x >> 16;
     f64::from(x) / 2f64.powi(32) * 2.0 - 1.0
+}
+
+/// Every tensor of a fixture's state_dict (`keys`: name and shape, in
+/// order, `num_batches_tracked` left out) with its hashed values, on the CPU.
+pub fn hashed_weights(keys: &[(String, Vec<usize>)]) -> Result<HashMap<String, Tensor>> {
+    keys.iter()
+        .enumerate()
+        .map(|(t, (name, shape))| {
+            Ok((name.clone(), Tensor::from_vec(weight_values(t, name, shape), shape.as_slice(), &Device::Cpu)?))
+        })
+        .collect()
 }
 
 /// make_parity.py's `weight_values`.
