@@ -207,3 +207,80 @@ fn failed_checkpoint_write_keeps_the_previous_one() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
 }
+
+fn resume_command(run: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_retinanet"));
+    cmd.arg("train").arg("--resume").arg(run).env("RETINANET_CACHE", temp_cache());
+    cmd
+}
+
+/// Waits until the run has a `last` checkpoint.
+fn wait_for_checkpoint(run: &Path) {
+    let started = Instant::now();
+    while !run.join("checkpoints/last/state.json").exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `checkpoints/last` is complete: its state parses and both tensor files load.
+fn assert_last_loadable(run: &Path) -> u64 {
+    let last = run.join("checkpoints/last");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(last.join("state.json")).unwrap())
+        .unwrap_or_else(|e| panic!("state.json of {}: {e}", last.display()));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let tensors = candle_core::safetensors::load(last.join(file), &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("{file} of {}: {e}", last.display()));
+        assert!(!tensors.is_empty(), "{file} is empty");
+    }
+    state["step"].as_u64().unwrap()
+}
+
+#[test]
+fn sigkill_at_any_moment_leaves_last_loadable() {
+    // A checkpoint every step: most of the run's time is spent writing and
+    // syncing them, so the kills land inside writes as well as between.
+    let out = temp("killloop");
+    let mut steps_seen = Vec::new();
+    for attempt in 0..6u64 {
+        let mut cmd = if attempt == 0 {
+            train_command(&out, &["train.max_steps=1000", "train.checkpoint_every=1"])
+        } else {
+            resume_command(&out)
+        };
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        wait_for_checkpoint(&out);
+        std::thread::sleep(Duration::from_millis(40 + 37 * attempt));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        steps_seen.push(assert_last_loadable(&out));
+    }
+    assert!(steps_seen.windows(2).all(|w| w[0] <= w[1]), "last went back: {steps_seen:?}");
+    assert!(steps_seen.last() > steps_seen.first(), "the resumed runs made no progress: {steps_seen:?}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigint_saves_a_checkpoint_and_exits_cleanly() {
+    let out = temp("sigint");
+    let child = train_command(&out, &["train.max_steps=100000", "train.checkpoint_every=100000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a few logged steps, then press Ctrl-C.
+    let metrics = out.join("metrics.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map(|m| m.lines().count()).unwrap_or(0) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "training did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill only sends a signal to our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    let step = assert_last_loadable(&out);
+    assert!(stderr.contains(&format!("stopped at step {step}; checkpoint saved")), "{stderr}");
+    assert!(stderr.contains("retinanet train --resume"), "{stderr}");
+}
