@@ -42,6 +42,7 @@ fn usage_errors_exit_with_2() {
 fn config_errors_are_one_line() {
     assert_one_error_line(&retinanet(&["inspect", "--set", "train.batchsize=2"]), "unknown config key train.batchsize");
     assert_one_error_line(&retinanet(&["inspect", "--config", "nope"]), "config nope: no such preset or file");
+    assert_one_error_line(&retinanet(&["inspect", "--set", "train.batch_size=[2]"]), "config key train.batch_size");
     assert_one_error_line(&retinanet(&["inspect", "--set", "data.root=/nonexistent"]), "data.root /nonexistent");
 }
 
