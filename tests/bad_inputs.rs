@@ -36,6 +36,15 @@ fn dataset(name: &str) -> PathBuf {
     dir
 }
 
+/// A fresh folder holding one black 32x32 image, `x.png`; returns both.
+fn folder_with_an_image(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("retinanet-bad-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("x.png");
+    image::RgbImage::new(32, 32).save(&image).unwrap();
+    (dir, image)
+}
+
 fn train_on(dir: &Path) -> Output {
     train_with(dir, &[])
 }
@@ -109,10 +118,7 @@ fn an_empty_training_split_is_an_error() {
 
 #[test]
 fn bad_weights_name_the_file_or_tensor() {
-    let dir = std::env::temp_dir().join(format!("retinanet-bad-weights-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("x.png");
-    image::RgbImage::new(32, 32).save(&image).unwrap();
+    let (dir, image) = folder_with_an_image("weights");
     let image = image.to_str().unwrap();
 
     assert_error(&retinanet(&["predict", "--weights", "/no/such/run", image]), &["--weights /no/such/run"]);
@@ -228,10 +234,7 @@ fn results_files_name_the_entry() {
 
 #[test]
 fn weights_of_another_architecture_list_the_mismatches() {
-    let dir = std::env::temp_dir().join(format!("retinanet-bad-arch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("x.png");
-    image::RgbImage::new(32, 32).save(&image).unwrap();
+    let (dir, image) = folder_with_an_image("arch");
     // The shapes preset's 16-channel stem where ResNet-50 has 64 channels,
     // and a tensor the model does not have.
     let dev = candle_core::Device::Cpu;
