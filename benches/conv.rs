@@ -10,11 +10,14 @@ use candle_core::{Device, Tensor, Var};
 use candle_retinanet::ops::conv::conv2d;
 
 /// (name, n, c_in, c_out, size, kernel, stride)
-const CASES: [(&str, usize, usize, usize, usize, usize, usize); 4] = [
+const CASES: [(&str, usize, usize, usize, usize, usize, usize); 7] = [
     ("3x3 256->256 64x64 n2", 2, 256, 256, 64, 3, 1),
     ("3x3 64->64 24x24 n16", 16, 64, 64, 24, 3, 1),
     ("3x3 16->16 48x48 n16", 16, 16, 16, 48, 3, 1),
     ("7x7/2 3->64 512x512 n2", 2, 3, 64, 512, 7, 2),
+    ("3x3 256->256 64x64 n4", 4, 256, 256, 64, 3, 1),
+    ("3x3 64->64 128x128 n4", 4, 64, 64, 128, 3, 1),
+    ("7x7/2 3->64 512x512 n4", 4, 3, 64, 512, 7, 2),
 ];
 
 fn median_seconds(mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {

@@ -7,6 +7,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::config::{FpnConfig, P6Source};
 use crate::ops::conv::Conv2d;
+use crate::ops::elementwise::relu;
 
 /// torchvision's FPN init: kaiming_uniform_(a=1), zero bias.
 const FPN_INIT: Init = Init::Kaiming {
@@ -86,7 +87,7 @@ impl Fpn {
             P6Source::P5 => self.p6.forward(&p5)?,
             P6Source::C5 => self.p6.forward(c5)?,
         };
-        let p7 = self.p7.forward(&p6.relu()?)?;
+        let p7 = self.p7.forward(&relu(&p6)?)?;
         Ok(vec![p3, p4, p5, p6, p7])
     }
 }

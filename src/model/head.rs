@@ -8,6 +8,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::config::{HeadConfig, HeadNorm};
 use crate::ops::conv::Conv2d;
+use crate::ops::elementwise::relu;
 use crate::ops::group_norm::{group_norm, GroupNorm};
 
 /// Weight init of every head conv: normal(std = 0.01).
@@ -53,8 +54,8 @@ impl Module for Tower {
         self.layers.iter().try_fold(x.clone(), |x, (conv, gn)| {
             let y = conv.forward(&x)?;
             match gn {
-                Some(gn) => gn.forward(&y)?.relu(),
-                None => y.relu(),
+                Some(gn) => relu(&gn.forward(&y)?),
+                None => relu(&y),
             }
         })
     }

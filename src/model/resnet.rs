@@ -13,6 +13,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::config::{BackboneConfig, BackboneNorm, ConvInit};
 use crate::ops::batch_norm::{batch_norm, BatchNorm};
 use crate::ops::conv::Conv2d;
+use crate::ops::elementwise::{add_relu, relu};
 use crate::ops::group_norm::{group_norm, GroupNorm};
 use crate::ops::maxpool::{max_pool_3x3_s2_p1, max_pool_3x3_s2_p1_inference};
 
@@ -187,14 +188,14 @@ impl Block {
         for (i, conv) in self.convs.iter().enumerate() {
             y = conv.forward_t(&y, train)?;
             if i < last {
-                y = y.relu()?;
+                y = relu(&y)?;
             }
         }
         let identity = match &self.downsample {
             Some(ds) => ds.forward_t(x, train)?,
             None => x.clone(),
         };
-        (y + identity)?.relu()
+        add_relu(&y, &identity)
     }
 }
 
@@ -238,7 +239,7 @@ impl ResNet {
     /// [n, 3, h, w] -> C3 [n, 2w*e, h/8, w/8], C4 [.., h/16, w/16], C5 [.., h/32, w/32]
     /// (w = width, e = block expansion).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<[Tensor; 3]> {
-        let x = self.stem.forward_t(x, train)?.relu()?;
+        let x = relu(&self.stem.forward_t(x, train)?)?;
         let x = if self.stem_trains && train { max_pool_3x3_s2_p1(&x)? } else { max_pool_3x3_s2_p1_inference(&x)? };
         let stage = |x: &Tensor, blocks: &[Block]| blocks.iter().try_fold(x.clone(), |x, b| b.forward_t(&x, train));
         let c2 = stage(&x, &self.layers[0])?;

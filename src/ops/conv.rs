@@ -11,8 +11,12 @@
 //! - input grad:   `dcols = W^T x g`, then col2im (scatter-add)
 //! - weight grad:  `dW   = g [co, n*ho*wo] x cols^T`
 //!
-//! The batch is processed in chunks whose columns stay under
-//! [`COLUMN_BUDGET`] floats, so memory stays bounded for large images.
+//! Each image's output rows are cut into bands whose columns stay under
+//! [`BAND_COLUMNS`] floats: im2col writes a band's columns and the GEMM
+//! reads them back while they are still in cache, and memory stays bounded
+//! for large images. With at least as many images as threads, each thread
+//! takes whole images and runs single-threaded GEMMs; otherwise the GEMMs
+//! use every thread.
 //! Other devices and dtypes use Candle's own convolution.
 
 use std::cell::RefCell;
@@ -22,12 +26,13 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-/// Most f32 values of im2col columns held at once (64 MiB).
-const COLUMN_BUDGET: usize = 16 << 20;
+use super::elementwise::add_channel_bias;
 
-/// Most f32 values of one image's columns for the per-image path (4 MiB,
-/// well inside this machine's L3 cache; see [`Geometry::per_image`]).
-const PER_IMAGE_COLUMNS: usize = 1 << 20;
+/// Most f32 values of one band's im2col columns (4 MiB, well inside this
+/// machine's L3 cache). Whole-batch columns of a 480x640 image went through
+/// memory, and with them a 64-channel convolution ran at a quarter of the
+/// GEMM's speed.
+const BAND_COLUMNS: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -50,7 +55,7 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => add_channel_bias(&y, b),
             None => Ok(y),
         }
     }
@@ -138,18 +143,44 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// Many small images (the `shapes` model, FPN heads): each thread takes
-    /// whole images and runs im2col and a single-threaded GEMM on columns
-    /// that stay in its cache. Wide GEMMs over the whole batch instead send
-    /// every column through memory, and for narrow layers (16-64 channels)
-    /// that traffic, not arithmetic, sets the pace.
-    fn per_image(&self) -> bool {
-        self.n >= threads() && self.patch() * self.out_plane() <= PER_IMAGE_COLUMNS
+    /// One thread per image (single-threaded GEMMs) when there are enough
+    /// images; otherwise images one after another with parallel GEMMs.
+    fn per_thread(&self) -> bool {
+        self.n >= threads()
     }
 
-    /// Images per chunk so that the columns fit [`COLUMN_BUDGET`].
-    fn chunk(&self) -> usize {
-        (COLUMN_BUDGET / (self.patch() * self.out_plane()).max(1)).clamp(1, self.n.max(1))
+    /// The GEMM parallelism that goes with [`Geometry::per_thread`].
+    fn gemm_parallelism(&self) -> Parallelism {
+        if self.per_thread() {
+            Parallelism::None
+        } else {
+            parallelism()
+        }
+    }
+
+    /// One image's output rows in bands whose columns fit [`BAND_COLUMNS`].
+    fn bands(&self) -> impl Iterator<Item = Band> + '_ {
+        let rows = (BAND_COLUMNS / (self.patch() * self.out_w).max(1)).clamp(1, self.out_h.max(1));
+        (0..self.out_h).step_by(rows).map(move |first| Band { first, rows: rows.min(self.out_h - first) })
+    }
+}
+
+/// Output rows `first..first + rows` of one image.
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    first: usize,
+    rows: usize,
+}
+
+impl Band {
+    /// Output positions in the band: the width of its column matrix.
+    fn plane(&self, g: &Geometry) -> usize {
+        self.rows * g.out_w
+    }
+
+    /// Where the band starts within one output channel plane.
+    fn offset(&self, g: &Geometry) -> usize {
+        self.first * g.out_w
     }
 }
 
@@ -170,32 +201,33 @@ fn parallelism() -> Parallelism {
 }
 
 thread_local! {
-    /// im2col columns and GEMM products, kept between calls so each
-    /// convolution does not allocate and zero them again.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// im2col columns, kept between calls so each convolution does not
+    /// allocate and zero them again.
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's two scratch buffers.
-fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
-    SCRATCH.with(|s| {
-        let (a, b) = &mut *s.borrow_mut();
-        f(a, b)
+/// Runs `f` with this thread's column buffer, sized to `len` floats.
+fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    COLUMNS.with(|cols| {
+        let mut cols = cols.borrow_mut();
+        cols.resize(len, 0.0);
+        f(&mut cols[..len])
     })
 }
 
-/// `dst[m, n] (+)= lhs[m, k] x rhs[k, n]` with explicit row/column strides.
-#[allow(clippy::too_many_arguments)]
+/// A matrix in a slice: its data and (row, column) strides.
+type Strided<'a> = (&'a [f32], (usize, usize));
+
+/// `dst[m, n] (+)= lhs[m, k] x rhs[k, n]`; `dst` rows are `dst_rs` apart.
 fn matmul(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
+    (dst, dst_rs): (&mut [f32], usize),
     accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
+    (lhs, (lhs_rs, lhs_cs)): Strided,
+    (rhs, (rhs_rs, rhs_cs)): Strided,
     parallelism: Parallelism,
 ) {
-    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n, "matmul: destination too small");
     assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "matmul: lhs too small");
     assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "matmul: rhs too small");
     // SAFETY: the asserts above keep every index gemm touches in bounds.
@@ -206,7 +238,7 @@ fn matmul(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
@@ -232,73 +264,62 @@ fn valid_range(out: usize, size: usize, k: usize, padding: usize, stride: usize)
     (lo.min(hi), hi)
 }
 
-/// Writes the columns of `images` ([count, c, h, w]) into `cols`
-/// ([patch, count * out_plane], image-major within a row), on every thread
-/// or, inside a per-image task, on this one.
-fn im2col(g: &Geometry, images: &[f32], count: usize, cols: &mut [f32], parallel: bool) {
-    let row_len = count * g.out_plane();
-    let fill = |(row, dst): (usize, &mut [f32])| im2col_row(g, images, row, dst);
+/// Writes the columns of one band of `image` ([c, h, w]) into `cols`
+/// ([patch, band plane]); rows in parallel when `parallel`.
+fn im2col(g: &Geometry, image: &[f32], band: Band, cols: &mut [f32], parallel: bool) {
+    let fill = |(row, dst): (usize, &mut [f32])| im2col_row(g, image, band, row, dst);
     if parallel {
-        cols.par_chunks_mut(row_len).enumerate().for_each(fill);
+        cols.par_chunks_mut(band.plane(g)).enumerate().for_each(fill);
     } else {
-        cols.chunks_mut(row_len).enumerate().for_each(fill);
+        cols.chunks_mut(band.plane(g)).enumerate().for_each(fill);
     }
 }
 
 /// Row `row` (one channel and kernel tap) of [`im2col`]'s columns.
-fn im2col_row(g: &Geometry, images: &[f32], row: usize, dst: &mut [f32]) {
+fn im2col_row(g: &Geometry, image: &[f32], band: Band, row: usize, dst: &mut [f32]) {
     let plane = g.h * g.w;
     let (c, ki, kj) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
     let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
     let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
-    for (i, image_cols) in dst.chunks_mut(g.out_plane()).enumerate() {
-        let src = &images[(i * g.c_in + c) * plane..][..plane];
-        for (oy, out_row) in image_cols.chunks_mut(g.out_w).enumerate() {
-            if oy < y_lo || oy >= y_hi {
-                out_row.fill(0.0);
-                continue;
-            }
-            let iy = oy * g.stride + ki - g.padding;
-            let src_row = &src[iy * g.w..][..g.w];
-            out_row[..x_lo].fill(0.0);
-            out_row[x_hi..].fill(0.0);
-            let first = x_lo * g.stride + kj - g.padding;
-            let inside = &mut out_row[x_lo..x_hi];
-            if g.stride == 1 {
-                inside.copy_from_slice(&src_row[first..first + inside.len()]);
-            } else {
-                for (v, &x) in inside.iter_mut().zip(src_row[first..].iter().step_by(g.stride)) {
-                    *v = x;
-                }
+    let src = &image[c * plane..][..plane];
+    for (out_row, oy) in dst.chunks_mut(g.out_w).zip(band.first..) {
+        if oy < y_lo || oy >= y_hi {
+            out_row.fill(0.0);
+            continue;
+        }
+        let iy = oy * g.stride + ki - g.padding;
+        let src_row = &src[iy * g.w..][..g.w];
+        out_row[..x_lo].fill(0.0);
+        out_row[x_hi..].fill(0.0);
+        let first = x_lo * g.stride + kj - g.padding;
+        let inside = &mut out_row[x_lo..x_hi];
+        if g.stride == 1 {
+            inside.copy_from_slice(&src_row[first..first + inside.len()]);
+        } else {
+            for (v, &x) in inside.iter_mut().zip(src_row[first..].iter().step_by(g.stride)) {
+                *v = x;
             }
         }
     }
 }
 
-/// Adds the columns `cols` ([patch, count * out_plane]) back into the
-/// image gradients `images` ([count, c, h, w]), the adjoint of [`im2col`].
-fn col2im(g: &Geometry, cols: &[f32], count: usize, images: &mut [f32]) {
-    let row_len = count * g.out_plane();
-    images.par_chunks_mut(g.c_in * g.h * g.w).enumerate().for_each(|(i, image)| {
-        col2im_image(g, &cols[i * g.out_plane()..], row_len, image);
-    });
-}
-
-/// [`col2im`] for one image whose columns start `cols` and whose rows are
-/// `row_len` apart.
-fn col2im_image(g: &Geometry, cols: &[f32], row_len: usize, image: &mut [f32]) {
+/// Adds one band's columns `cols` ([patch, band plane]) back into the
+/// image gradient `image` ([c, h, w]), the adjoint of [`im2col`].
+fn col2im(g: &Geometry, cols: &[f32], band: Band, image: &mut [f32]) {
     let plane = g.h * g.w;
+    let band_end = band.first + band.rows;
     for (c, dst) in image.chunks_mut(plane).enumerate() {
         for ki in 0..g.kh {
             let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
             for kj in 0..g.kw {
                 let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
                 let row = (c * g.kh + ki) * g.kw + kj;
-                let src = &cols[row * row_len..][..g.out_plane()];
-                for oy in y_lo..y_hi {
+                let src = &cols[row * band.plane(g)..][..band.plane(g)];
+                for oy in y_lo.max(band.first)..y_hi.min(band_end) {
                     let iy = oy * g.stride + ki - g.padding;
                     let dst_row = &mut dst[iy * g.w..][..g.w];
-                    let values = &src[oy * g.out_w + x_lo..oy * g.out_w + x_hi];
+                    let at = (oy - band.first) * g.out_w;
+                    let values = &src[at + x_lo..at + x_hi];
                     let first = x_lo * g.stride + kj - g.padding;
                     if g.stride == 1 {
                         for (d, &v) in dst_row[first..first + values.len()].iter_mut().zip(values) {
@@ -315,91 +336,103 @@ fn col2im_image(g: &Geometry, cols: &[f32], row_len: usize, image: &mut [f32]) {
     }
 }
 
-/// The per-image path (see [`Geometry::per_image`]): `out = conv(x, w)`.
-fn forward_per_image(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
-    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_plane());
-    let shape = (g.c_out, g.out_plane(), g.patch());
-    out.par_chunks_mut(out_image).zip(x.par_chunks(in_image)).for_each(|(dst, image)| {
+/// Runs `f` on each (output item, input item) pair of the batch: on its own
+/// thread per image when [`Geometry::per_thread`], else one after another.
+fn for_each_image<F>(g: &Geometry, outs: &mut [f32], out_len: usize, ins: &[f32], in_len: usize, f: F)
+where
+    F: Fn(&mut [f32], &[f32]) + Sync,
+{
+    if g.per_thread() {
+        outs.par_chunks_mut(out_len).zip(ins.par_chunks(in_len)).for_each(|(o, i)| f(o, i));
+    } else {
+        outs.chunks_mut(out_len).zip(ins.chunks(in_len)).for_each(|(o, i)| f(o, i));
+    }
+}
+
+/// `out = conv(x, w)`, one image at a time: `out [co, plane] = W [co,
+/// patch] x cols [patch, plane]`, band by band.
+fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
+    let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
+    let parallelism = g.gemm_parallelism();
+    let weights = (w, (g.patch(), 1));
+    for_each_image(g, out, out_image, x, in_image, |dst, image| {
         if g.is_pointwise() {
-            return matmul(shape, dst, false, w, (g.patch(), 1), image, (g.out_plane(), 1), Parallelism::None);
+            let shape = (g.c_out, plane, g.patch());
+            return matmul(shape, (dst, plane), false, weights, (image, (plane, 1)), parallelism);
         }
-        with_scratch(|cols, _| {
-            cols.resize(g.patch() * g.out_plane(), 0.0);
-            im2col(g, image, 1, cols, false);
-            matmul(shape, dst, false, w, (g.patch(), 1), cols, (g.out_plane(), 1), Parallelism::None);
-        })
+        for band in g.bands() {
+            with_columns(g.patch() * band.plane(g), |cols| {
+                im2col(g, image, band, cols, !g.per_thread());
+                let shape = (g.c_out, band.plane(g), g.patch());
+                let dst = (&mut dst[band.offset(g)..], plane);
+                matmul(shape, dst, false, weights, (cols, (band.plane(g), 1)), parallelism);
+            })
+        }
     });
 }
 
-/// The per-image path: `dx` from `grad` and `w`.
-fn input_grad_per_image(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
-    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_plane());
-    // W^T [patch, co]: W is [co, patch] row-major.
-    let shape = (g.patch(), g.out_plane(), g.c_out);
-    dx.par_chunks_mut(in_image).zip(grad.par_chunks(out_image)).for_each(|(dst, grad)| {
+/// `dx` from `grad` and `w`, one image at a time: `dcols [patch, plane] =
+/// W^T x grad [co, plane]`, then col2im, band by band.
+fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
+    let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
+    let parallelism = g.gemm_parallelism();
+    let weights_t = (w, (1, g.patch())); // W is [co, patch] row-major.
+    for_each_image(g, dx, in_image, grad, out_image, |dst, grad| {
         if g.is_pointwise() {
-            return matmul(shape, dst, false, w, (1, g.patch()), grad, (g.out_plane(), 1), Parallelism::None);
+            let shape = (g.patch(), plane, g.c_out);
+            return matmul(shape, (dst, plane), false, weights_t, (grad, (plane, 1)), parallelism);
         }
-        with_scratch(|cols, _| {
-            cols.resize(g.patch() * g.out_plane(), 0.0);
-            matmul(shape, cols, false, w, (1, g.patch()), grad, (g.out_plane(), 1), Parallelism::None);
-            col2im_image(g, cols, g.out_plane(), dst);
-        })
+        for band in g.bands() {
+            with_columns(g.patch() * band.plane(g), |cols| {
+                let shape = (g.patch(), band.plane(g), g.c_out);
+                let grad_band = (&grad[band.offset(g)..], (plane, 1));
+                matmul(shape, (&mut *cols, band.plane(g)), false, weights_t, grad_band, parallelism);
+                col2im(g, cols, band, dst);
+            })
+        }
     });
 }
 
-/// The per-image path: `dw` from `x` and `grad`. Each thread sums a fixed
-/// run of images and the partial sums are added in order, so the result
-/// does not depend on scheduling (training stays reproducible).
-fn weight_grad_per_image(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
-    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_plane());
-    let per_task = g.n.div_ceil(threads().max(1));
-    let shape = (g.c_out, g.patch(), g.out_plane());
-    let partials: Vec<Vec<f32>> = x
-        .par_chunks(per_task * in_image)
-        .zip(grad.par_chunks(per_task * out_image))
-        .map(|(images, grads)| {
-            let mut dw = vec![0f32; g.c_out * g.patch()];
-            with_scratch(|cols, _| {
-                for (i, (image, grad)) in images.chunks(in_image).zip(grads.chunks(out_image)).enumerate() {
-                    let cols: &[f32] = if g.is_pointwise() {
-                        image
-                    } else {
-                        cols.resize(g.patch() * g.out_plane(), 0.0);
-                        im2col(g, image, 1, cols, false);
-                        cols
-                    };
-                    // dW [co, patch] += g [co, plane] x cols^T [plane, patch].
-                    let (rhs, rs) = (cols, (1, g.out_plane()));
-                    matmul(shape, &mut dw, i > 0, grad, (g.out_plane(), 1), rhs, rs, Parallelism::None);
-                }
-            });
-            dw
-        })
-        .collect();
+/// `dw [co, patch] = sum over images and bands of grad [co, band] x
+/// cols^T [band, patch]`. Each thread sums a fixed run of images and the
+/// partial sums are added in order, so the result does not depend on
+/// scheduling (training stays reproducible).
+fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
+    let parallelism = g.gemm_parallelism();
+    let per_task = if g.per_thread() { g.n.div_ceil(threads().max(1)) } else { g.n }.max(1);
+    let run = |(images, grads): (&[f32], &[f32])| {
+        let mut dw = vec![0f32; g.c_out * g.patch()];
+        let mut first = true;
+        for (image, grad) in images.chunks(in_image).zip(grads.chunks(out_image)) {
+            if g.is_pointwise() {
+                let shape = (g.c_out, g.patch(), plane);
+                let image_t = (image, (1, plane));
+                matmul(shape, (&mut dw, g.patch()), !first, (grad, (plane, 1)), image_t, parallelism);
+                first = false;
+                continue;
+            }
+            for band in g.bands() {
+                with_columns(g.patch() * band.plane(g), |cols| {
+                    im2col(g, image, band, cols, !g.per_thread());
+                    let shape = (g.c_out, g.patch(), band.plane(g));
+                    let grad_band = (&grad[band.offset(g)..], (plane, 1));
+                    let cols_t = (&*cols, (1, band.plane(g)));
+                    matmul(shape, (&mut dw, g.patch()), !first, grad_band, cols_t, parallelism);
+                });
+                first = false;
+            }
+        }
+        dw
+    };
+    let pairs = x.par_chunks(per_task * in_image).zip(grad.par_chunks(per_task * out_image));
+    let partials: Vec<Vec<f32>> = if g.per_thread() { pairs.map(run).collect() } else { vec![run((x, grad))] };
     let mut partials = partials.into_iter();
     let mut dw = partials.next().unwrap_or_else(|| vec![0f32; g.c_out * g.patch()]);
     for partial in partials {
         dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
     }
     dw
-}
-
-/// `[count, co, plane]` <-> `[co, count * plane]` (image-major rows).
-fn to_channel_major(src: &[f32], count: usize, channels: usize, plane: usize, dst: &mut [f32]) {
-    dst.par_chunks_mut(count * plane).enumerate().for_each(|(c, row)| {
-        for (i, block) in row.chunks_mut(plane).enumerate() {
-            block.copy_from_slice(&src[(i * channels + c) * plane..][..plane]);
-        }
-    });
-}
-
-fn from_channel_major(src: &[f32], count: usize, channels: usize, plane: usize, dst: &mut [f32]) {
-    dst.par_chunks_mut(channels * plane).enumerate().for_each(|(i, image)| {
-        for (c, block) in image.chunks_mut(plane).enumerate() {
-            block.copy_from_slice(&src[c * count * plane + i * plane..][..plane]);
-        }
-    });
 }
 
 /// The contiguous f32 data of a custom-op argument.
@@ -423,37 +456,7 @@ impl CustomOp2 for ConvForward {
         let g = &self.0;
         let (x, w) = (f32_data(xs, xl, "input")?, f32_data(ws, wl, "weight")?);
         let mut out = vec![0f32; g.n * g.c_out * g.out_plane()];
-        if g.per_image() {
-            forward_per_image(g, x, w, &mut out);
-            return Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))));
-        }
-        let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
-        with_scratch(|cols, product| {
-            for first in (0..g.n).step_by(chunk) {
-                let count = chunk.min(g.n - first);
-                let images = &x[first * in_image..][..count * in_image];
-                let dst = &mut out[first * out_image..][..count * out_image];
-                if g.is_pointwise() && count == 1 {
-                    matmul(
-                        (g.c_out, g.out_plane(), g.patch()),
-                        dst,
-                        false,
-                        w,
-                        (g.patch(), 1),
-                        images,
-                        (g.out_plane(), 1),
-                        parallelism(),
-                    );
-                    continue;
-                }
-                let width = count * g.out_plane();
-                cols.resize(g.patch() * width, 0.0);
-                im2col(g, images, count, cols, true);
-                product.resize(g.c_out * width, 0.0);
-                matmul((g.c_out, width, g.patch()), product, false, w, (g.patch(), 1), cols, (width, 1), parallelism());
-                from_channel_major(product, count, g.c_out, g.out_plane(), dst);
-            }
-        });
+        forward(g, x, w, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))))
     }
 
@@ -479,38 +482,7 @@ impl CustomOp2 for ConvInputGrad {
         let g = &self.0;
         let (grad, w) = (f32_data(gs, gl, "gradient")?, f32_data(ws, wl, "weight")?);
         let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
-        if g.per_image() {
-            input_grad_per_image(g, grad, w, &mut dx);
-            return Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))));
-        }
-        let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
-        with_scratch(|grad_cm, cols| {
-            for first in (0..g.n).step_by(chunk) {
-                let count = chunk.min(g.n - first);
-                let grads = &grad[first * out_image..][..count * out_image];
-                let dst = &mut dx[first * in_image..][..count * in_image];
-                // W^T [patch, co]: W is [co, patch] row-major.
-                if g.is_pointwise() && count == 1 {
-                    matmul(
-                        (g.patch(), g.out_plane(), g.c_out),
-                        dst,
-                        false,
-                        w,
-                        (1, g.patch()),
-                        grads,
-                        (g.out_plane(), 1),
-                        parallelism(),
-                    );
-                    continue;
-                }
-                let width = count * g.out_plane();
-                grad_cm.resize(g.c_out * width, 0.0);
-                to_channel_major(grads, count, g.c_out, g.out_plane(), grad_cm);
-                cols.resize(g.patch() * width, 0.0);
-                matmul((g.patch(), width, g.c_out), cols, false, w, (1, g.patch()), grad_cm, (width, 1), parallelism());
-                col2im(g, cols, count, dst);
-            }
-        });
+        input_grad(g, grad, w, &mut dx);
         Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
     }
 }
@@ -527,32 +499,7 @@ impl CustomOp2 for ConvWeightGrad {
         let g = &self.0;
         let (x, grad) = (f32_data(xs, xl, "input")?, f32_data(gs, gl, "gradient")?);
         let shape = Shape::from((g.c_out, g.c_in, g.kh, g.kw));
-        if g.per_image() {
-            return Ok((CpuStorage::F32(weight_grad_per_image(g, x, grad)), shape));
-        }
-        let mut dw = vec![0f32; g.c_out * g.patch()];
-        let (chunk, in_image, out_image) = (g.chunk(), g.c_in * g.h * g.w, g.c_out * g.out_plane());
-        with_scratch(|grad_cm, cols| {
-            for (step, first) in (0..g.n).step_by(chunk).enumerate() {
-                let count = chunk.min(g.n - first);
-                let images = &x[first * in_image..][..count * in_image];
-                let grads = &grad[first * out_image..][..count * out_image];
-                let width = count * g.out_plane();
-                grad_cm.resize(g.c_out * width, 0.0);
-                to_channel_major(grads, count, g.c_out, g.out_plane(), grad_cm);
-                let cols: &[f32] = if g.is_pointwise() && count == 1 {
-                    images
-                } else {
-                    cols.resize(g.patch() * width, 0.0);
-                    im2col(g, images, count, cols, true);
-                    cols
-                };
-                // dW [co, patch] += g [co, width] x cols^T [width, patch].
-                let shape = (g.c_out, g.patch(), width);
-                matmul(shape, &mut dw, step > 0, grad_cm, (width, 1), cols, (1, width), parallelism());
-            }
-        });
-        Ok((CpuStorage::F32(dw), shape))
+        Ok((CpuStorage::F32(weight_grad(g, x, grad)), shape))
     }
 }
 
@@ -628,14 +575,29 @@ mod tests {
     }
 
     #[test]
-    fn chunking_keeps_results() -> Result<()> {
-        // Columns of 8 * 9 * 64 * 64 floats per image: forced into chunks of
-        // one image when the budget is smaller than two images.
-        let g = Geometry::new((3, 8, 64, 64), (4, 8, 3, 3), 1, 1)?;
-        assert!(g.chunk() >= 1);
+    fn bands_and_single_images_keep_results() -> Result<()> {
+        // 32 * 9 * 64 floats per output row: 113 rows do not fit one band,
+        // so the image is cut into several (the last one shorter), and one
+        // image takes the parallel-GEMM path. Gradients too.
+        let g = Geometry::new((1, 32, 113, 64), (4, 32, 3, 3), 1, 1)?;
+        let bands: Vec<Band> = g.bands().collect();
+        assert!(bands.len() > 1);
+        assert_eq!(bands.iter().map(|b| b.rows).sum::<usize>(), g.out_h);
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (3, 8, 64, 64), &dev)?;
-        let w = Tensor::randn(0f32, 1., (4, 8, 3, 3), &dev)?;
-        assert_close(&conv2d(&x, &w, 1, 1)?, &x.conv2d(&w, 1, 1, 1, 1)?, "chunked")
+        for n in [1, 3] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, 32, 113, 64), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 32, 3, 3), &dev)?)?;
+            let y = conv2d(x.as_tensor(), w.as_tensor(), 1, 1)?;
+            let reference = candle_conv2d(x.as_tensor(), w.as_tensor(), 1, 1)?;
+            assert_close(&y, &reference, &format!("n{n} banded forward"))?;
+            let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
+            let ours = (y * &probe)?.sum_all()?.backward()?;
+            let theirs = (reference * &probe)?.sum_all()?.backward()?;
+            for var in [&x, &w] {
+                let (a, b) = (ours.get(var.as_tensor()), theirs.get(var.as_tensor()));
+                assert_close(a.expect("gradient"), b.expect("gradient"), &format!("n{n} banded gradient"))?;
+            }
+        }
+        Ok(())
     }
 }
