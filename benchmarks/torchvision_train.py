@@ -5,6 +5,7 @@ peer of `retinanet train` for the same data, schedule and image size.
     pip install torch torchvision pycocotools pillow
     retinanet synth --out /tmp/shapes128 --size 128          # or any COCO folder
     python3 benchmarks/torchvision_train.py --data /tmp/shapes128 --preset shapes
+    python3 benchmarks/torchvision_train.py --data ../shared/data/bccd --preset bccd
 
 The `shapes` recipe mirrors configs/shapes.toml: the tiny ResNet-18-style
 body (16-128 channels, BatchNorm), FPN 64, two-conv GroupNorm heads,
@@ -12,6 +13,8 @@ anchors 8-128 with ratio 1, IoU 0.4/0.3, GIoU box loss, batch 16, SGD lr 0.04
 momentum 0.9, weight decay 1e-4, 100 warmup steps then cosine, horizontal
 flips, 12 epochs,
 and PyTorch's default conv init in the body (`model.backbone.init`).
+The `bccd` recipe mirrors configs/bccd.toml likewise. Per-class AP is
+printed after the summary.
 """
 import argparse
 import json
@@ -31,6 +34,11 @@ RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
                    sizes=[8, 16, 32, 64, 128], ratios=[1.0], fg_iou=0.4, bg_iou=0.3,
                    batch=16, lr=0.04, epochs=12, warmup=100, init="torch_default", box_loss="giou"),
+    # configs/bccd.toml: ResNet-18 body, FPN 128, four-conv GroupNorm heads,
+    # torchvision's anchors, 480x640 scaled to 384x512.
+    "bccd": dict(depth=18, width=64, fpn=128, head_convs=4, head_gn=True, size=384, max_size=512,
+                 sizes=[32, 64, 128, 256, 512], ratios=[0.5, 1.0, 2.0], fg_iou=0.5, bg_iou=0.4,
+                 batch=4, lr=0.01, epochs=13, warmup=100, init="torch_default", box_loss="giou"),
 }
 
 
@@ -80,7 +88,8 @@ def main():
     val = load_split(args.data, "val", cat_index)
     model_args = argparse.Namespace(depth=r["depth"], width=r["width"], fpn=r["fpn"], head_convs=r["head_convs"],
                                     head_gn=r["head_gn"], classes=len(cat_ids), sizes=r["sizes"], ratios=r["ratios"],
-                                    size=r["size"], image_width=None, min_size=r["size"], max_size=r["size"],
+                                    size=r["size"], image_width=None, min_size=r["size"],
+                                    max_size=r.get("max_size", r["size"]),
                                     recipe="scratch", init=r["init"])
     model = build(model_args)
     model.proposal_matcher.high_threshold = r["fg_iou"]
@@ -136,8 +145,13 @@ def main():
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
+    per_class = {}
+    for k, cat in enumerate(cat_ids):  # precision [iou, recall, class, area, maxdets]
+        p = ev.eval["precision"][:, :, k, 0, -1]
+        per_class[gt.cats[cat]["name"]] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    print("per-class AP:", json.dumps(per_class))
     print(json.dumps({"preset": args.preset, "recipe": r, "epochs": r["epochs"], "images_seen": step * r["batch"],
-                      "train_seconds": train_seconds, "ap": ev.stats[0], "ap50": ev.stats[1],
+                      "train_seconds": train_seconds, "ap": ev.stats[0], "ap50": ev.stats[1], "per_class_ap": per_class,
                       "torch": torch.__version__, "threads": args.threads}))
 
 
