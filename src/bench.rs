@@ -57,7 +57,7 @@ pub fn run(
     let loaded = weights::build(&config.model, config.model.num_classes, device, config.train.seed, None)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
     let data = random_batch(&mut rng, (size, width), batch, config.model.num_classes, &Transform::new(&config.input))?;
-    let mut runner = StepRunner::new(loaded.model, loaded.varmap, &config, device);
+    let mut runner = StepRunner::new(loaded.model, loaded.varmap, &config, device)?;
     let mut times = Vec::with_capacity(steps);
     for i in 0..WARMUP_STEPS + steps {
         let started = Instant::now();

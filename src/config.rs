@@ -468,6 +468,9 @@ pub struct TrainConfig {
     pub lr_gamma: f64,
     /// Clip gradients to this global L2 norm (0: no clipping).
     pub clip_grad_norm: f64,
+    /// "f32", or "bf16" mixed precision: the layers compute in bf16, while
+    /// parameters, gradients, optimiser state and losses stay f32. ("f16"
+    /// would need loss scaling, which is not built.)
     pub precision: Precision,
     /// Image decoding threads of the loader.
     pub workers: usize,

@@ -44,6 +44,11 @@ fn config_errors_are_one_line() {
     assert_one_error_line(&retinanet(&["inspect", "--config", "nope"]), "config nope: no such preset or file");
     assert_one_error_line(&retinanet(&["inspect", "--set", "train.batch_size=[2]"]), "config key train.batch_size");
     assert_one_error_line(&retinanet(&["inspect", "--set", "data.root=/nonexistent"]), "data.root /nonexistent");
+    // f16 needs loss scaling, which is not built: refused before anything is written.
+    let out = std::env::temp_dir().join(format!("retinanet-cli-f16-{}", std::process::id()));
+    let o = retinanet(&["train", "--out", out.to_str().unwrap(), "--set", "train.precision=f16"]);
+    assert_one_error_line(&o, "config key train.precision: \"f16\" is not built");
+    assert!(!out.exists(), "nothing written");
 }
 
 #[test]

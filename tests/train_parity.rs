@@ -98,7 +98,7 @@ fn runner(meta: &Meta, box_loss: &str) -> Result<StepRunner> {
     let cfg = config(meta, box_loss)?;
     let tensors = hashed_weights(&meta.keys)?;
     let loaded = build(&cfg.model, 3, &dev, 0, Some((&tensors, LoadMode::Exact)))?;
-    Ok(StepRunner::new(loaded.model, loaded.varmap, &cfg, &dev))
+    Ok(StepRunner::new(loaded.model, loaded.varmap, &cfg, &dev)?)
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {

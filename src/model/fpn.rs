@@ -2,7 +2,7 @@
 //! with `LastLevelP6P7`): `inner_blocks.N.0` 1x1 laterals, `layer_blocks.N.0`
 //! 3x3 outputs, `extra_blocks.p6`/`p7` stride-2 3x3 convs.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::{FpnConfig, P6Source};
@@ -34,6 +34,11 @@ fn upsample_nearest(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
         // from their own heads (fix pending upstream: huggingface/candle#3507).
         // Upsampling a copy gives that op an input of its own; the copy's
         // backward then adds correctly. tests/train_parity.rs catches a relapse.
+        if x.device().is_cpu() && x.dtype() != DType::F32 {
+            // That backward is a convolution, which Candle's CPU backend
+            // has no bf16 kernel for; copies of values are exact in f32.
+            return upsample_nearest(&x.to_dtype(DType::F32)?, (h, w))?.to_dtype(x.dtype());
+        }
         return x.copy()?.upsample_nearest2d(h, w);
     }
     let index = |out: usize, input: usize| -> Result<Tensor> {

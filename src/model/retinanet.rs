@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::{BackboneNorm, HeadNorm, ModelConfig};
@@ -75,13 +75,22 @@ impl RetinaNet {
     /// Normalised, padded images [n, 3, h, w] -> head outputs and anchors.
     /// `train` selects batch statistics in trainable BatchNorm layers (and
     /// updates their running statistics) and the differentiable stem pool.
+    ///
+    /// The layers compute in the images' dtype: f32, or bf16 for mixed
+    /// precision, where convolutions cast the f32 parameters to bf16 and
+    /// norms compute in f32 (torch.autocast's split). The outputs are f32
+    /// either way, so losses and decoding stay in f32.
     pub fn forward(&self, images: &Tensor, train: bool) -> Result<HeadOutputs> {
         let (_, _, h, w) = images.dims4()?;
         let features = self.features(images, train)?;
         let grid_sizes = features.iter().map(|f| Ok((f.dim(2)?, f.dim(3)?))).collect::<Result<Vec<_>>>()?;
         let anchors = self.anchor_generator.anchors((h, w), &grid_sizes);
         let (cls_logits, bbox_regression) = self.head.forward(&features)?;
-        Ok(HeadOutputs { cls_logits, bbox_regression, anchors })
+        Ok(HeadOutputs {
+            cls_logits: cls_logits.to_dtype(DType::F32)?,
+            bbox_regression: bbox_regression.to_dtype(DType::F32)?,
+            anchors,
+        })
     }
 
     /// Detections per image, in resized-image pixels; `image_sizes` are the

@@ -55,6 +55,10 @@ impl ModuleT for BatchNorm {
     /// [n, c, h, w] -> [n, c, h, w]: batch statistics in training (which
     /// also update the running ones), running statistics otherwise.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.dtype() != self.weight.dtype() {
+            // Mixed precision: normalise in f32, as torch.autocast does.
+            return self.forward_t(&x.to_dtype(self.weight.dtype())?, train)?.to_dtype(x.dtype());
+        }
         let fused = train
             && x.device().is_cpu()
             && x.rank() == 4

@@ -51,19 +51,29 @@ impl Conv2d {
 }
 
 impl Module for Conv2d {
-    /// [n, c_in, h, w] -> [n, c_out, (h + 2p - k) / s + 1, (w + 2p - k) / s + 1]
+    /// [n, c_in, h, w] -> [n, c_out, (h + 2p - k) / s + 1, (w + 2p - k) / s + 1],
+    /// computed in `x`'s dtype: under mixed precision the f32 parameters are
+    /// cast (differentiably) to bf16 for the product.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight, self.padding, self.stride)?;
+        let weight = self.weight.to_dtype(x.dtype())?;
+        let y = conv2d(x, &weight, self.padding, self.stride)?;
         match &self.bias {
-            Some(b) => add_channel_bias(&y, b),
+            Some(b) => add_channel_bias(&y, &b.to_dtype(x.dtype())?),
             None => Ok(y),
         }
     }
 }
 
-/// Convolution without bias: the GEMM custom op for f32 on the CPU,
-/// Candle's `conv2d` elsewhere (see [`candle_conv2d`]).
+/// Convolution without bias: the GEMM custom op for f32 (and bf16) on the
+/// CPU, Candle's `conv2d` elsewhere (see [`candle_conv2d`]).
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::BF16 && weight.dtype() == DType::BF16 {
+        // No bf16 GEMM on the CPU (Candle widens its bf16 matmul too): bf16
+        // inputs and weights, f32 products and sums, a bf16 result, which is
+        // what a GPU's bf16 convolution computes.
+        let y = conv2d(&x.to_dtype(DType::F32)?, &weight.to_dtype(DType::F32)?, padding, stride)?;
+        return y.to_dtype(DType::BF16);
+    }
     if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         return candle_conv2d(x, weight, padding, stride);
     }

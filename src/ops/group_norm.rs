@@ -38,6 +38,10 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 impl Module for GroupNorm {
     /// [n, c, h, w] -> [n, c, h, w]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != self.weight.dtype() {
+            // Mixed precision: normalise in f32, as torch.autocast does.
+            return self.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
+        }
         let fused = x.device().is_cpu()
             && x.rank() == 4
             && [x.dtype(), self.weight.dtype(), self.bias.dtype()] == [DType::F32; 3]

@@ -97,10 +97,12 @@ impl CustomOp1 for MaxPool3x3S2P1 {
 /// Max-pool 3x3, stride 2, padding 1: [n, c, h, w] -> [n, c, (h-1)/2+1, (w-1)/2+1].
 /// Differentiable on every device.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1(MaxPool3x3S2P1);
+    match (x.device().is_cpu(), x.dtype()) {
+        (true, DType::F32) => x.contiguous()?.apply_op1(MaxPool3x3S2P1),
+        // The maximum commutes with widening, so this is exact.
+        (true, dtype) => max_pool_3x3_s2_p1(&x.to_dtype(DType::F32)?)?.to_dtype(dtype),
+        (false, _) => gather_pool(x),
     }
-    gather_pool(x)
 }
 
 /// Rows `start, start + 2, ...` (`count` of them) of `dim`.

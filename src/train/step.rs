@@ -8,7 +8,7 @@ use super::loss::{retinanet_loss, LossTerms, Normalizer};
 use super::matcher::Matcher;
 use super::optim::Optimizer;
 use super::targets::build_targets;
-use crate::config::Config;
+use crate::config::{Config, Precision};
 use crate::data::loader::Batch;
 use crate::model::retinanet::RetinaNet;
 use crate::model::weights;
@@ -22,6 +22,19 @@ pub enum StepOutcome {
     NonFinite { what: &'static str, detail: String },
 }
 
+/// The dtype the layers compute in for `precision` (see
+/// `RetinaNet::forward`), or an error naming the key.
+pub fn compute_dtype(precision: Precision) -> Result<DType> {
+    match precision {
+        Precision::F32 => Ok(DType::F32),
+        Precision::Bf16 => Ok(DType::BF16),
+        // f16's narrow range needs loss scaling, which is not built.
+        Precision::F16 => {
+            candle_core::bail!("config key train.precision: \"f16\" is not built; use \"bf16\" or \"f32\"")
+        }
+    }
+}
+
 /// The model with everything a step updates.
 pub struct StepRunner {
     pub model: RetinaNet,
@@ -33,18 +46,22 @@ pub struct StepRunner {
     config: Config,
     num_classes: usize,
     device: Device,
+    /// The dtype the layers compute in (`train.precision`); parameters,
+    /// gradients, optimiser state and losses stay f32.
+    compute_dtype: DType,
 }
 
 impl StepRunner {
     /// `config.model.num_classes` must already be resolved.
-    pub fn new(model: RetinaNet, varmap: VarMap, config: &Config, device: &Device) -> Self {
+    pub fn new(model: RetinaNet, varmap: VarMap, config: &Config, device: &Device) -> Result<Self> {
+        let compute_dtype = compute_dtype(config.train.precision)?;
         let optimizer = Optimizer::new(weights::trainable_vars(&varmap, &config.model), &config.train);
         let matcher = Matcher {
             high_threshold: config.loss.fg_iou_thresh as f32,
             low_threshold: config.loss.bg_iou_thresh as f32,
             allow_low_quality_matches: config.loss.allow_low_quality_matches,
         };
-        Self {
+        Ok(Self {
             num_classes: model.num_classes(),
             model,
             varmap,
@@ -53,7 +70,8 @@ impl StepRunner {
             matcher,
             config: config.clone(),
             device: device.clone(),
-        }
+            compute_dtype,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -62,7 +80,7 @@ impl StepRunner {
 
     /// The loss terms of `batch` in training mode (graph attached).
     pub fn losses(&mut self, batch: &Batch) -> Result<LossTerms> {
-        let images = batch.images.to_device(&self.device)?;
+        let images = batch.images.to_device(&self.device)?.to_dtype(self.compute_dtype)?;
         let outputs = self.model.forward(&images, true)?;
         let (targets, _) = build_targets(
             &batch.targets,

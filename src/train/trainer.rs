@@ -13,8 +13,8 @@ use candle_nn::VarMap;
 use super::checkpoint::{self, Checkpoint, TrainState};
 use super::progress::{MetricsEntry, MetricsLog, Progress, Window};
 use super::schedule::learning_rate;
-use super::step::{StepOutcome, StepRunner};
-use crate::config::{Config, Precision};
+use super::step::{compute_dtype, StepOutcome, StepRunner};
+use crate::config::Config;
 use crate::data::coco::{CategoryMap, CocoJson};
 use crate::data::loader::{Batch, Loader};
 use crate::data::source::load_split;
@@ -109,9 +109,7 @@ impl Trainer {
     /// Prepares a run: data, model (fresh, pretrained, or from `resume`'s
     /// checkpoint), optimiser, and the run folder with `config.toml`.
     pub fn new(mut config: Config, device: Device, out: Option<PathBuf>, resume: Option<&Path>) -> Result<Self> {
-        if config.train.precision != Precision::F32 {
-            bail!("config key train.precision: only \"f32\" is built yet");
-        }
+        compute_dtype(config.train.precision)?; // before anything is written
         let train = load_split(&config.data, "train")?;
         if train.dataset.images.is_empty() {
             bail!("{}: the training split has no images", train.files.annotations.display());
@@ -151,7 +149,7 @@ impl Trainer {
         for note in notes {
             eprintln!("note: {note}");
         }
-        let mut runner = StepRunner::new(model, varmap, &config, &device);
+        let mut runner = StepRunner::new(model, varmap, &config, &device)?;
         let state = match checkpoint {
             Some(ckpt) => {
                 runner.optimizer.load_state(ckpt.optimizer, ckpt.state.optimizer_steps)?;
