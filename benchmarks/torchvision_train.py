@@ -9,9 +9,9 @@ peer of `retinanet train` for the same data, schedule and image size.
 
 The `shapes` recipe mirrors configs/shapes.toml: the tiny ResNet-18-style
 body (16-128 channels, BatchNorm), FPN 64, two-conv GroupNorm heads,
-anchors 8-128 with ratio 1, IoU 0.4/0.3, GIoU box loss, batch 16, SGD lr 0.04
+anchors 8-128 with ratio 1, IoU 0.4/0.3, GIoU box loss, batch 8, SGD lr 0.02
 momentum 0.9, weight decay 1e-4, 100 warmup steps then cosine, horizontal
-flips, 12 epochs,
+flips, 14 epochs,
 and PyTorch's default conv init in the body (`model.backbone.init`).
 The `bccd` recipe mirrors configs/bccd.toml likewise. Per-class AP is
 printed after the summary.
@@ -33,7 +33,7 @@ from torchvision_bench import build
 RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
                    sizes=[8, 16, 32, 64, 128], ratios=[1.0], fg_iou=0.4, bg_iou=0.3,
-                   batch=16, lr=0.04, epochs=12, warmup=100, init="torch_default", box_loss="giou"),
+                   batch=8, lr=0.02, epochs=14, warmup=100, init="torch_default", box_loss="giou"),
     # configs/bccd.toml: ResNet-18 body, FPN 128, four-conv GroupNorm heads,
     # torchvision's anchors, 480x640 scaled to 384x512.
     "bccd": dict(depth=18, width=64, fpn=128, head_convs=4, head_gn=True, size=384, max_size=512,
