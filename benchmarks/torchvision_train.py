@@ -13,6 +13,9 @@ anchors 8-128 with ratio 1, IoU 0.4/0.3, GIoU box loss, batch 8, SGD lr 0.02
 momentum 0.9, weight decay 1e-4, 100 warmup steps then cosine, horizontal
 flips, 14 epochs,
 and PyTorch's default conv init in the body (`model.backbone.init`).
+One difference: the preset normalises the loss by detectron2's EMA of the
+foreground count (`loss.normalizer = "ema"`), which torchvision lacks; this
+script keeps torchvision's per-image normaliser.
 The `bccd` recipe mirrors configs/bccd.toml likewise. Per-class AP is
 printed after the summary.
 """

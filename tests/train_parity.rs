@@ -69,6 +69,7 @@ fn config(meta: &Meta, box_loss: &str) -> Result<Config> {
         format!("train.weight_decay={}", meta.weight_decay),
         "train.clip_grad_norm=0".to_string(),
         format!("loss.box_loss={box_loss}"),
+        "loss.normalizer=per_image".to_string(), // torchvision's (the preset uses detectron2's EMA)
         "model.num_classes=3".to_string(),
     ];
     Config::resolve(Some("shapes"), &set)
