@@ -30,6 +30,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_retinanet::config::{BackboneNorm, ModelConfig};
 use candle_retinanet::data::transforms::resize_bilinear;
+use candle_retinanet::model::retinanet::HeadOutputs;
 use candle_retinanet::model::weights::{build, LoadMode};
 use serde::Deserialize;
 
@@ -166,18 +167,19 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
         )?;
         start += len;
     }
-    let cls_all = cls.flatten_all()?.to_vec1::<f32>()?;
-    let reg_all = reg.flatten_all()?.to_vec1::<f32>()?;
-    let (cls_abs, cls_rel) = sampled_errors(
-        &cls_all,
-        &get("cls_logits_index")?.to_vec1::<i64>()?,
-        &get("cls_logits_samples")?.to_vec1::<f32>()?,
-    );
-    let (reg_abs, reg_rel) = sampled_errors(
-        &reg_all,
-        &get("bbox_regression_index")?.to_vec1::<i64>()?,
-        &get("bbox_regression_samples")?.to_vec1::<f32>()?,
-    );
+    // Largest (absolute, relative) errors of the sampled head outputs.
+    let head_errors = |out: &HeadOutputs| -> Result<[(f32, f32); 2]> {
+        let mut errors = [(0.0, 0.0); 2];
+        for (e, (t, name)) in
+            errors.iter_mut().zip([(&out.cls_logits, "cls_logits"), (&out.bbox_regression, "bbox_regression")])
+        {
+            let ours = t.flatten_all()?.to_vec1::<f32>()?;
+            let index = get(&format!("{name}_index"))?.to_vec1::<i64>()?;
+            *e = sampled_errors(&ours, &index, &get(&format!("{name}_samples"))?.to_vec1::<f32>()?);
+        }
+        Ok(errors)
+    };
+    let [(cls_abs, cls_rel), (reg_abs, reg_rel)] = head_errors(&out)?;
     println!("cls_logits: max abs error {cls_abs:.2e}, rel {cls_rel:.2e}; bbox_regression: abs {reg_abs:.2e}, rel {reg_rel:.2e}");
     ensure!(cls_rel < 1e-4 && reg_rel < 1e-4, "head outputs differ: cls {cls_rel:.2e}, reg {reg_rel:.2e}");
 
@@ -186,18 +188,7 @@ fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
     // torch.autocast's bf16 does (about 2.6e-2 and 1.4e-2 on this deep,
     // unnormalised ResNet-50).
     let out16 = model.forward(&images.to_dtype(DType::BF16)?, false)?;
-    let cls16 = out16.cls_logits.flatten_all()?.to_vec1::<f32>()?;
-    let reg16 = out16.bbox_regression.flatten_all()?.to_vec1::<f32>()?;
-    let (_, cls16_rel) = sampled_errors(
-        &cls16,
-        &get("cls_logits_index")?.to_vec1::<i64>()?,
-        &get("cls_logits_samples")?.to_vec1::<f32>()?,
-    );
-    let (_, reg16_rel) = sampled_errors(
-        &reg16,
-        &get("bbox_regression_index")?.to_vec1::<i64>()?,
-        &get("bbox_regression_samples")?.to_vec1::<f32>()?,
-    );
+    let [(_, cls16_rel), (_, reg16_rel)] = head_errors(&out16)?;
     let [torch_cls, torch_reg] = meta.bf16_autocast_rel_errors;
     println!("bf16: cls_logits rel {cls16_rel:.2e} (torch.autocast {torch_cls:.2e}), bbox_regression rel {reg16_rel:.2e} (torch.autocast {torch_reg:.2e})");
     ensure!(

@@ -27,6 +27,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::elementwise::add_channel_bias;
+use super::f32_data;
 
 /// Most f32 values of one band's im2col columns (4 MiB, well inside this
 /// machine's L3 cache). Whole-batch columns of a 480x640 image went through
@@ -445,15 +446,6 @@ fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     dw
 }
 
-/// The contiguous f32 data of a custom-op argument.
-fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
-    }
-}
-
 /// `out = conv(x, w)`; arguments `x [n, c, h, w]`, `w [co, c, kh, kw]`.
 struct ConvForward(Geometry);
 
@@ -464,7 +456,7 @@ impl CustomOp2 for ConvForward {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let (x, w) = (f32_data(xs, xl, "input")?, f32_data(ws, wl, "weight")?);
+        let (x, w) = (f32_data(xs, xl, "conv2d input")?, f32_data(ws, wl, "conv2d weight")?);
         let mut out = vec![0f32; g.n * g.c_out * g.out_plane()];
         forward(g, x, w, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))))
@@ -490,7 +482,7 @@ impl CustomOp2 for ConvInputGrad {
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let (grad, w) = (f32_data(gs, gl, "gradient")?, f32_data(ws, wl, "weight")?);
+        let (grad, w) = (f32_data(gs, gl, "conv2d gradient")?, f32_data(ws, wl, "conv2d weight")?);
         let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
         input_grad(g, grad, w, &mut dx);
         Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
@@ -507,7 +499,7 @@ impl CustomOp2 for ConvWeightGrad {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let (x, grad) = (f32_data(xs, xl, "input")?, f32_data(gs, gl, "gradient")?);
+        let (x, grad) = (f32_data(xs, xl, "conv2d input")?, f32_data(gs, gl, "conv2d gradient")?);
         let shape = Shape::from((g.c_out, g.c_in, g.kh, g.kw));
         Ok((CpuStorage::F32(weight_grad(g, x, grad)), shape))
     }

@@ -10,6 +10,11 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::f32_data;
+
+/// What errors call an argument of these ops.
+const ARG: &str = "element-wise op argument";
+
 /// Elements per parallel task: large enough that handing a task to another
 /// thread costs little beside it. Smaller tensors stay on the calling
 /// thread.
@@ -41,15 +46,6 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 fn is_cpu_f32(xs: &[&Tensor]) -> bool {
     xs.iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
-}
-
-/// The contiguous f32 data of a custom-op argument.
-fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("element-wise op: argument must be contiguous"),
-    }
 }
 
 /// Calls `f(index, chunk)` on each `size`-element chunk of `out`: on every
@@ -88,7 +84,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(s, l)?;
+        let x = f32_data(s, l, ARG)?;
         let mut out = vec![0f32; x.len()];
         for_each_chunk(&mut out, CHUNK, x.len(), |i, o| {
             o.iter_mut().zip(&x[i * CHUNK..]).for_each(|(o, &x)| *o = x.max(0.0));
@@ -109,7 +105,7 @@ impl CustomOp2 for AddRelu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = zip_map(f32_data(s1, l1)?, f32_data(s2, l2)?, |a, b| (a + b).max(0.0));
+        let out = zip_map(f32_data(s1, l1, ARG)?, f32_data(s2, l2, ARG)?, |a, b| (a + b).max(0.0));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -128,7 +124,7 @@ impl CustomOp2 for MaskByOutput {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = zip_map(f32_data(s1, l1)?, f32_data(s2, l2)?, |g, y| if y > 0.0 { g } else { 0.0 });
+        let out = zip_map(f32_data(s1, l1, ARG)?, f32_data(s2, l2, ARG)?, |g, y| if y > 0.0 { g } else { 0.0 });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -141,7 +137,7 @@ impl CustomOp2 for ChannelBias {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, bias) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
+        let (x, bias) = (f32_data(s1, l1, ARG)?, f32_data(s2, l2, ARG)?);
         let plane = l1.shape().dims()[2..].iter().product::<usize>().max(1);
         let mut out = vec![0f32; x.len()];
         for_each_chunk(&mut out, plane, x.len(), |i, o| {
@@ -166,7 +162,7 @@ impl CustomOp1 for ChannelSum {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let grad = f32_data(s, l)?;
+        let grad = f32_data(s, l, ARG)?;
         let dims = l.shape().dims();
         let (n, c) = (dims[0], dims[1]);
         let plane = dims[2..].iter().product::<usize>();
