@@ -13,9 +13,10 @@ anchors 8-128 with ratio 1, IoU 0.4/0.3, GIoU box loss, batch 8, SGD lr 0.02
 momentum 0.9, weight decay 1e-4, 100 warmup steps then cosine, horizontal
 flips, 14 epochs,
 and PyTorch's default conv init in the body (`model.backbone.init`).
-One difference: the preset normalises the loss by detectron2's EMA of the
-foreground count (`loss.normalizer = "ema"`), which torchvision lacks; this
-script keeps torchvision's per-image normaliser.
+The preset then went two steps further: detectron2's EMA of the foreground
+count as loss normaliser (`loss.normalizer = "ema"`, which torchvision
+lacks; this script keeps its per-image one) and 5 epochs of 5,600 images
+instead of 14 of 2,000.
 The `bccd` recipe mirrors configs/bccd.toml likewise. Per-class AP is
 printed after the summary.
 """
