@@ -12,10 +12,11 @@
 //! Running statistics update as in PyTorch (momentum, unbiased variance).
 //! Evaluation, other devices and dtypes use Candle's `BatchNorm`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, Init, VarBuilder};
 use rayon::prelude::*;
+
+use super::f32_data;
 
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
@@ -121,16 +122,6 @@ struct BatchNormOp {
     rstd: Vec<f32>,
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("batch norm: {what} must be f32, got {:?}", storage.dtype());
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("batch norm: {what} must be contiguous");
-    };
-    Ok(&data[start..end])
-}
-
 impl CustomOp3 for BatchNormOp {
     fn name(&self) -> &'static str {
         "batch-norm-train"
@@ -145,7 +136,11 @@ impl CustomOp3 for BatchNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (f32_slice(xs, xl, "input")?, f32_slice(ws, wl, "weight")?, f32_slice(bs, bl, "bias")?);
+        let (x, gamma, beta) = (
+            f32_data(xs, xl, "batch norm input")?,
+            f32_data(ws, wl, "batch norm weight")?,
+            f32_data(bs, bl, "batch norm bias")?,
+        );
         let dims = xl.shape().dims();
         let (c, plane) = (dims[1], dims[2] * dims[3]);
         let mut out = vec![0f32; x.len()];

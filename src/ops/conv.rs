@@ -411,7 +411,6 @@ fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
 fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
     let parallelism = g.gemm_parallelism();
-    let per_task = if g.per_thread() { g.n.div_ceil(threads().max(1)) } else { g.n }.max(1);
     let run = |(images, grads): (&[f32], &[f32])| {
         let mut dw = vec![0f32; g.c_out * g.patch()];
         let mut first = true;
@@ -436,8 +435,12 @@ fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
         }
         dw
     };
-    let pairs = x.par_chunks(per_task * in_image).zip(grad.par_chunks(per_task * out_image));
-    let partials: Vec<Vec<f32>> = if g.per_thread() { pairs.map(run).collect() } else { vec![run((x, grad))] };
+    let partials: Vec<Vec<f32>> = if g.per_thread() {
+        let per_task = g.n.div_ceil(threads().max(1));
+        x.par_chunks(per_task * in_image).zip(grad.par_chunks(per_task * out_image)).map(run).collect()
+    } else {
+        vec![run((x, grad))]
+    };
     let mut partials = partials.into_iter();
     let mut dw = partials.next().unwrap_or_else(|| vec![0f32; g.c_out * g.patch()]);
     for partial in partials {

@@ -11,10 +11,11 @@
 //!
 //! Other devices and dtypes use Candle's `GroupNorm`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
+
+use super::f32_data;
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -70,16 +71,6 @@ fn stats(values: &[f32], eps: f64) -> (f32, f32) {
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("group norm: {what} must be f32, got {:?}", storage.dtype());
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("group norm: {what} must be contiguous");
-    };
-    Ok(&data[start..end])
-}
-
 impl GroupNormOp {
     /// (channels per group, h * w) for input dims [n, c, h, w].
     fn group_shape(&self, dims: &[usize]) -> (usize, usize) {
@@ -101,7 +92,11 @@ impl CustomOp3 for GroupNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (f32_slice(xs, xl, "input")?, f32_slice(ws, wl, "weight")?, f32_slice(bs, bl, "bias")?);
+        let (x, gamma, beta) = (
+            f32_data(xs, xl, "group norm input")?,
+            f32_data(ws, wl, "group norm weight")?,
+            f32_data(bs, bl, "group norm bias")?,
+        );
         let dims = xl.shape().dims();
         let c = dims[1];
         if self.groups == 0 || !c.is_multiple_of(self.groups) {

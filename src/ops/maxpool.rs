@@ -8,8 +8,9 @@
 //! from the input there, so `index_select`'s backward routes the gradient the
 //! same way.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+
+use super::f32_data;
 
 const KERNEL: usize = 3;
 const STRIDE: usize = 2;
@@ -69,13 +70,7 @@ impl CustomOp1 for MaxPool3x3S2P1 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("{}: expected an f32 tensor, got {:?}", self.name(), storage.dtype());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: expected a contiguous tensor", self.name());
-        };
-        let x = &data[start..end];
+        let x = f32_data(storage, layout, "max-pool input")?;
         let (idx, shape) = argmax_indices(x, layout.shape().dims4()?);
         let out = idx.iter().map(|&i| x[i as usize]).collect();
         Ok((CpuStorage::F32(out), shape))

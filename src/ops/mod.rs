@@ -9,14 +9,17 @@ pub mod elementwise;
 pub mod group_norm;
 pub mod maxpool;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 
 /// The contiguous f32 data of a custom op's argument (`what` names it in
 /// the error).
 fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{what} must be contiguous"),
-    }
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{what} must be f32, got {:?}", storage.dtype());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what} must be contiguous");
+    };
+    Ok(&data[start..end])
 }
