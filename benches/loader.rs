@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use candle_retinanet::config::Config;
-use candle_retinanet::data::loader::{Loader, LoaderOptions};
+use candle_retinanet::data::loader::{Loader, LoaderOptions, Shard};
 use candle_retinanet::data::source::load_split;
 use candle_retinanet::data::transforms::Transform;
 
@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         workers: t.workers,
         prefetch: t.prefetch,
         skip_bad_images: false,
+        shard: Shard::WHOLE,
     };
     let loader = Loader::new(split.dataset.images, split.files.images, Transform::new(&config.input), options);
     let start = Instant::now();

@@ -7,6 +7,13 @@ random boxes each, after warm-up, median of the timed steps, peak RSS.
     pip install torch torchvision
     python3 benchmarks/torchvision_bench.py --depth 18 --size 512 --batch 2 --mode train
     python3 benchmarks/torchvision_bench.py --preset shapes   # the shapes preset's model
+    python3 benchmarks/torchvision_bench.py --device cuda --precision bf16 --batch 8 --size 640
+
+On CUDA the step ends at torch.cuda.synchronize() and the report adds
+"peak_gpu_mib" (torch.cuda.max_memory_allocated). --precision bf16 runs the
+forward pass (and loss) under torch.autocast(dtype=torch.bfloat16), as
+`retinanet bench --set train.precision=bf16` does; parameters, gradients and
+the optimiser stay f32.
 
 Options mirror the config: --width (stem channels; 64 is torchvision's),
 --fpn (FPN channels), --head-convs, --head-gn, --ratios, --classes, and
@@ -125,15 +132,21 @@ def main():
     p.add_argument("--recipe", choices=["finetune", "scratch"], default="scratch")
     p.add_argument("--init", choices=["kaiming_fan_out", "torch_default"], default="kaiming_fan_out")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     args = p.parse_args()
     if args.preset:
         for k, v in PRESETS[args.preset].items():
             setattr(args, k, v)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build(args)
+    device = torch.device(args.device)
+    model = build(args).to(device)
     gen = torch.Generator().manual_seed(0)
     images, targets = random_batch(args, gen)
+    images = [i.to(device) for i in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
     model.train(args.mode == "train")
@@ -141,21 +154,29 @@ def main():
     for i in range(2 + args.steps):
         t = time.perf_counter()
         if args.mode == "train":
-            losses = model(images, targets)
-            loss = sum(losses.values())
+            with autocast:
+                losses = model(images, targets)
+                loss = sum(losses.values())
             opt.zero_grad()
             loss.backward()
             opt.step()
         else:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - t)
     median = statistics.median(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({"mode": args.mode, "size": args.size, "batch": args.batch, "steps": args.steps,
-                      "seconds_per_step_median": median, "images_per_second": args.batch / median,
-                      "peak_rss_mib": peak, "torch": torch.__version__, "threads": args.threads}))
+    report = {"mode": args.mode, "size": args.size, "batch": args.batch, "steps": args.steps,
+              "seconds_per_step_median": median, "images_per_second": args.batch / median,
+              "peak_rss_mib": peak, "torch": torch.__version__, "threads": args.threads,
+              "device": str(device), "precision": args.precision}
+    if device.type == "cuda":
+        report["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        report["gpu"] = torch.cuda.get_device_name(device)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

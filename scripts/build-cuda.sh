@@ -19,4 +19,4 @@ if ! command -v nvcc >/dev/null 2>&1; then
 fi
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 cargo build --release --features cuda "$@"
-echo "built target/release/retinanet with CUDA (compute capability $CUDA_COMPUTE_CAP)" >&2
+echo "built ${CARGO_TARGET_DIR:-target}/release/retinanet with CUDA (compute capability $CUDA_COMPUTE_CAP)" >&2

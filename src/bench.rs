@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::data::loader::{Batch, Target};
 use crate::data::transforms::Transform;
 use crate::model::weights;
-use crate::train::step::{StepOutcome, StepRunner};
+use crate::train::step::{compute_dtype, StepOutcome, StepRunner};
 
 /// Classes of the random model when the config does not fix them (COCO's).
 pub const DEFAULT_CLASSES: usize = 80;
@@ -56,7 +56,13 @@ pub fn run(
     }
     let loaded = weights::build(&config.model, config.model.num_classes, device, config.train.seed, None)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
-    let data = random_batch(&mut rng, (size, width), batch, config.model.num_classes, &Transform::new(&config.input))?;
+    let mut data =
+        random_batch(&mut rng, (size, width), batch, config.model.num_classes, &Transform::new(&config.input))?;
+    // On the device before timing, as a training loop would keep it
+    // prefetched; inference takes it in the compute dtype
+    // (`train.precision`), as training does.
+    data.images = data.images.to_device(device)?;
+    let infer_data = Batch { images: data.images.to_dtype(compute_dtype(config.train.precision)?)?, ..data.clone() };
     let mut runner = StepRunner::new(loaded.model, loaded.varmap, &config, device)?;
     let mut times = Vec::with_capacity(steps);
     for i in 0..WARMUP_STEPS + steps {
@@ -68,7 +74,7 @@ pub fn run(
                 }
             }
             BenchMode::Infer => {
-                crate::inference::detect_batch(&runner.model, &data, device)?;
+                crate::inference::detect_batch(&runner.model, &infer_data, device)?;
             }
         }
         device.synchronize()?;

@@ -63,6 +63,11 @@ pub struct TrainArgs {
     /// Continue a run exactly: a run folder or a checkpoint folder.
     #[arg(long, value_name = "RUN_OR_CKPT")]
     pub resume: Option<PathBuf>,
+    /// Data-parallel training on these CUDA GPUs, one process each, e.g.
+    /// `0,1,2,3` (needs a build with `--features nccl`). `train.batch_size`
+    /// is per GPU; rank 0 logs, evaluates and checkpoints.
+    #[arg(long, value_name = "LIST", conflicts_with = "device")]
+    pub gpus: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -51,6 +51,20 @@ fn config_errors_are_one_line() {
     assert!(!out.exists(), "nothing written");
 }
 
+/// `--gpus` errors come before any rank starts or anything is written.
+#[test]
+fn gpu_list_errors_are_one_line() {
+    let out = std::env::temp_dir().join(format!("retinanet-cli-gpus-{}", std::process::id()));
+    let train = |gpus: &str| retinanet(&["train", "--out", out.to_str().unwrap(), "--gpus", gpus]);
+    assert_one_error_line(&train("0,0"), "--gpus 0,0: GPU 0 is listed twice");
+    assert_one_error_line(&train("0,one"), "`one` is not a GPU number");
+    if !cfg!(feature = "nccl") {
+        assert_one_error_line(&train("0"), "--gpus: this binary was built without NCCL");
+    }
+    assert!(!out.exists(), "nothing written");
+    assert_eq!(retinanet(&["train", "--gpus", "0", "--device", "cpu"]).status.code(), Some(2), "one or the other");
+}
+
 #[test]
 fn synth_then_inspect() {
     let dir = std::env::temp_dir().join(format!("retinanet-cli-synth-{}", std::process::id()));

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use candle_retinanet::config::InputConfig;
 use candle_retinanet::data::coco::{Dataset, LoadOptions};
-use candle_retinanet::data::loader::{Batch, Loader, LoaderOptions};
+use candle_retinanet::data::loader::{Batch, Loader, LoaderOptions, Shard};
 use candle_retinanet::data::synthetic::{write_dataset, SynthSpec};
 use candle_retinanet::data::transforms::Transform;
 
@@ -21,10 +21,14 @@ fn dataset() -> (Dataset, std::path::PathBuf) {
 }
 
 fn loader(workers: usize, prefetch: usize, seed: u64) -> Loader {
+    loader_with_batch(4, workers, prefetch, seed)
+}
+
+fn loader_with_batch(batch_size: usize, workers: usize, prefetch: usize, seed: u64) -> Loader {
     let (d, images) = dataset();
     let input = InputConfig { min_size: vec![48, 64], max_size: 96, ..InputConfig::default() };
     let options = LoaderOptions {
-        batch_size: 4,
+        batch_size,
         train: true,
         seed,
         hflip_prob: 0.5,
@@ -32,6 +36,7 @@ fn loader(workers: usize, prefetch: usize, seed: u64) -> Loader {
         workers,
         prefetch,
         skip_bad_images: false,
+        shard: Shard::WHOLE,
     };
     Loader::new(d.images, images, Transform::new(&input), options)
 }
@@ -106,4 +111,35 @@ fn dropping_the_iterator_early_stops_cleanly() {
     assert!(it.next().unwrap().is_ok());
     drop(it);
     assert_eq!(epoch(&l, 0, 4).len(), 1);
+}
+
+/// What one image of a batch became: id, resized size and boxes (which show
+/// the flip and the scale drawn for it).
+type ImageFingerprint = (u64, (usize, usize), Vec<[f32; 4]>);
+
+fn images_of(batch: &Batch) -> Vec<ImageFingerprint> {
+    batch.targets.iter().map(|t| (t.image_id, t.resized_size, t.boxes.clone())).collect()
+}
+
+/// Two ranks of 2 images see the images and augmentation of one process
+/// with batches of 4, split in halves, from any starting batch.
+#[test]
+fn shards_split_each_global_batch_in_rank_order() {
+    let whole = loader_with_batch(4, 2, 2, 3);
+    let ranks: Vec<Loader> =
+        (0..2).map(|rank| loader_with_batch(2, 1, 2, 3).with_shard(Shard { rank, world: 2 })).collect();
+    assert_eq!(ranks[1].batches_per_epoch(), whole.batches_per_epoch());
+    assert_eq!(ranks[0].global_batch_size(), 4);
+    for start in [0, 2] {
+        let expected: Vec<_> = whole.epoch(1, start).unwrap().map(|b| images_of(&b.unwrap())).collect();
+        let parts: Vec<Vec<Batch>> =
+            ranks.iter().map(|l| l.epoch(1, start).unwrap().map(|b| b.unwrap()).collect()).collect();
+        assert_eq!(parts[0].len(), expected.len());
+        for (k, expected) in expected.iter().enumerate() {
+            let (first, second) = (images_of(&parts[0][k]), images_of(&parts[1][k]));
+            assert_eq!((first.len(), second.len()), (2, 2));
+            assert_eq!([first, second].concat(), *expected, "batch {} from start {start}", start + k);
+            assert_eq!(parts[1][k].index, start + k);
+        }
+    }
 }

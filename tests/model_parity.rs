@@ -24,8 +24,6 @@
 //! 20,000 sampled entries each), and all detections (labels and order
 //! exactly, boxes within 1e-2 px, scores within 1e-4).
 
-use std::path::Path;
-
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_retinanet::config::{BackboneNorm, ModelConfig};
@@ -35,9 +33,9 @@ use candle_retinanet::model::weights::{build, LoadMode};
 use serde::Deserialize;
 
 mod common;
-use common::{check_checksum, checksum, hashed_weights};
+use common::{check_checksum, checksum, fixture_dir, hashed_weights, test_device};
 
-const FIXTURE: &str = "tests/fixtures/torchvision";
+const FIXTURE: &str = "torchvision";
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
@@ -118,11 +116,11 @@ fn config(meta: &Meta) -> ModelConfig {
 
 #[test]
 fn retinanet_resnet50_fpn_matches_torchvision() -> Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
+    let dir = fixture_dir(FIXTURE);
     let meta: Meta = serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json"))?)?;
     let fixture = candle_core::safetensors::load(dir.join("parity.safetensors"), &Device::Cpu)?;
     let get = |name: &str| fixture.get(name).with_context(|| format!("fixture tensor {name}"));
-    let dev = Device::Cpu;
+    let dev = test_device()?;
 
     // Input: normalise, resize, pad.
     let (h, w) = meta.image_size;

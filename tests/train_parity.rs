@@ -21,7 +21,6 @@
 //! (`model.head.regression_head._loss_type = "giou"`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -32,9 +31,9 @@ use candle_retinanet::train::step::{StepOutcome, StepRunner};
 use serde::Deserialize;
 
 mod common;
-use common::{check_checksum, checksum, hashed_weights};
+use common::{check_checksum, checksum, fixture_dir, hashed_weights, test_device};
 
-const FIXTURE: &str = "tests/fixtures/train_step";
+const FIXTURE: &str = "train_step";
 
 #[derive(Deserialize)]
 struct Meta {
@@ -95,7 +94,7 @@ fn batch(meta: &Meta, images: Tensor) -> Batch {
 
 /// The shapes model with the fixture's weights and its SGD, ready to step.
 fn runner(meta: &Meta, box_loss: &str) -> Result<StepRunner> {
-    let dev = Device::Cpu;
+    let dev = test_device()?;
     let cfg = config(meta, box_loss)?;
     let tensors = hashed_weights(&meta.keys)?;
     let loaded = build(&cfg.model, 3, &dev, 0, Some((&tensors, LoadMode::Exact)))?;
@@ -108,7 +107,7 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 
 #[test]
 fn shapes_model_trains_like_torchvision() -> Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
+    let dir = fixture_dir(FIXTURE);
     let meta: Meta = serde_json::from_str(&std::fs::read_to_string(dir.join("train_step.json"))?)?;
     let fixture = candle_core::safetensors::load(dir.join("train_step.safetensors"), &Device::Cpu)?;
     let get = |name: &str| fixture.get(name).with_context(|| format!("fixture tensor {name}"));

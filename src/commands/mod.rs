@@ -8,6 +8,7 @@ use crate::cli::Command;
 pub mod bench;
 pub mod eval;
 pub mod inspect;
+pub mod launch;
 pub mod predict;
 pub mod synth;
 pub mod train;

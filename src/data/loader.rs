@@ -69,6 +69,26 @@ pub struct LoaderOptions {
     pub prefetch: usize,
     /// Skip (and count) unreadable images instead of failing.
     pub skip_bad_images: bool,
+    /// This process's part of each batch in data-parallel training.
+    pub shard: Shard,
+}
+
+/// The part of each batch that one rank of a data-parallel run takes.
+///
+/// Global batch `k` of an epoch is the `k`-th run of `world * batch_size`
+/// images of the epoch order, and rank `r` takes the `r`-th `batch_size` of
+/// them, with the augmentation drawn for their global positions. So `world`
+/// ranks of `batch_size` images see exactly the images, flips and scales
+/// that one process with `world * batch_size` would. A single process is
+/// rank 0 of 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
 }
 
 /// Produces the batches of a dataset.
@@ -104,16 +124,28 @@ impl Loader {
             workers: t.workers,
             prefetch: t.prefetch,
             skip_bad_images: config.data.skip_bad_images,
+            shard: Shard::WHOLE,
         };
         Self::new(split.dataset.images, split.files.images, Transform::new(&config.input), options)
+    }
+
+    /// The same loader giving only `shard`'s part of each batch.
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.options.shard = shard;
+        self
     }
 
     pub fn len_images(&self) -> usize {
         self.images.len()
     }
 
+    /// Images in one batch over every rank.
+    pub fn global_batch_size(&self) -> usize {
+        self.options.batch_size * self.options.shard.world
+    }
+
     pub fn batches_per_epoch(&self) -> usize {
-        let (n, b) = (self.images.len(), self.options.batch_size);
+        let (n, b) = (self.images.len(), self.global_batch_size());
         if self.options.drop_last && n >= b {
             n / b
         } else {
@@ -139,13 +171,16 @@ impl Loader {
     /// worker threads `prefetch` batches ahead. Batches arrive in order.
     pub fn epoch(&self, epoch: usize, start: usize) -> Result<BatchIter> {
         let order = self.epoch_order(epoch);
-        let batch_size = self.options.batch_size;
+        let (batch_size, rank) = (self.options.batch_size, self.options.shard.rank);
         let batches: Vec<(usize, Vec<usize>)> = order
-            .chunks(batch_size)
+            .chunks(self.global_batch_size())
             .take(self.batches_per_epoch())
             .enumerate()
             .skip(start)
-            .map(|(i, chunk)| (i, chunk.to_vec()))
+            .map(|(i, chunk)| {
+                let first = (rank * batch_size).min(chunk.len());
+                (i, chunk[first..(first + batch_size).min(chunk.len())].to_vec())
+            })
             .collect();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.options.workers.max(1))
@@ -213,7 +248,8 @@ struct BatchProducer {
 impl BatchProducer {
     /// Decodes and transforms the images of one batch in parallel.
     fn build(&self, index: usize, members: &[usize]) -> Result<Batch> {
-        let first_position = index * self.options.batch_size;
+        let (batch_size, shard) = (self.options.batch_size, self.options.shard);
+        let first_position = index * batch_size * shard.world + shard.rank * batch_size;
         let prepared: Vec<Option<(TransformedImage, Target)>> = members
             .par_iter()
             .enumerate()

@@ -1,6 +1,7 @@
 //! Training: anchor matching, losses, optimisers, schedules, checkpoints.
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod loss;
 pub mod matcher;
 pub mod optim;

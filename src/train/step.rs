@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Result};
 use candle_nn::VarMap;
 
+use super::distributed::{average_over_ranks, Collective, SingleProcess};
 use super::loss::{retinanet_loss, LossTerms, Normalizer};
 use super::matcher::Matcher;
 use super::optim::Optimizer;
@@ -49,6 +50,8 @@ pub struct StepRunner {
     /// The dtype the layers compute in (`train.precision`); parameters,
     /// gradients, optimiser state and losses stay f32.
     compute_dtype: DType,
+    /// The ranks that average gradients each step (one process: none).
+    collective: Box<dyn Collective>,
 }
 
 impl StepRunner {
@@ -71,7 +74,19 @@ impl StepRunner {
             config: config.clone(),
             device: device.clone(),
             compute_dtype,
+            collective: Box::new(SingleProcess),
         })
+    }
+
+    /// The same runner as one rank of a data-parallel run: each step then
+    /// averages the gradients and losses over `collective`'s ranks.
+    pub fn with_collective(mut self, collective: Box<dyn Collective>) -> Self {
+        self.collective = collective;
+        self
+    }
+
+    pub fn collective(&self) -> &dyn Collective {
+        &*self.collective
     }
 
     pub fn device(&self) -> &Device {
@@ -99,15 +114,17 @@ impl StepRunner {
         )
     }
 
-    /// One optimiser step on `batch` with learning rate `lr`.
+    /// One optimiser step on `batch` with learning rate `lr`. In a
+    /// data-parallel run the losses reported are the means over the ranks,
+    /// so every rank reaches the same outcome.
     pub fn step(&mut self, batch: &Batch, lr: f64) -> Result<StepOutcome> {
         let terms = self.losses(batch)?;
-        let loss_cls = terms.classification.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let loss_box = terms.box_regression.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut grads = terms.total()?.backward()?;
+        let losses = [&terms.classification, &terms.box_regression];
+        let [loss_cls, loss_box] = average_over_ranks(&*self.collective, self.optimizer.params(), &mut grads, losses)?;
         if !(loss_cls.is_finite() && loss_box.is_finite()) {
             return Ok(StepOutcome::NonFinite { what: "loss", detail: format!("cls {loss_cls}, box {loss_box}") });
         }
-        let grads = terms.total()?.backward()?;
         let grad_norm = self.optimizer.grad_norm(&grads)?;
         if !grad_norm.is_finite() {
             let detail = format!("cls {loss_cls}, box {loss_box}, gradient norm {grad_norm}");

@@ -11,6 +11,7 @@ use candle_core::Device;
 use candle_nn::VarMap;
 
 use super::checkpoint::{self, Checkpoint, TrainState};
+use super::distributed::{any_rank, Collective};
 use super::progress::{MetricsEntry, MetricsLog, Progress, Window};
 use super::schedule::learning_rate;
 use super::step::{compute_dtype, StepOutcome, StepRunner};
@@ -91,6 +92,13 @@ struct ValSplit {
     ground_truth: CocoJson,
 }
 
+/// What the logging rank (rank 0, the only one in a single-process run)
+/// shows and writes; the other ranks of a data-parallel run have none.
+struct Reporting {
+    metrics: MetricsLog,
+    progress: Progress,
+}
+
 pub struct Trainer {
     config: Config,
     device: Device,
@@ -101,14 +109,22 @@ pub struct Trainer {
     val: ValSplit,
     state: TrainState,
     total_steps: usize,
-    metrics: MetricsLog,
-    progress: Progress,
+    /// Present on the rank that logs, evaluates and checkpoints.
+    reporting: Option<Reporting>,
 }
 
 impl Trainer {
     /// Prepares a run: data, model (fresh, pretrained, or from `resume`'s
     /// checkpoint), optimiser, and the run folder with `config.toml`.
-    pub fn new(mut config: Config, device: Device, out: Option<PathBuf>, resume: Option<&Path>) -> Result<Self> {
+    /// `collective` is this process's data-parallel group (`SingleProcess`
+    /// when alone); only its rank 0 writes to the run folder.
+    pub fn new(
+        mut config: Config,
+        device: Device,
+        out: Option<PathBuf>,
+        resume: Option<&Path>,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
         compute_dtype(config.train.precision)?; // before anything is written
         let train = load_split(&config.data, "train")?;
         if train.dataset.images.is_empty() {
@@ -130,8 +146,20 @@ impl Trainer {
                 train.dataset.images.len()
             );
         }
+        let shard = collective.shard();
+        let global_batch = config.train.batch_size * shard.world;
+        if shard.world > 1 && train.dataset.images.len() < global_batch {
+            bail!(
+                "{}: {} training images are fewer than one batch of {} per GPU on {} GPUs",
+                train.files.annotations.display(),
+                train.dataset.images.len(),
+                config.train.batch_size,
+                shard.world
+            );
+        }
         let categories = train.dataset.categories.clone();
         let num_classes = resolve_num_classes(&mut config, &categories)?;
+        let leader = shard.rank == 0;
 
         let (run_root, checkpoint) = match resume {
             Some(path) => {
@@ -141,15 +169,17 @@ impl Trainer {
             None => (out.unwrap_or_else(|| new_run_folder(&config.name)), None),
         };
         let run = RunPaths { root: run_root };
-        std::fs::create_dir_all(&run.root).with_context(|| format!("cannot create {}", run.root.display()))?;
-        std::fs::write(run.config(), config.to_toml())
-            .with_context(|| format!("cannot write {}", run.config().display()))?;
+        if leader {
+            std::fs::create_dir_all(&run.root).with_context(|| format!("cannot create {}", run.root.display()))?;
+            std::fs::write(run.config(), config.to_toml())
+                .with_context(|| format!("cannot write {}", run.config().display()))?;
+        }
 
         let (model, varmap, notes) = build_model(&config, num_classes, &device, checkpoint.as_ref())?;
-        for note in notes {
+        for note in notes.iter().filter(|_| leader) {
             eprintln!("note: {note}");
         }
-        let mut runner = StepRunner::new(model, varmap, &config, &device)?;
+        let mut runner = StepRunner::new(model, varmap, &config, &device)?.with_collective(collective);
         let state = match checkpoint {
             Some(ckpt) => {
                 runner.optimizer.load_state(ckpt.optimizer, ckpt.state.optimizer_steps)?;
@@ -167,16 +197,21 @@ impl Trainer {
                 seed: config.train.seed,
             },
         };
-        let loader = Loader::for_split(&config, train, true);
+        let loader = Loader::for_split(&config, train, true).with_shard(shard);
         let total_steps = match config.train.max_steps {
             0 => config.train.epochs * loader.batches_per_epoch(),
             n => n,
         };
         let ground_truth = val.coco.clone();
         let val = ValSplit { loader: Loader::for_split(&config, val, false), ground_truth };
-        let metrics = MetricsLog::open(&run.metrics(), resume.map(|_| state.step))?;
-        let progress = Progress::new(total_steps, state.step);
-        Ok(Self { config, device, run, runner, categories, loader, val, state, total_steps, metrics, progress })
+        let reporting = match leader {
+            true => Some(Reporting {
+                metrics: MetricsLog::open(&run.metrics(), resume.map(|_| state.step))?,
+                progress: Progress::new(total_steps, state.step),
+            }),
+            false => None,
+        };
+        Ok(Self { config, device, run, runner, categories, loader, val, state, total_steps, reporting })
     }
 
     pub fn run_paths(&self) -> &RunPaths {
@@ -188,8 +223,10 @@ impl Trainer {
     }
 
     /// Trains until `total_steps` or until `stop` is set (then a checkpoint
-    /// is saved and the outcome says so).
+    /// is saved and the outcome says so). Every rank of a data-parallel run
+    /// calls this; rank 0 alone logs, evaluates and saves.
     pub fn run(mut self, stop: &AtomicBool) -> Result<TrainOutcome> {
+        let world = self.runner.collective().shard().world;
         let mut window = Window::start();
         while self.state.step < self.total_steps {
             let epoch = self.state.epoch;
@@ -198,17 +235,19 @@ impl Trainer {
                 let batch = batch?;
                 let lr = learning_rate(&self.config.train, self.state.step, self.total_steps);
                 let (loss_cls, loss_box) = self.train_step(&batch, lr)?;
-                window.add(loss_cls, loss_box, batch.targets.len());
+                window.add(loss_cls, loss_box, batch.targets.len() * world);
                 self.advance();
                 let step = self.state.step;
                 if step.is_multiple_of(self.config.train.log_every.max(1)) || step == self.total_steps {
                     let entry = window.take(step, epoch, lr);
-                    self.progress.show(&entry);
-                    self.metrics.push(entry)?;
+                    if let Some(report) = &mut self.reporting {
+                        report.progress.show(&entry);
+                        report.metrics.push(entry)?;
+                    }
                 }
-                if stop.load(Ordering::Relaxed) {
+                if any_rank(self.runner.collective(), stop.load(Ordering::Relaxed), &self.device)? {
                     self.save("last")?;
-                    self.progress.finish();
+                    self.finish_progress();
                     return Ok(self.outcome(true, None));
                 }
                 if step.is_multiple_of(self.config.train.checkpoint_every.max(1)) && step < self.total_steps {
@@ -224,14 +263,20 @@ impl Trainer {
                 self.evaluate()?;
             }
         }
-        self.progress.finish();
+        self.finish_progress();
         let result = self.evaluate()?;
         self.save("last")?;
         let skipped = self.loader.skipped_images() + self.val.loader.skipped_images();
         if skipped > 0 {
             eprintln!("warning: skipped {skipped} unreadable image load(s) (data.skip_bad_images)");
         }
-        Ok(self.outcome(false, Some(result)))
+        Ok(self.outcome(false, result))
+    }
+
+    fn finish_progress(&self) {
+        if let Some(report) = &self.reporting {
+            report.progress.finish();
+        }
     }
 
     fn outcome(&self, interrupted: bool, final_eval: Option<EvalResult>) -> TrainOutcome {
@@ -278,10 +323,14 @@ impl Trainer {
     }
 
     /// Evaluates on the val split; logs it, writes eval.json, keeps `best`,
-    /// redraws loss.png.
-    fn evaluate(&mut self) -> Result<EvalResult> {
+    /// redraws loss.png. Only the logging rank evaluates (the others return
+    /// `None`).
+    fn evaluate(&mut self) -> Result<Option<EvalResult>> {
+        let Some(report) = &mut self.reporting else {
+            return Ok(None);
+        };
         let total = self.val.loader.len_images();
-        self.progress.println(&format!("evaluating on {total} val images at step {}", self.state.step));
+        report.progress.println(&format!("evaluating on {total} val images at step {}", self.state.step));
         let started = Instant::now();
         let (result, _) = evaluate_split(
             &self.runner.model,
@@ -293,23 +342,27 @@ impl Trainer {
         )?;
         write_eval_json(&self.run.eval_json(), &result, started.elapsed().as_secs_f64())?;
         let ap = result.stats[0];
-        self.progress.println(&format!("step {}: AP {:.4} AP50 {:.4}", self.state.step, ap, result.stats[1]));
-        self.metrics.push(MetricsEntry::Eval {
+        report.progress.println(&format!("step {}: AP {:.4} AP50 {:.4}", self.state.step, ap, result.stats[1]));
+        report.metrics.push(MetricsEntry::Eval {
             step: self.state.step,
             epoch: self.state.epoch,
             stats: result.stats.to_vec(),
         })?;
+        write_loss_plot(&self.run.loss_png(), &report.metrics.entries)?;
         if self.state.best_ap.is_none_or(|best| ap > best) {
             self.state.best_ap = Some(ap);
             self.state.best_step = Some(self.state.step);
             self.save("best")?;
         }
-        write_loss_plot(&self.run.loss_png(), &self.metrics.entries)?;
-        Ok(result)
+        Ok(Some(result))
     }
 
-    /// Writes a checkpoint and points `name` ("last" or "best") at it.
+    /// Writes a checkpoint and points `name` ("last" or "best") at it (on
+    /// the logging rank; the others have the same model and write nothing).
     fn save(&self, name: &str) -> Result<()> {
+        if self.reporting.is_none() {
+            return Ok(());
+        }
         let data = self.runner.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
         let model = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
         drop(data);

@@ -2,9 +2,28 @@
 //! `tests/fixtures/torchvision/make_parity.py` and checksums.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
+
+/// The device the fixture tests run the model on: `RETINANET_TEST_DEVICE`
+/// (`cuda`, `cuda:N`, ... as `--device` takes them), the CPU when unset.
+/// scripts/gpu-check.sh runs the parity tests on CUDA this way.
+pub fn test_device() -> Result<Device> {
+    match std::env::var("RETINANET_TEST_DEVICE") {
+        Ok(spec) => candle_retinanet::device::parse_device(&spec),
+        Err(_) => Ok(Device::Cpu),
+    }
+}
+
+/// A folder of `tests/fixtures`, under `CARGO_MANIFEST_DIR` as set when the
+/// test runs (cargo sets it; so does scripts/gpu-check.sh, which runs the
+/// test binaries in a copy of the repository elsewhere), else as built.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    let root = std::env::var_os("CARGO_MANIFEST_DIR").map_or(PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    root.join("tests/fixtures").join(name)
+}
 
 /// make_parity.py's `uniform`: a 32-bit integer hash of (t, k) in [-1, 1).
 pub fn uniform(t: usize, k: usize) -> f64 {
