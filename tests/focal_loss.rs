@@ -7,8 +7,13 @@
 //! loss = sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma, reduction="none")
 //! loss.sum().backward()
 //! ```
+//!
+//! The training loss uses the fused `weighted_focal_loss_sum`; it is checked
+//! here too, as one image of 64 anchors with one class and unit weights, so
+//! its sum is the sum of torch's losses and its gradient torch's.
 
 use candle_core::{Device, Tensor, Var};
+use candle_retinanet::ops::focal::weighted_focal_loss_sum;
 use candle_retinanet::train::loss::sigmoid_focal_loss;
 
 #[test]
@@ -25,6 +30,7 @@ fn focal_loss_and_gradient_equal_torchvision() {
         let grad =
             loss.sum_all().unwrap().backward().unwrap().get(logits.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         let loss = loss.to_vec1::<f32>().unwrap();
+        check_fused(&x, &targets, alpha, gamma, case);
         for (what, got, expected) in [("loss", &loss, &case["loss"]), ("grad", &grad, &case["grad"])] {
             for (k, (g, e)) in got.iter().zip(expected.as_array().unwrap()).enumerate() {
                 let e = e.as_f64().unwrap() as f32;
@@ -34,5 +40,30 @@ fn focal_loss_and_gradient_equal_torchvision() {
                 );
             }
         }
+    }
+}
+
+/// `weighted_focal_loss_sum` on the same values as `[1, 64, 1]`.
+fn check_fused(x: &[f32], targets: &Tensor, alpha: f64, gamma: f64, case: &serde_json::Value) {
+    let dev = Device::Cpu;
+    let logits = Var::from_vec(x.to_vec(), (1, 64, 1), &dev).unwrap();
+    let weights = Tensor::ones((1, 64, 1), candle_core::DType::F32, &dev).unwrap();
+    let sum =
+        weighted_focal_loss_sum(logits.as_tensor(), &targets.reshape((1, 64, 1)).unwrap(), &weights, alpha, gamma)
+            .unwrap();
+    let expected: f64 = case["loss"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
+    let got = sum.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (got - expected).abs() <= 1e-5 * expected.abs(),
+        "alpha {alpha} gamma {gamma} fused sum: {got} vs {expected}"
+    );
+    let grad =
+        sum.backward().unwrap().get(logits.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (k, (g, e)) in grad.iter().zip(case["grad"].as_array().unwrap()).enumerate() {
+        let e = e.as_f64().unwrap() as f32;
+        assert!(
+            (g - e).abs() <= 1e-5 + 1e-4 * e.abs(),
+            "alpha {alpha} gamma {gamma} fused grad[{k}]: {g} vs torch {e}"
+        );
     }
 }

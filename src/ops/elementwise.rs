@@ -18,7 +18,7 @@ const ARG: &str = "element-wise op argument";
 /// Elements per parallel task: large enough that handing a task to another
 /// thread costs little beside it. Smaller tensors stay on the calling
 /// thread.
-const CHUNK: usize = 1 << 17;
+pub(super) const CHUNK: usize = 1 << 17;
 
 /// `max(x, 0)`.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
@@ -51,7 +51,7 @@ fn is_cpu_f32(xs: &[&Tensor]) -> bool {
 /// Calls `f(index, chunk)` on each `size`-element chunk of `out`: on every
 /// thread when the op touches more than [`CHUNK`] elements in all, else on
 /// this one.
-fn for_each_chunk(out: &mut [f32], size: usize, touched: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(super) fn for_each_chunk(out: &mut [f32], size: usize, touched: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if touched <= CHUNK {
         out.chunks_mut(size).enumerate().for_each(|(i, chunk)| f(i, chunk));
     } else {

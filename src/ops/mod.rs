@@ -1,11 +1,13 @@
 //! Tensor and box operations the model needs beyond Candle's: box geometry
 //! and NMS (torchvision.ops.boxes), a GEMM convolution with a fast backward,
-//! a max-pool with a backward pass, fused norms and parallel element-wise ops.
+//! a max-pool with a backward pass, fused norms, parallel element-wise ops
+//! and a fused focal loss.
 
 pub mod batch_norm;
 pub mod boxes;
 pub mod conv;
 pub mod elementwise;
+pub mod focal;
 pub mod group_norm;
 pub mod maxpool;
 

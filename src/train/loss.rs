@@ -7,6 +7,7 @@ use candle_core::{Result, Tensor, D};
 use crate::config::{BoxLoss, LossConfig, LossNormalizer};
 use crate::model::box_coder::BoxCoder;
 use crate::ops::boxes::elementwise_generalized_iou;
+use crate::ops::focal::weighted_focal_loss_sum;
 
 /// Element-wise sigmoid focal loss, as torchvision's `sigmoid_focal_loss`
 /// with `reduction="none"`:
@@ -121,8 +122,13 @@ pub fn retinanet_loss(
     cfg: &LossConfig,
     box_coder: &BoxCoder,
 ) -> Result<LossTerms> {
-    let focal = sigmoid_focal_loss(cls_logits, &targets.cls_targets, cfg.focal_alpha, cfg.focal_gamma)?;
-    let classification = focal.broadcast_mul(&targets.cls_weights)?.sum_all()?;
+    let classification = weighted_focal_loss_sum(
+        cls_logits,
+        &targets.cls_targets,
+        &targets.cls_weights,
+        cfg.focal_alpha,
+        cfg.focal_gamma,
+    )?;
     let box_regression = if targets.fg_indices.dim(0)? == 0 {
         // No foreground: zero, but still attached to the graph.
         (bbox_regression.sum_all()? * 0.0)?
