@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_retinanet::ops::conv::conv2d;
 
 /// (name, n, c_in, c_out, size, kernel, stride)
-const CASES: [(&str, usize, usize, usize, usize, usize, usize); 7] = [
+const CASES: [(&str, usize, usize, usize, usize, usize, usize); 13] = [
     ("3x3 256->256 64x64 n2", 2, 256, 256, 64, 3, 1),
     ("3x3 64->64 24x24 n16", 16, 64, 64, 24, 3, 1),
     ("3x3 16->16 48x48 n16", 16, 16, 16, 48, 3, 1),
@@ -18,6 +18,12 @@ const CASES: [(&str, usize, usize, usize, usize, usize, usize); 7] = [
     ("3x3 256->256 64x64 n4", 4, 256, 256, 64, 3, 1),
     ("3x3 64->64 128x128 n4", 4, 64, 64, 128, 3, 1),
     ("7x7/2 3->64 512x512 n4", 4, 3, 64, 512, 7, 2),
+    ("3x3 64->64 128x128 n2", 2, 64, 64, 128, 3, 1),
+    ("3x3 128->128 64x64 n2", 2, 128, 128, 64, 3, 1),
+    ("3x3 512->512 16x16 n2", 2, 512, 512, 16, 3, 1),
+    ("3x3 256->720 64x64 n2", 2, 256, 720, 64, 3, 1),
+    ("3x3 256->256 32x32 n2", 2, 256, 256, 32, 3, 1),
+    ("3x3 256->256 16x16 n2", 2, 256, 256, 16, 3, 1),
 ];
 
 fn median_seconds(mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {

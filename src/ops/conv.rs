@@ -29,6 +29,8 @@ use rayon::prelude::*;
 use super::elementwise::add_channel_bias;
 use super::f32_data;
 
+mod winograd;
+
 /// Most f32 values of one band's im2col columns (4 MiB, well inside this
 /// machine's L3 cache). Whole-batch columns of a 480x640 image went through
 /// memory, and with them a 64-channel convolution ran at a quarter of the
@@ -364,6 +366,9 @@ where
 /// patch] x cols [patch, plane]`, band by band.
 fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
     let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
+    if winograd::applies(g) {
+        return winograd::forward(g, x, w, out);
+    }
     let parallelism = g.gemm_parallelism();
     let weights = (w, (g.patch(), 1));
     for_each_image(g, out, out_image, x, in_image, |dst, image| {
@@ -386,6 +391,9 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
 /// W^T x grad [co, plane]`, then col2im, band by band.
 fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
     let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
+    if winograd::applies(g) {
+        return winograd::input_grad(g, grad, w, dx);
+    }
     let parallelism = g.gemm_parallelism();
     let weights_t = (w, (1, g.patch())); // W is [co, patch] row-major.
     for_each_image(g, dx, in_image, grad, out_image, |dst, grad| {
@@ -543,6 +551,40 @@ mod tests {
                 let a = ours.get(var.as_tensor()).expect("gradient");
                 let b = theirs.get(var.as_tensor()).expect("gradient");
                 assert_close(a, b, &format!("{what} {name} gradient"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The Winograd path (3x3, stride 1, 128 channels and more) against
+    /// Candle's convolution: padding 0, 1 and 2, odd sizes (tiles cropped at
+    /// the edges), one image (parallel GEMMs) and several (one per thread),
+    /// and an image tall enough for several bands of tiles.
+    #[test]
+    fn winograd_matches_candle_forward_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let cases = [
+            (2, 128, 9, 12, 130, 1),
+            (1, 129, 7, 5, 128, 0),
+            (3, 128, 6, 7, 144, 2),
+            (1, 128, 2, 3, 128, 1),
+            (1, 128, 150, 32, 128, 1),
+        ];
+        for (n, c, h, w, co, p) in cases {
+            let g = Geometry::new((n, c, h, w), (co, c, 3, 3), p, 1)?;
+            assert!(winograd::applies(&g));
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, w), &dev)?)?;
+            let weight = Var::from_tensor(&Tensor::randn(0f32, 1., (co, c, 3, 3), &dev)?)?;
+            let y = conv2d(x.as_tensor(), weight.as_tensor(), p, 1)?;
+            let reference = candle_conv2d(x.as_tensor(), weight.as_tensor(), p, 1)?;
+            let what = format!("winograd n{n} c{c} {h}x{w} co{co} p{p}");
+            assert_close(&y, &reference, &format!("{what} forward"))?;
+            let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
+            let ours = (y * &probe)?.sum_all()?.backward()?;
+            let theirs = (reference * &probe)?.sum_all()?.backward()?;
+            for (var, name) in [(&x, "input"), (&weight, "weight")] {
+                let (a, b) = (ours.get(var.as_tensor()), theirs.get(var.as_tensor()));
+                assert_close(a.expect("gradient"), b.expect("gradient"), &format!("{what} {name} gradient"))?;
             }
         }
         Ok(())

@@ -1,0 +1,197 @@
+//! Winograd's F(2x2, 3x3) for 3x3 stride-1 convolutions (Lavin and Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016): each 2x2
+//! block of outputs comes from a 4x4 input tile with 16 multiplications per
+//! channel pair instead of im2col's 36, so the GEMMs, which are most of a
+//! training step, do 2.25x less work. With `c` input channels, `co` output
+//! channels and `t` tiles:
+//!
+//! - weights:  `U[xi] = G w G^T`, 16 matrices `[co, c]`
+//! - input:    `V[xi] = B^T d B` for every 4x4 tile `d`, 16 matrices `[c, t]`
+//! - products: `M[xi] = U[xi] x V[xi]`, 16 GEMMs giving `[co, t]`
+//! - output:   `y = A^T M A`, the tile's 2x2 outputs
+//!
+//! F(2x2, 3x3) is the variant whose transforms only add and halve, so it
+//! keeps f32's accuracy (larger tiles save more and lose digits). The
+//! input gradient of such a convolution is one as well: the output gradient
+//! convolved with the kernel flipped and its two channel axes swapped, with
+//! padding `2 - p`. Tiles are taken a band of tile rows at a time so the
+//! transformed values stay in cache, like the im2col columns.
+
+use rayon::prelude::*;
+
+use super::{for_each_image, matmul, with_columns, Geometry, BAND_COLUMNS};
+
+/// Values per tile: the 4x4 transformed tile.
+const TAPS: usize = 16;
+
+/// Narrowest layers that take this path. Each of the 16 products sums only
+/// `c` terms, so for narrow layers writing and re-reading them costs more
+/// than the multiplications saved: at 64 channels a 128x128 convolution
+/// ran at half its im2col speed, at 128 and more every case of
+/// `cargo bench --bench conv` ran faster.
+const MIN_CHANNELS: usize = 128;
+
+/// Whether [`forward`] computes this convolution: 3x3, stride 1, padding at
+/// most 2 (so its input gradient is one too), and wide enough.
+pub(super) fn applies(g: &Geometry) -> bool {
+    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding <= 2 && g.c_in.min(g.c_out) >= MIN_CHANNELS
+}
+
+/// `out [n, co, out_h, out_w] = conv(x, w)` for a convolution that
+/// [`applies`].
+pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
+    let u = transform_weights(g.c_out, g.c_in, |o, i| std::array::from_fn(|tap| w[(o * g.c_in + i) * 9 + tap]));
+    transformed_forward(g, x, &u, out);
+}
+
+/// [`forward`] with the weights already transformed.
+fn transformed_forward(g: &Geometry, x: &[f32], u: &[f32], out: &mut [f32]) {
+    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_plane());
+    for_each_image(g, out, out_image, x, in_image, |dst, image| image_forward(g, image, u, dst));
+}
+
+/// `dx [n, c, h, w]` from `grad [n, co, out_h, out_w]` for a convolution
+/// that [`applies`]: `grad` convolved with `w` flipped and transposed.
+pub(super) fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
+    // Kernel (input channel i, output channel o) of the gradient's
+    // convolution: w[o][i] flipped (tap 8 - tap).
+    let u = transform_weights(g.c_in, g.c_out, |i, o| std::array::from_fn(|tap| w[(o * g.c_in + i) * 9 + 8 - tap]));
+    let transposed = Geometry::new((g.n, g.c_out, g.out_h, g.out_w), (g.c_in, g.c_out, 3, 3), 2 - g.padding, 1)
+        .expect("the gradient's convolution has the input's size");
+    transformed_forward(&transposed, grad, &u, dx);
+}
+
+/// `U = G k G^T` for the 3x3 kernel `k(o, i)` of every output channel `o`
+/// and input channel `i`, as `[co, tap, c]` (tap `xi` is the `[co, c]`
+/// matrix with rows `16 c` apart), output channels in parallel;
+/// `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`.
+fn transform_weights(c_out: usize, c_in: usize, kernel: impl Fn(usize, usize) -> [f32; 9] + Sync) -> Vec<f32> {
+    let mut u = vec![0f32; TAPS * c_out * c_in];
+    let g_rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    u.par_chunks_mut(TAPS * c_in).enumerate().for_each(|(o, u)| {
+        for i in 0..c_in {
+            let k = kernel(o, i);
+            let columns: [[f32; 4]; 3] = std::array::from_fn(|j| g_rows(k[j], k[3 + j], k[6 + j]));
+            for r in 0..4 {
+                let row = g_rows(columns[0][r], columns[1][r], columns[2][r]);
+                for (j, &value) in row.iter().enumerate() {
+                    u[(r * 4 + j) * c_in + i] = value;
+                }
+            }
+        }
+    });
+    u
+}
+
+/// Tile rows and columns of one output plane, and the band height.
+#[derive(Debug, Clone, Copy)]
+struct Tiles {
+    rows: usize,
+    cols: usize,
+    band_rows: usize,
+}
+
+impl Tiles {
+    fn new(g: &Geometry) -> Self {
+        let (rows, cols) = (g.out_h.div_ceil(2), g.out_w.div_ceil(2));
+        let band_rows = (BAND_COLUMNS / (TAPS * g.c_in * cols).max(1)).clamp(1, rows.max(1));
+        Self { rows, cols, band_rows }
+    }
+}
+
+/// One image, band by band: transform the input tiles, 16 GEMMs, transform
+/// the products back into `dst [co, out_h, out_w]`.
+fn image_forward(g: &Geometry, image: &[f32], u: &[f32], dst: &mut [f32]) {
+    let tiles = Tiles::new(g);
+    let parallel = !g.per_thread();
+    let parallelism = g.gemm_parallelism();
+    for first in (0..tiles.rows).step_by(tiles.band_rows) {
+        let rows = tiles.band_rows.min(tiles.rows - first);
+        let band = rows * tiles.cols;
+        with_columns(TAPS * band * (g.c_in + g.c_out), |scratch| {
+            // Both [channel, tap, tile]: one channel's values are contiguous
+            // for the transforms, and tap `xi` is a strided [channel, tile]
+            // matrix for the GEMMs.
+            let (v, m) = scratch.split_at_mut(TAPS * band * g.c_in);
+            let transform = |(c, v): (usize, &mut [f32])| transform_input(g, &image[c * g.h * g.w..], tiles, first, v);
+            if parallel {
+                v.par_chunks_mut(TAPS * band).enumerate().for_each(transform);
+            } else {
+                v.chunks_mut(TAPS * band).enumerate().for_each(transform);
+            }
+            for xi in 0..TAPS {
+                let lhs = (&u[xi * g.c_in..], (TAPS * g.c_in, 1));
+                let rhs = (&v[xi * band..], (TAPS * band, 1));
+                matmul((g.c_out, band, g.c_in), (&mut m[xi * band..], TAPS * band), false, lhs, rhs, parallelism);
+            }
+            let plane = g.out_plane();
+            let untransform = |(m, out): (&[f32], &mut [f32])| transform_output(g, m, tiles, first, rows, out);
+            if parallel {
+                m.par_chunks(TAPS * band).zip(dst.par_chunks_mut(plane)).for_each(untransform);
+            } else {
+                m.chunks(TAPS * band).zip(dst.chunks_mut(plane)).for_each(untransform);
+            }
+        });
+    }
+}
+
+/// `V = B^T d B` for the tiles of tile rows `first..` of one input channel
+/// `plane [h, w]` (zero outside it), into `v [tap, tile]`;
+/// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+fn transform_input(g: &Geometry, plane: &[f32], tiles: Tiles, first: usize, v: &mut [f32]) {
+    let band = v.len() / TAPS;
+    let b_t = |d: [f32; 4]| [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]];
+    for tile in 0..band {
+        let (ty, tx) = (first + tile / tiles.cols, tile % tiles.cols);
+        // Input rows and columns of the tile, offset by the padding.
+        let (y0, x0) = ((2 * ty) as isize - g.padding as isize, (2 * tx) as isize - g.padding as isize);
+        let mut d = [[0f32; 4]; 4];
+        for (i, row) in d.iter_mut().enumerate() {
+            let y = y0 + i as isize;
+            if y < 0 || y >= g.h as isize {
+                continue;
+            }
+            let src = &plane[y as usize * g.w..][..g.w];
+            for (j, value) in row.iter_mut().enumerate() {
+                let x = x0 + j as isize;
+                if x >= 0 && x < g.w as isize {
+                    *value = src[x as usize];
+                }
+            }
+        }
+        // B^T d, then (B^T d) B = (B^T (B^T d)^T)^T.
+        let rows = [b_t(d[0]), b_t(d[1]), b_t(d[2]), b_t(d[3])];
+        for j in 0..4 {
+            let column = b_t([rows[0][j], rows[1][j], rows[2][j], rows[3][j]]);
+            for (i, &value) in column.iter().enumerate() {
+                v[(i * 4 + j) * band + tile] = value;
+            }
+        }
+    }
+}
+
+/// `y = A^T M A` for one output channel's products `m [tap, tile]` of tile
+/// rows `first..first + rows`, written into its plane `out [out_h, out_w]`
+/// (tiles past the edge are cropped); `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
+fn transform_output(g: &Geometry, m: &[f32], tiles: Tiles, first: usize, rows: usize, out: &mut [f32]) {
+    let band = rows * tiles.cols;
+    let a_t = |s: [f32; 4]| [s[0] + s[1] + s[2], s[1] - s[2] - s[3]];
+    for tile in 0..band {
+        let (ty, tx) = (first + tile / tiles.cols, tile % tiles.cols);
+        let tap = |i: usize, j: usize| m[(i * 4 + j) * band + tile];
+        let columns: [[f32; 2]; 4] = std::array::from_fn(|j| a_t([tap(0, j), tap(1, j), tap(2, j), tap(3, j)]));
+        for i in 0..2 {
+            let y = 2 * ty + i;
+            if y >= g.out_h {
+                break;
+            }
+            let values = a_t([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]);
+            for (j, &value) in values.iter().enumerate() {
+                let x = 2 * tx + j;
+                if x < g.out_w {
+                    out[y * g.out_w + x] = value;
+                }
+            }
+        }
+    }
+}
