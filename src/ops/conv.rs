@@ -413,10 +413,11 @@ fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
 }
 
 /// `dw [co, patch] = sum over images and bands of grad [co, band] x
-/// cols^T [band, patch]`. Each thread sums a fixed run of images and the
-/// partial sums are added in order, so the result does not depend on
-/// scheduling (training stays reproducible).
+/// cols^T [band, patch]`.
 fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    if winograd::applies(g) {
+        return winograd::weight_grad(g, x, grad);
+    }
     let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
     let parallelism = g.gemm_parallelism();
     let run = |(images, grads): (&[f32], &[f32])| {
@@ -443,18 +444,31 @@ fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
         }
         dw
     };
+    sum_over_image_runs(g, x, grad, g.c_out * g.patch(), run)
+}
+
+/// `run` on each thread's fixed run of (images, gradients) when
+/// [`Geometry::per_thread`], else on the whole batch, and the sum of what
+/// the runs return (`len` floats each). The partial sums are added in
+/// order, so the result does not depend on scheduling (training stays
+/// reproducible).
+fn sum_over_image_runs<F>(g: &Geometry, x: &[f32], grad: &[f32], len: usize, run: F) -> Vec<f32>
+where
+    F: Fn((&[f32], &[f32])) -> Vec<f32> + Sync,
+{
+    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_plane());
     let partials: Vec<Vec<f32>> = if g.per_thread() {
         let per_task = g.n.div_ceil(threads().max(1));
-        x.par_chunks(per_task * in_image).zip(grad.par_chunks(per_task * out_image)).map(run).collect()
+        x.par_chunks(per_task * in_image).zip(grad.par_chunks(per_task * out_image)).map(&run).collect()
     } else {
         vec![run((x, grad))]
     };
     let mut partials = partials.into_iter();
-    let mut dw = partials.next().unwrap_or_else(|| vec![0f32; g.c_out * g.patch()]);
+    let mut sum = partials.next().unwrap_or_else(|| vec![0f32; len]);
     for partial in partials {
-        dw.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
+        sum.iter_mut().zip(&partial).for_each(|(a, b)| *a += b);
     }
-    dw
+    sum
 }
 
 /// `out = conv(x, w)`; arguments `x [n, c, h, w]`, `w [co, c, kh, kw]`.
