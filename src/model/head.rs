@@ -51,12 +51,9 @@ impl Tower {
 
 impl Module for Tower {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.layers.iter().try_fold(x.clone(), |x, (conv, gn)| {
-            let y = conv.forward(&x)?;
-            match gn {
-                Some(gn) => relu(&gn.forward(&y)?),
-                None => relu(&y),
-            }
+        self.layers.iter().try_fold(x.clone(), |x, (conv, gn)| match gn {
+            Some(gn) => relu(&gn.forward(&conv.forward(&x)?)?),
+            None => conv.forward_relu(&x),
         })
     }
 }

@@ -123,6 +123,16 @@ impl ConvNorm {
             Norm::Gn(gn) => gn.forward(&x),
         }
     }
+
+    /// `relu(forward_t(x, train))`, the ReLU fused into the op before it
+    /// (the folded norm's bias, or the BatchNorm) where there is one.
+    fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.norm {
+            Norm::Folded => self.conv.forward_relu(x),
+            Norm::Bn(bn) => bn.forward_relu(&self.conv.forward(x)?, train),
+            Norm::Gn(gn) => relu(&gn.forward(&self.conv.forward(x)?)?),
+        }
+    }
 }
 
 /// FrozenBatchNorm2d folded into the preceding convolution:
@@ -186,10 +196,7 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, conv) in self.convs.iter().enumerate() {
-            y = conv.forward_t(&y, train)?;
-            if i < last {
-                y = relu(&y)?;
-            }
+            y = if i < last { conv.forward_relu(&y, train)? } else { conv.forward_t(&y, train)? };
         }
         let identity = match &self.downsample {
             Some(ds) => ds.forward_t(x, train)?,
@@ -239,7 +246,7 @@ impl ResNet {
     /// [n, 3, h, w] -> C3 [n, 2w*e, h/8, w/8], C4 [.., h/16, w/16], C5 [.., h/32, w/32]
     /// (w = width, e = block expansion).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<[Tensor; 3]> {
-        let x = relu(&self.stem.forward_t(x, train)?)?;
+        let x = self.stem.forward_relu(x, train)?;
         let x = if self.stem_trains && train { max_pool_3x3_s2_p1(&x)? } else { max_pool_3x3_s2_p1_inference(&x)? };
         let stage = |x: &Tensor, blocks: &[Block]| blocks.iter().try_fold(x.clone(), |x, b| b.forward_t(&x, train));
         let c2 = stage(&x, &self.layers[0])?;

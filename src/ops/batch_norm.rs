@@ -10,12 +10,18 @@
 //! - `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`.
 //!
 //! Running statistics update as in PyTorch (momentum, unbiased variance).
-//! Evaluation, other devices and dtypes use Candle's `BatchNorm`.
+//! [`BatchNorm::forward_relu`] applies the ReLU that follows most norms in
+//! the same op: one graph node instead of two saves a pass each way and one
+//! of Candle's gradient accumulations (a zero-filled buffer and an add).
+//! Statistics and gradients read the tensors' storage in place (custom ops
+//! without a backward), never copies of it. Evaluation, other devices and
+//! dtypes use Candle's `BatchNorm`.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, ModuleT, Result, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, Init, VarBuilder};
 use rayon::prelude::*;
 
+use super::elementwise::relu;
 use super::f32_data;
 
 #[derive(Debug, Clone)]
@@ -56,9 +62,21 @@ impl ModuleT for BatchNorm {
     /// [n, c, h, w] -> [n, c, h, w]: batch statistics in training (which
     /// also update the running ones), running statistics otherwise.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu(x, train, false)
+    }
+}
+
+impl BatchNorm {
+    /// `relu(forward_t(x, train))`, one op in CPU training.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu(x, train, true)
+    }
+
+    fn forward_maybe_relu(&self, x: &Tensor, train: bool, with_relu: bool) -> Result<Tensor> {
         if x.dtype() != self.weight.dtype() {
             // Mixed precision: normalise in f32, as torch.autocast does.
-            return self.forward_t(&x.to_dtype(self.weight.dtype())?, train)?.to_dtype(x.dtype());
+            let y = self.forward_maybe_relu(&x.to_dtype(self.weight.dtype())?, train, with_relu)?;
+            return y.to_dtype(x.dtype());
         }
         let fused = train
             && x.device().is_cpu()
@@ -66,23 +84,22 @@ impl ModuleT for BatchNorm {
             && [x.dtype(), self.weight.dtype(), self.bias.dtype()] == [DType::F32; 3]
             && x.dim(1)? == self.weight.dim(0)?;
         if !fused {
-            return self.fallback.forward_t(x, train);
+            let y = self.fallback.forward_t(x, train)?;
+            return if with_relu { relu(&y) } else { Ok(y) };
         }
         let x = x.contiguous()?;
-        let (n, c, h, w) = x.dims4()?;
+        let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
         if count < 2 {
             candle_core::bail!("batch norm: training needs more than one value per channel, got input {:?}", x.dims());
         }
-        let (mean, var) = channel_stats(&x.detach().flatten_all()?.to_vec1::<f32>()?, c, h * w);
+        let [mean, var] = per_channel_pair(x.apply_op1_no_bwd(&ChannelStats)?)?;
         self.update_running(&mean, &var, count)?;
         let rstd = var.iter().map(|v| (1.0 / (v + self.eps).sqrt()) as f32).collect();
         let mean = mean.iter().map(|&m| m as f32).collect();
-        x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, BatchNormOp { mean, rstd })
+        x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, BatchNormOp { mean, rstd, with_relu })
     }
-}
 
-impl BatchNorm {
     /// `running = (1 - momentum) * running + momentum * batch`, with the
     /// unbiased batch variance.
     fn update_running(&self, mean: &[f64], var: &[f64], count: usize) -> Result<()> {
@@ -102,24 +119,65 @@ fn channel_planes(data: &[f32], c: usize, plane: usize, ch: usize) -> impl Itera
     data.chunks(c * plane).map(move |image| &image[ch * plane..(ch + 1) * plane])
 }
 
-/// Per-channel mean and biased variance of a contiguous [n, c, plane] buffer.
-fn channel_stats(x: &[f32], c: usize, plane: usize) -> (Vec<f64>, Vec<f64>) {
-    let count = (x.len() / c) as f64;
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let values = || channel_planes(x, c, plane, ch).flatten();
-            let mean = values().map(|&v| f64::from(v)).sum::<f64>() / count;
-            let var = values().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / count;
-            (mean, var)
-        })
-        .unzip()
+/// The two rows of a `[2, c]` f64 tensor.
+fn per_channel_pair(t: Tensor) -> Result<[Vec<f64>; 2]> {
+    let mut rows = t.to_vec2::<f64>()?.into_iter();
+    match (rows.next(), rows.next()) {
+        (Some(a), Some(b)) => Ok([a, b]),
+        _ => candle_core::bail!("batch norm: expected two rows of per-channel values"),
+    }
 }
 
-/// Normalises with the batch statistics computed beforehand.
+/// `(c, plane)` of an [n, c, h, w] layout.
+fn channels_and_plane(l: &Layout) -> (usize, usize) {
+    let dims = l.shape().dims();
+    (dims[1], dims[2] * dims[3])
+}
+
+/// `[n, c, h, w] -> [2, c]` (f64): each channel's mean and biased variance.
+struct ChannelStats;
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, "batch norm input")?;
+        let (c, plane) = channels_and_plane(l);
+        let count = (x.len() / c) as f64;
+        let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let values = || channel_planes(x, c, plane, ch).flatten();
+                let mean = values().map(|&v| f64::from(v)).sum::<f64>() / count;
+                let var = values().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / count;
+                (mean, var)
+            })
+            .unzip();
+        Ok((CpuStorage::F64([mean, var].concat()), Shape::from((2, c))))
+    }
+}
+
+/// Normalises with the batch statistics computed beforehand, then applies
+/// a ReLU when `with_relu`.
 struct BatchNormOp {
     mean: Vec<f32>,
     rstd: Vec<f32>,
+    with_relu: bool,
+}
+
+impl BatchNormOp {
+    /// The gradient reaching the norm's output: `dy`, or 0 where the ReLU
+    /// after it was closed (`y <= 0`).
+    #[inline(always)]
+    fn through_relu(&self, dy: f32, y: f32) -> f32 {
+        if self.with_relu && y <= 0.0 {
+            0.0
+        } else {
+            dy
+        }
+    }
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -141,14 +199,14 @@ impl CustomOp3 for BatchNormOp {
             f32_data(ws, wl, "batch norm weight")?,
             f32_data(bs, bl, "batch norm bias")?,
         );
-        let dims = xl.shape().dims();
-        let (c, plane) = (dims[1], dims[2] * dims[3]);
+        let (c, plane) = channels_and_plane(xl);
+        let floor = if self.with_relu { 0.0 } else { f32::NEG_INFINITY };
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (y, x))| {
             let ch = i % c;
             let (m, g, b) = (self.mean[ch], gamma[ch] * self.rstd[ch], beta[ch]);
             for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x - m) * g + b;
+                *y = ((x - m) * g + b).max(floor);
             }
         });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
@@ -159,47 +217,113 @@ impl CustomOp3 for BatchNormOp {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
-        _res: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dims = x.dims().to_vec();
-        let (c, plane) = (dims[1], dims[2] * dims[3]);
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let dy = grad.flatten_all()?.to_vec1::<f32>()?;
-        let g = gamma.to_vec1::<f32>()?;
-        let count = (xs.len() / c) as f64;
-        // Per channel: sum(dy) and sum(dy * xhat).
+        let grad = grad.contiguous()?;
+        let [sum_dy, sum_dy_xhat] = per_channel_pair(x.apply_op3_no_bwd(&grad, y, &GradSums(self))?)?;
+        let to_tensor =
+            |v: &[f64]| Tensor::from_vec(v.iter().map(|&v| v as f32).collect::<Vec<_>>(), v.len(), &Device::Cpu);
+        let dgamma = gamma.track_op().then(|| to_tensor(&sum_dy_xhat)).transpose()?;
+        let dbeta = beta.track_op().then(|| to_tensor(&sum_dy)).transpose()?;
+        let dx = match x.track_op() {
+            true => {
+                let gamma = gamma.to_vec1::<f32>()?;
+                Some(x.apply_op3_no_bwd(&grad, y, &InputGrad { op: self, gamma, sum_dy, sum_dy_xhat })?)
+            }
+            false => None,
+        };
+        Ok((dx, dgamma, dbeta))
+    }
+}
+
+/// Arguments `x`, `dy`, `y`: per channel over (n, h, w), `sum(dy)` and
+/// `sum(dy * xhat)` (`dy` masked by the ReLU), as `[2, c]` f64.
+struct GradSums<'a>(&'a BatchNormOp);
+
+impl CustomOp3 for GradSums<'_> {
+    fn name(&self) -> &'static str {
+        "batch-norm-grad-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let (x, dy, y) = (
+            f32_data(xs, xl, "batch norm input")?,
+            f32_data(gs, gl, "batch norm gradient")?,
+            f32_data(ys, yl, "batch norm output")?,
+        );
+        let (c, plane) = channels_and_plane(xl);
         let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (m, r) = (self.mean[ch], self.rstd[ch]);
-                channel_planes(&xs, c, plane, ch).zip(channel_planes(&dy, c, plane, ch)).fold(
-                    (0f64, 0f64),
-                    |(a, b), (x, dy)| {
-                        x.iter().zip(dy).fold((a, b), |(a, b), (&x, &dy)| {
-                            (a + f64::from(dy), b + f64::from(dy) * f64::from((x - m) * r))
-                        })
-                    },
-                )
+                let (m, r) = (op.mean[ch], op.rstd[ch]);
+                let planes = channel_planes(x, c, plane, ch)
+                    .zip(channel_planes(dy, c, plane, ch))
+                    .zip(channel_planes(y, c, plane, ch));
+                planes.fold((0f64, 0f64), |sums, ((x, dy), y)| {
+                    x.iter().zip(dy).zip(y).fold(sums, |(a, b), ((&x, &dy), &y)| {
+                        let dy = f64::from(op.through_relu(dy, y));
+                        (a + dy, b + dy * f64::from((x - m) * r))
+                    })
+                })
             })
             .unzip();
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(plane).zip(xs.par_chunks(plane).zip(dy.par_chunks(plane))).enumerate().for_each(
-            |(i, (dx, (x, dy)))| {
-                let ch = i % c;
-                let (m, r) = (self.mean[ch], self.rstd[ch]);
-                let (mean_dy, mean_dy_xhat) = ((sum_dy[ch] / count) as f32, (sum_dy_xhat[ch] / count) as f32);
-                let scale = g[ch] * r;
-                for (dx, (&x, &dy)) in dx.iter_mut().zip(x.iter().zip(dy)) {
-                    *dx = scale * (dy - mean_dy - (x - m) * r * mean_dy_xhat);
-                }
-            },
+        Ok((CpuStorage::F64([sum_dy, sum_dy_xhat].concat()), Shape::from((2, c))))
+    }
+}
+
+/// Arguments `x`, `dy`, `y`: the input gradient
+/// `gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))`.
+struct InputGrad<'a> {
+    op: &'a BatchNormOp,
+    gamma: Vec<f32>,
+    sum_dy: Vec<f64>,
+    sum_dy_xhat: Vec<f64>,
+}
+
+impl CustomOp3 for InputGrad<'_> {
+    fn name(&self) -> &'static str {
+        "batch-norm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.op;
+        let (x, dy, y) = (
+            f32_data(xs, xl, "batch norm input")?,
+            f32_data(gs, gl, "batch norm gradient")?,
+            f32_data(ys, yl, "batch norm output")?,
         );
-        let to_tensor = |v: &[f64]| Tensor::from_vec(v.iter().map(|&v| v as f32).collect::<Vec<_>>(), c, &Device::Cpu);
-        let dx = x.track_op().then(|| Tensor::from_vec(dx, dims.as_slice(), &Device::Cpu)).transpose()?;
-        let dgamma = gamma.track_op().then(|| to_tensor(&sum_dy_xhat)).transpose()?;
-        let dbeta = beta.track_op().then(|| to_tensor(&sum_dy)).transpose()?;
-        Ok((dx, dgamma, dbeta))
+        let (c, plane) = channels_and_plane(xl);
+        let count = (x.len() / c) as f64;
+        let mut dx = vec![0f32; x.len()];
+        let inputs = x.par_chunks(plane).zip(dy.par_chunks(plane)).zip(y.par_chunks(plane));
+        dx.par_chunks_mut(plane).zip(inputs).enumerate().for_each(|(i, (dx, ((x, dy), y)))| {
+            let ch = i % c;
+            let (m, r) = (op.mean[ch], op.rstd[ch]);
+            let (mean_dy, mean_dy_xhat) = ((self.sum_dy[ch] / count) as f32, (self.sum_dy_xhat[ch] / count) as f32);
+            let scale = self.gamma[ch] * r;
+            for (dx, ((&x, &dy), &y)) in dx.iter_mut().zip(x.iter().zip(dy).zip(y)) {
+                *dx = scale * (op.through_relu(dy, y) - mean_dy - (x - m) * r * mean_dy_xhat);
+            }
+        });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
 
@@ -213,11 +337,13 @@ mod tests {
     }
 
     /// Outputs, gradients and running statistics equal Candle's BatchNorm in
-    /// training mode; evaluation uses the running statistics.
+    /// training mode (followed by Candle's ReLU for `forward_relu`);
+    /// evaluation uses the running statistics.
     #[test]
     fn matches_candle_batch_norm() -> Result<()> {
         let dev = Device::Cpu;
-        for (n, c, h, w) in [(2, 3, 5, 7), (4, 5, 1, 1), (1, 2, 3, 3)] {
+        let cases = [(2, 3, 5, 7), (4, 5, 1, 1), (1, 2, 3, 3)];
+        for ((n, c, h, w), with_relu) in cases.into_iter().flat_map(|case| [(case, false), (case, true)]) {
             let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (n, c, h, w), &dev)? + 1.5)?)?;
             let build = || -> Result<(VarMap, BatchNorm)> {
                 let vm = VarMap::new();
@@ -231,9 +357,13 @@ mod tests {
             for bn in [&ours, &theirs] {
                 Var::from_tensor(&bn.weight)?.set(&gamma)?;
             }
-            let y = ours.forward_t(x.as_tensor(), true)?;
-            let reference = theirs.fallback.forward_t(x.as_tensor(), true)?;
-            let what = format!("{n}x{c}x{h}x{w}");
+            let (y, reference) = match with_relu {
+                false => (ours.forward_t(x.as_tensor(), true)?, theirs.fallback.forward_t(x.as_tensor(), true)?),
+                true => {
+                    (ours.forward_relu(x.as_tensor(), true)?, theirs.fallback.forward_t(x.as_tensor(), true)?.relu()?)
+                }
+            };
+            let what = format!("{n}x{c}x{h}x{w} relu {with_relu}");
             assert!(max_diff(&y, &reference)? < 1e-4, "forward {what}");
             for (a, b) in [(&ours.running_mean, &theirs.running_mean), (&ours.running_var, &theirs.running_var)] {
                 assert!(max_diff(a.as_tensor(), b.as_tensor())? < 1e-5, "running statistics {what}");

@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::elementwise::add_channel_bias;
+use super::elementwise::{add_channel_bias, add_channel_bias_relu, relu};
 use super::f32_data;
 
 mod winograd;
@@ -50,6 +50,15 @@ pub struct Conv2d {
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Self {
         Self { weight, bias, padding, stride }
+    }
+
+    /// `relu(forward(x))`, the bias and the ReLU in one op.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        let y = conv2d(x, &self.weight.to_dtype(x.dtype())?, self.padding, self.stride)?;
+        match &self.bias {
+            Some(b) => add_channel_bias_relu(&y, &b.to_dtype(x.dtype())?),
+            None => relu(&y),
+        }
     }
 }
 

@@ -41,7 +41,16 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(&[x, bias]) || x.rank() != 4 || bias.dims() != [x.dim(1)?] {
         return x.broadcast_add(&bias.reshape((1, (), 1, 1))?);
     }
-    x.contiguous()?.apply_op2(&bias.contiguous()?, ChannelBias)
+    x.contiguous()?.apply_op2(&bias.contiguous()?, ChannelBias { with_relu: false })
+}
+
+/// `max(x + bias[c], 0)` in one op (one graph node, one pass each way):
+/// a convolution's bias and the ReLU after it.
+pub fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !is_cpu_f32(&[x, bias]) || x.rank() != 4 || bias.dims() != [x.dim(1)?] {
+        return relu(&add_channel_bias(x, bias)?);
+    }
+    x.contiguous()?.apply_op2(&bias.contiguous()?, ChannelBias { with_relu: true })
 }
 
 fn is_cpu_f32(xs: &[&Tensor]) -> bool {
@@ -129,27 +138,36 @@ impl CustomOp2 for MaskByOutput {
     }
 }
 
-struct ChannelBias;
+/// `x + bias[c]`, then a ReLU when `with_relu`.
+struct ChannelBias {
+    with_relu: bool,
+}
 
 impl CustomOp2 for ChannelBias {
     fn name(&self) -> &'static str {
-        "channel-bias-par"
+        if self.with_relu {
+            "channel-bias-relu-par"
+        } else {
+            "channel-bias-par"
+        }
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, bias) = (f32_data(s1, l1, ARG)?, f32_data(s2, l2, ARG)?);
         let plane = l1.shape().dims()[2..].iter().product::<usize>().max(1);
+        let floor = if self.with_relu { 0.0 } else { f32::NEG_INFINITY };
         let mut out = vec![0f32; x.len()];
         for_each_chunk(&mut out, plane, x.len(), |i, o| {
             let b = bias[i % bias.len()];
-            o.iter_mut().zip(&x[i * plane..]).for_each(|(o, &x)| *o = x + b);
+            o.iter_mut().zip(&x[i * plane..]).for_each(|(o, &x)| *o = (x + b).max(floor));
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, bias: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _x: &Tensor, bias: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = if self.with_relu { relu_grad(grad, y)? } else { grad.clone() };
         let dbias = bias.track_op().then(|| grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)).transpose()?;
-        Ok((Some(grad.clone()), dbias))
+        Ok((Some(grad), dbias))
     }
 }
 
@@ -192,11 +210,13 @@ mod tests {
             relu(a.as_tensor())?,
             add_relu(a.as_tensor(), b.as_tensor())?,
             add_channel_bias(a.as_tensor(), bias.as_tensor())?,
+            add_channel_bias_relu(a.as_tensor(), bias.as_tensor())?,
         ];
         let theirs = [
             a.as_tensor().relu()?,
             (a.as_tensor() + b.as_tensor())?.relu()?,
             a.as_tensor().broadcast_add(&bias.as_tensor().reshape((1, 3, 1, 1))?)?,
+            a.as_tensor().broadcast_add(&bias.as_tensor().reshape((1, 3, 1, 1))?)?.relu()?,
         ];
         for (i, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
             let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
