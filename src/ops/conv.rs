@@ -579,7 +579,8 @@ mod tests {
         Ok(())
     }
 
-    /// The Winograd path (3x3, stride 1, 128 channels and more) against
+    /// The Winograd path (3x3, stride 1, 128 channels and more, 16x16
+    /// outputs and more) against
     /// Candle's convolution: padding 0, 1 and 2, odd sizes (tiles cropped at
     /// the edges), one image (parallel GEMMs) and several (one per thread),
     /// and an image tall enough for several bands of tiles.
@@ -587,10 +588,10 @@ mod tests {
     fn winograd_matches_candle_forward_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let cases = [
-            (2, 128, 9, 12, 130, 1),
-            (1, 129, 7, 5, 128, 0),
-            (3, 128, 6, 7, 144, 2),
-            (1, 128, 2, 3, 128, 1),
+            (2, 128, 17, 20, 130, 1),
+            (1, 129, 19, 18, 128, 0),
+            (3, 128, 16, 17, 144, 2),
+            (1, 128, 16, 16, 128, 1),
             (1, 128, 150, 32, 128, 1),
         ];
         for (n, c, h, w, co, p) in cases {

@@ -36,10 +36,16 @@ const TAPS: usize = 16;
 /// `cargo bench --bench conv` ran faster.
 const MIN_CHANNELS: usize = 128;
 
+/// Smallest output planes that take this path: a few tiles per image make
+/// 16 thin GEMMs, and transforming the weights costs more than the
+/// products save (the `shapes` model's 4x4 last stage ran slower).
+const MIN_PLANE: usize = 16 * 16;
+
 /// Whether [`forward`] computes this convolution: 3x3, stride 1, padding at
-/// most 2 (so its input gradient is one too), and wide enough.
+/// most 2 (so its input gradient is one too), wide and large enough.
 pub(super) fn applies(g: &Geometry) -> bool {
-    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding <= 2 && g.c_in.min(g.c_out) >= MIN_CHANNELS
+    let shape = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding <= 2;
+    shape && g.c_in.min(g.c_out) >= MIN_CHANNELS && g.out_plane() >= MIN_PLANE
 }
 
 /// `out [n, co, out_h, out_w] = conv(x, w)` for a convolution that
