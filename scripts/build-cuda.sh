@@ -13,6 +13,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
+# cuDNN comes from its own wheel, fetched only when a cudnn build asks.
+[[ " $* " == *cudnn* ]] && export CUDNN=1
 if ! command -v nvcc >/dev/null 2>&1; then
     bash "$here/setup-cuda-build.sh" >&2
     eval "$(bash "$here/setup-cuda-build.sh" --print-env)"

@@ -237,6 +237,16 @@ impl CustomOp3 for BatchNormOp {
     }
 }
 
+/// The data of the backward ops' arguments: input, output gradient, output.
+fn grad_arguments<'a>(args: [(&'a CpuStorage, &Layout); 3]) -> Result<[&'a [f32]; 3]> {
+    let [x, dy, y] = args;
+    Ok([
+        f32_data(x.0, x.1, "batch norm input")?,
+        f32_data(dy.0, dy.1, "batch norm gradient")?,
+        f32_data(y.0, y.1, "batch norm output")?,
+    ])
+}
+
 /// Arguments `x`, `dy`, `y`: per channel over (n, h, w), `sum(dy)` and
 /// `sum(dy * xhat)` (`dy` masked by the ReLU), as `[2, c]` f64.
 struct GradSums<'a>(&'a BatchNormOp);
@@ -256,11 +266,7 @@ impl CustomOp3 for GradSums<'_> {
         yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.0;
-        let (x, dy, y) = (
-            f32_data(xs, xl, "batch norm input")?,
-            f32_data(gs, gl, "batch norm gradient")?,
-            f32_data(ys, yl, "batch norm output")?,
-        );
+        let [x, dy, y] = grad_arguments([(xs, xl), (gs, gl), (ys, yl)])?;
         let (c, plane) = channels_and_plane(xl);
         let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
@@ -305,11 +311,7 @@ impl CustomOp3 for InputGrad<'_> {
         yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.op;
-        let (x, dy, y) = (
-            f32_data(xs, xl, "batch norm input")?,
-            f32_data(gs, gl, "batch norm gradient")?,
-            f32_data(ys, yl, "batch norm output")?,
-        );
+        let [x, dy, y] = grad_arguments([(xs, xl), (gs, gl), (ys, yl)])?;
         let (c, plane) = channels_and_plane(xl);
         let count = (x.len() / c) as f64;
         let mut dx = vec![0f32; x.len()];

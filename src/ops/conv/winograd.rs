@@ -92,32 +92,19 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
 /// Adds one image's `dU[xi] (co x c) += dM[xi] x V[xi]^T` into `du`
 /// (`[tap, co, c]`), band by band; `first` says `du` holds nothing yet.
 fn image_weight_grad(g: &Geometry, image: &[f32], grad: &[f32], du: &mut [f32], first: &mut bool) {
-    let tiles = Tiles::new(g);
-    let parallel = !g.per_thread();
     let parallelism = g.gemm_parallelism();
-    for top in (0..tiles.rows).step_by(tiles.band_rows) {
-        let rows = tiles.band_rows.min(tiles.rows - top);
-        let band = rows * tiles.cols;
-        with_columns(TAPS * band * (g.c_in + g.c_out), |scratch| {
-            let (v, dm) = scratch.split_at_mut(TAPS * band * g.c_in);
-            let transform = |(c, v): (usize, &mut [f32])| transform_input(g, &image[c * g.h * g.w..], tiles, top, v);
-            let spread = |(o, dm): (usize, &mut [f32])| transform_grad(g, &grad[o * g.out_plane()..], tiles, top, dm);
-            if parallel {
-                v.par_chunks_mut(TAPS * band).enumerate().for_each(transform);
-                dm.par_chunks_mut(TAPS * band).enumerate().for_each(spread);
-            } else {
-                v.chunks_mut(TAPS * band).enumerate().for_each(transform);
-                dm.chunks_mut(TAPS * band).enumerate().for_each(spread);
-            }
-            for xi in 0..TAPS {
-                let lhs = (&dm[xi * band..], (TAPS * band, 1));
-                let rhs_t = (&v[xi * band..], (1, TAPS * band));
-                let dst = (&mut du[xi * g.c_out * g.c_in..], g.c_in);
-                matmul((g.c_out, g.c_in, band), dst, !*first, lhs, rhs_t, parallelism);
-            }
-        });
+    let tiles = Tiles::new(g);
+    for_each_band(g, image, tiles, |band, v, dm| {
+        let len = TAPS * band.tiles;
+        per_channel(g, dm, len, |o, dm| transform_grad(g, &grad[o * g.out_plane()..], tiles, band.top, dm));
+        for xi in 0..TAPS {
+            let lhs = (&dm[xi * band.tiles..], (len, 1));
+            let rhs_t = (&v[xi * band.tiles..], (1, len));
+            let dst = (&mut du[xi * g.c_out * g.c_in..], g.c_in);
+            matmul((g.c_out, g.c_in, band.tiles), dst, !*first, lhs, rhs_t, parallelism);
+        }
         *first = false;
-    }
+    });
 }
 
 /// `dM = A dy A^T` for the tiles of tile rows `top..` of one output
@@ -195,36 +182,51 @@ impl Tiles {
 /// One image, band by band: transform the input tiles, 16 GEMMs, transform
 /// the products back into `dst [co, out_h, out_w]`.
 fn image_forward(g: &Geometry, image: &[f32], u: &[f32], dst: &mut [f32]) {
-    let tiles = Tiles::new(g);
-    let parallel = !g.per_thread();
     let parallelism = g.gemm_parallelism();
-    for first in (0..tiles.rows).step_by(tiles.band_rows) {
-        let rows = tiles.band_rows.min(tiles.rows - first);
-        let band = rows * tiles.cols;
-        with_columns(TAPS * band * (g.c_in + g.c_out), |scratch| {
-            // Both [channel, tap, tile]: one channel's values are contiguous
-            // for the transforms, and tap `xi` is a strided [channel, tile]
-            // matrix for the GEMMs.
-            let (v, m) = scratch.split_at_mut(TAPS * band * g.c_in);
-            let transform = |(c, v): (usize, &mut [f32])| transform_input(g, &image[c * g.h * g.w..], tiles, first, v);
-            if parallel {
-                v.par_chunks_mut(TAPS * band).enumerate().for_each(transform);
-            } else {
-                v.chunks_mut(TAPS * band).enumerate().for_each(transform);
-            }
-            for xi in 0..TAPS {
-                let lhs = (&u[xi * g.c_in..], (TAPS * g.c_in, 1));
-                let rhs = (&v[xi * band..], (TAPS * band, 1));
-                matmul((g.c_out, band, g.c_in), (&mut m[xi * band..], TAPS * band), false, lhs, rhs, parallelism);
-            }
-            let plane = g.out_plane();
-            let untransform = |(m, out): (&[f32], &mut [f32])| transform_output(g, m, tiles, first, rows, out);
-            if parallel {
-                m.par_chunks(TAPS * band).zip(dst.par_chunks_mut(plane)).for_each(untransform);
-            } else {
-                m.chunks(TAPS * band).zip(dst.chunks_mut(plane)).for_each(untransform);
-            }
+    let tiles = Tiles::new(g);
+    for_each_band(g, image, tiles, |band, v, m| {
+        let len = TAPS * band.tiles;
+        for xi in 0..TAPS {
+            let lhs = (&u[xi * g.c_in..], (TAPS * g.c_in, 1));
+            let rhs = (&v[xi * band.tiles..], (len, 1));
+            matmul((g.c_out, band.tiles, g.c_in), (&mut m[xi * band.tiles..], len), false, lhs, rhs, parallelism);
+        }
+        let m = &*m;
+        per_channel(g, dst, g.out_plane(), |o, out| transform_output(g, &m[o * len..][..len], tiles, band, out));
+    });
+}
+
+/// A band of tile rows of one image: the first row, and the tiles in it.
+#[derive(Debug, Clone, Copy)]
+struct TileBand {
+    top: usize,
+    tiles: usize,
+}
+
+/// Calls `f(band, v, scratch)` for each band of tile rows of `image`, with
+/// `v` holding the band's transformed input and `scratch` room for as many
+/// values per output channel. Both are `[channel, tap, tile]`: a channel's
+/// values are contiguous for the transforms, and tap `xi` is a strided
+/// `[channel, tile]` matrix for the GEMMs.
+fn for_each_band(g: &Geometry, image: &[f32], tiles: Tiles, mut f: impl FnMut(TileBand, &[f32], &mut [f32])) {
+    for top in (0..tiles.rows).step_by(tiles.band_rows) {
+        let rows = tiles.band_rows.min(tiles.rows - top);
+        let band = TileBand { top, tiles: rows * tiles.cols };
+        with_columns(TAPS * band.tiles * (g.c_in + g.c_out), |scratch| {
+            let (v, rest) = scratch.split_at_mut(TAPS * band.tiles * g.c_in);
+            per_channel(g, v, TAPS * band.tiles, |c, v| transform_input(g, &image[c * g.h * g.w..], tiles, top, v));
+            f(band, v, rest);
         });
+    }
+}
+
+/// `f(channel, values)` on each `len`-float run of `data`: on every thread,
+/// unless each thread already has an image of its own.
+fn per_channel(g: &Geometry, data: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if g.per_thread() {
+        data.chunks_mut(len).enumerate().for_each(|(c, d)| f(c, d));
+    } else {
+        data.par_chunks_mut(len).enumerate().for_each(|(c, d)| f(c, d));
     }
 }
 
@@ -263,11 +265,11 @@ fn transform_input(g: &Geometry, plane: &[f32], tiles: Tiles, first: usize, v: &
     }
 }
 
-/// `y = A^T M A` for one output channel's products `m [tap, tile]` of tile
-/// rows `first..first + rows`, written into its plane `out [out_h, out_w]`
+/// `y = A^T M A` for one output channel's products `m [tap, tile]` of
+/// `band`, written into its plane `out [out_h, out_w]`
 /// (tiles past the edge are cropped); `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
-fn transform_output(g: &Geometry, m: &[f32], tiles: Tiles, first: usize, rows: usize, out: &mut [f32]) {
-    let band = rows * tiles.cols;
+fn transform_output(g: &Geometry, m: &[f32], tiles: Tiles, band: TileBand, out: &mut [f32]) {
+    let (first, band) = (band.top, band.tiles);
     let a_t = |s: [f32; 4]| [s[0] + s[1] + s[2], s[1] - s[2] - s[3]];
     for tile in 0..band {
         let (ty, tx) = (first + tile / tiles.cols, tile % tiles.cols);
