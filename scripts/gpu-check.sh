@@ -6,9 +6,10 @@
 # Two halves, because the GPU machine has no Rust and no network:
 #
 #   bash scripts/gpu-check.sh --prepare
-#       here: builds the CUDA + NCCL binary and the two parity test binaries
-#       (scripts/build-cuda.sh's toolchain, target folder target-cuda/) and
-#       puts them, xz-compressed, in .gpu/ (about 20 MB; ignored by git).
+#       here: builds the CUDA binary (with cuDNN, as torch uses it, and NCCL)
+#       and the two parity test binaries (scripts/build-cuda.sh's toolchain,
+#       target folder target-cuda/) and puts them, xz-compressed, in .gpu/
+#       (about 20 MB; ignored by git).
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]
 #       there, from the repository root with .gpu/ beside it: needs an NVIDIA
@@ -27,14 +28,14 @@ cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--prepare" ]]; then
     set -e
-    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda} CUDNN=1
     if ! command -v nvcc >/dev/null 2>&1; then
         bash scripts/setup-cuda-build.sh >&2
         eval "$(bash scripts/setup-cuda-build.sh --print-env)"
     fi
     export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-    cargo build --release --features nccl
-    tests=$(cargo test --release --features nccl --no-run --message-format=json \
+    cargo build --release --features cudnn,nccl
+    tests=$(cargo test --release --features cudnn,nccl --no-run --message-format=json \
         --test model_parity --test train_parity \
         | python3 -c 'import json, sys
 for line in sys.stdin:
