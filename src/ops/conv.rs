@@ -548,7 +548,6 @@ mod tests {
     /// random shapes: stride 1 and 2, padding, 1x1, 7x7, non-square.
     #[test]
     fn matches_candle_forward_and_gradients() -> Result<()> {
-        let dev = Device::Cpu;
         let cases = [
             (2, 3, 9, 12, 4, 3, 1, 1),
             (2, 3, 9, 12, 4, 3, 1, 2),
@@ -559,34 +558,45 @@ mod tests {
             (2, 2, 2, 3, 3, 3, 1, 2),
         ];
         for (n, c, h, w, co, k, p, s) in cases {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, w), &dev)?)?;
-            let weight = Var::from_tensor(&Tensor::randn(0f32, 1., (co, c, k, k), &dev)?)?;
-            let y = conv2d(x.as_tensor(), weight.as_tensor(), p, s)?;
-            let reference = candle_conv2d(x.as_tensor(), weight.as_tensor(), p, s)?;
-            assert_eq!(y.dims(), reference.dims());
-            let what = format!("n{n} c{c} {h}x{w} co{co} k{k} p{p} s{s}");
-            assert_close(&y, &reference, &format!("{what} forward"))?;
-            // A weighting makes every output position's gradient distinct.
-            let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
-            let ours = (y * &probe)?.sum_all()?.backward()?;
-            let theirs = (reference * &probe)?.sum_all()?.backward()?;
-            for (var, name) in [(&x, "input"), (&weight, "weight")] {
-                let a = ours.get(var.as_tensor()).expect("gradient");
-                let b = theirs.get(var.as_tensor()).expect("gradient");
-                assert_close(a, b, &format!("{what} {name} gradient"))?;
-            }
+            check_against_candle((n, c, h, w), (co, c, k, k), p, s)?;
+        }
+        Ok(())
+    }
+
+    /// Our convolution's forward and both gradients against Candle's on
+    /// random values.
+    fn check_against_candle(
+        x: (usize, usize, usize, usize),
+        w: (usize, usize, usize, usize),
+        p: usize,
+        s: usize,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let x_var = Var::from_tensor(&Tensor::randn(0f32, 1., x, &dev)?)?;
+        let weight = Var::from_tensor(&Tensor::randn(0f32, 1., w, &dev)?)?;
+        let y = conv2d(x_var.as_tensor(), weight.as_tensor(), p, s)?;
+        let reference = candle_conv2d(x_var.as_tensor(), weight.as_tensor(), p, s)?;
+        assert_eq!(y.dims(), reference.dims());
+        let what = format!("input {x:?} weight {w:?} p{p} s{s}");
+        assert_close(&y, &reference, &format!("{what} forward"))?;
+        // A weighting makes every output position's gradient distinct.
+        let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
+        let ours = (y * &probe)?.sum_all()?.backward()?;
+        let theirs = (reference * &probe)?.sum_all()?.backward()?;
+        for (var, name) in [(&x_var, "input"), (&weight, "weight")] {
+            let (a, b) = (ours.get(var.as_tensor()), theirs.get(var.as_tensor()));
+            assert_close(a.expect("gradient"), b.expect("gradient"), &format!("{what} {name} gradient"))?;
         }
         Ok(())
     }
 
     /// The Winograd path (3x3, stride 1, 128 channels and more, 16x16
-    /// outputs and more) against
-    /// Candle's convolution: padding 0, 1 and 2, odd sizes (tiles cropped at
-    /// the edges), one image (parallel GEMMs) and several (one per thread),
-    /// and an image tall enough for several bands of tiles.
+    /// outputs and more) against Candle's convolution: padding 0, 1 and 2,
+    /// odd sizes (tiles cropped at the edges), one image (parallel GEMMs)
+    /// and several (one per thread), and an image tall enough for several
+    /// bands of tiles.
     #[test]
     fn winograd_matches_candle_forward_and_gradients() -> Result<()> {
-        let dev = Device::Cpu;
         let cases = [
             (2, 128, 17, 20, 130, 1),
             (1, 129, 19, 18, 128, 0),
@@ -597,19 +607,7 @@ mod tests {
         for (n, c, h, w, co, p) in cases {
             let g = Geometry::new((n, c, h, w), (co, c, 3, 3), p, 1)?;
             assert!(winograd::applies(&g));
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, w), &dev)?)?;
-            let weight = Var::from_tensor(&Tensor::randn(0f32, 1., (co, c, 3, 3), &dev)?)?;
-            let y = conv2d(x.as_tensor(), weight.as_tensor(), p, 1)?;
-            let reference = candle_conv2d(x.as_tensor(), weight.as_tensor(), p, 1)?;
-            let what = format!("winograd n{n} c{c} {h}x{w} co{co} p{p}");
-            assert_close(&y, &reference, &format!("{what} forward"))?;
-            let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
-            let ours = (y * &probe)?.sum_all()?.backward()?;
-            let theirs = (reference * &probe)?.sum_all()?.backward()?;
-            for (var, name) in [(&x, "input"), (&weight, "weight")] {
-                let (a, b) = (ours.get(var.as_tensor()), theirs.get(var.as_tensor()));
-                assert_close(a.expect("gradient"), b.expect("gradient"), &format!("{what} {name} gradient"))?;
-            }
+            check_against_candle((n, c, h, w), (co, c, 3, 3), p, 1)?;
         }
         Ok(())
     }
@@ -654,20 +652,8 @@ mod tests {
         let bands: Vec<Band> = g.bands().collect();
         assert!(bands.len() > 1);
         assert_eq!(bands.iter().map(|b| b.rows).sum::<usize>(), g.out_h);
-        let dev = Device::Cpu;
         for n in [1, 3] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, 32, 113, 64), &dev)?)?;
-            let w = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 32, 3, 3), &dev)?)?;
-            let y = conv2d(x.as_tensor(), w.as_tensor(), 1, 1)?;
-            let reference = candle_conv2d(x.as_tensor(), w.as_tensor(), 1, 1)?;
-            assert_close(&y, &reference, &format!("n{n} banded forward"))?;
-            let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
-            let ours = (y * &probe)?.sum_all()?.backward()?;
-            let theirs = (reference * &probe)?.sum_all()?.backward()?;
-            for var in [&x, &w] {
-                let (a, b) = (ours.get(var.as_tensor()), theirs.get(var.as_tensor()));
-                assert_close(a.expect("gradient"), b.expect("gradient"), &format!("n{n} banded gradient"))?;
-            }
+            check_against_candle((n, 32, 113, 64), (4, 32, 3, 3), 1, 1)?;
         }
         Ok(())
     }
