@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use candle_retinanet::ops::conv::conv2d;
+use candle_retinanet::ops::conv2d;
 
 /// (name, n, c_in, c_out, size, kernel, stride)
 const CASES: [(&str, usize, usize, usize, usize, usize, usize); 13] = [

@@ -6,9 +6,9 @@
 use std::time::Instant;
 
 use candle_retinanet::config::Config;
-use candle_retinanet::data::loader::{Loader, LoaderOptions, Shard};
-use candle_retinanet::data::source::load_split;
-use candle_retinanet::data::transforms::Transform;
+use candle_retinanet::data::load_split;
+use candle_retinanet::data::Transform;
+use candle_retinanet::data::{Loader, LoaderOptions, Shard};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();

@@ -1,4 +1,4 @@
-//! Command-line contract of the `retinanet` binary (DESIGN.md section 1).
+//! Command-line contract of the `retinanet` binary (docs/CLI.md).
 //!
 //! Outside scripts call these commands exactly as written here: keep the
 //! names, flags and outputs stable.
@@ -50,13 +50,20 @@ pub struct ConfigArgs {
     pub overrides: Vec<String>,
 }
 
+/// `--device`, shared by every command that runs a model.
+#[derive(Debug, Args, Clone)]
+pub struct DeviceArg {
+    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
+    #[arg(id = "device", long = "device", default_value = "auto", value_name = "D")]
+    pub spec: String,
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
-    #[arg(long, default_value = "auto", value_name = "D")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Run folder (default runs/<config-name>, suffixed -2, -3 ... if taken).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -80,9 +87,8 @@ pub struct EvalArgs {
     /// Split to evaluate with --weights (train, val, or an annotation file name).
     #[arg(long, default_value = "val")]
     pub split: String,
-    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
-    #[arg(long, default_value = "auto", value_name = "D")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Output folder for detections and precision-recall plots.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -113,9 +119,8 @@ pub struct PredictArgs {
     /// Keep detections scoring at least this.
     #[arg(long, value_name = "X")]
     pub score_thresh: Option<f32>,
-    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
-    #[arg(long, default_value = "auto", value_name = "D")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Print the detections as one JSON array on stdout.
     #[arg(long)]
     pub json: bool,
@@ -152,9 +157,9 @@ pub struct InspectArgs {
     pub out: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BenchMode {
+/// `--mode` of `bench` (the library's `BenchMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchModeArg {
     Train,
     Infer,
 }
@@ -164,8 +169,8 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// What to time: a full training step, or inference.
-    #[arg(long, value_enum, default_value_t = BenchMode::Train)]
-    pub mode: BenchMode,
+    #[arg(long, value_enum, default_value_t = BenchModeArg::Train)]
+    pub mode: BenchModeArg,
     /// Input height in pixels (and width, unless --width is given).
     #[arg(long, default_value_t = 512, value_name = "PX")]
     pub size: u32,
@@ -178,9 +183,8 @@ pub struct BenchArgs {
     /// Timed steps after warm-up.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub steps: usize,
-    /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
-    #[arg(long, default_value = "auto", value_name = "D")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,

@@ -1,20 +1,34 @@
-//! candle-retinanet: RetinaNet object detection in Rust on Candle.
+//! candle-retinanet: RetinaNet object detection (Lin et al. 2017) in Rust
+//! on Candle: train, evaluate and run detectors on COCO-format data.
+//!
+//! The modules are layers; each imports only those listed before it
+//! (`docs/ARCHITECTURE.md` draws them):
+//!
+//! - [`config`]: the typed config, presets, `--set` overrides, devices.
+//! - [`ops`]: tensor ops Candle lacks (a convolution with a fast backward,
+//!   a max-pool backward, fused norms and focal loss, boxes and NMS).
+//! - [`model`]: RetinaNet with torchvision's parameter names; it reads no
+//!   files.
+//! - [`data`]: datasets on disk to validated images and boxes, transforms
+//!   and batches.
+//! - [`eval`]: COCO bbox evaluation, pycocotools-exact.
+//! - [`run`]: the run folder a training run writes, its checkpoints, and
+//!   where `--weights` points.
+//! - [`infer`]: image -> detections, and a model scored on a split.
+//! - [`train`]: batch -> loss -> gradients -> step, and the training loop.
+//! - [`inspect`]: dataset checks: statistics, unreadable images, anchor
+//!   coverage.
 //!
 //! Data flows one way: dataset -> transforms -> batches -> model -> loss
 //! (training) or postprocess -> detections -> COCO evaluation / drawing.
 
-pub mod bench;
-pub mod cli;
-pub mod commands;
 pub mod config;
 pub mod data;
-pub mod device;
 pub mod eval;
-pub mod hub;
-pub mod inference;
+pub mod infer;
+pub mod inspect;
 pub mod model;
 pub mod ops;
-pub mod predictor;
-pub mod runtime;
+pub mod run;
 pub mod train;
-pub mod viz;
+mod viz;

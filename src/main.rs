@@ -1,15 +1,20 @@
-//! The `retinanet` binary: parses the command line and dispatches.
+//! The `retinanet` binary: parses the command line and dispatches. The
+//! binary's own parts (`cli`, `commands`, `runtime`) are not in the library.
+
+mod cli;
+mod commands;
+mod runtime;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use candle_retinanet::cli::Cli;
+use cli::Cli;
 
 fn main() -> ExitCode {
-    candle_retinanet::runtime::configure();
+    runtime::configure();
     let cli = Cli::parse(); // usage errors exit with code 2
-    match candle_retinanet::commands::run(cli.command) {
+    match commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", one_line(&err));

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_retinanet::data::coco::read_coco_json;
+use candle_retinanet::data::read_coco_json;
 use candle_retinanet::eval::{evaluate, read_results, AreaRange, EvalParams, EvalResult};
 use serde::Deserialize;
 

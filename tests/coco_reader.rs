@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use candle_retinanet::data::coco::{Dataset, LabelMode, LoadOptions};
+use candle_retinanet::config::LabelMode;
+use candle_retinanet::data::{Dataset, LoadOptions};
 
 fn write(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("retinanet-coco-{}", std::process::id()));

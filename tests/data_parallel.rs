@@ -10,10 +10,10 @@ use std::sync::{Arc, Barrier, Mutex};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_retinanet::config::Config;
-use candle_retinanet::data::loader::{Batch, Shard, Target};
-use candle_retinanet::model::weights::build;
-use candle_retinanet::train::distributed::{any_rank, Collective};
-use candle_retinanet::train::step::{StepOutcome, StepRunner};
+use candle_retinanet::data::{Batch, Shard, Target};
+use candle_retinanet::model::build;
+use candle_retinanet::train::{any_rank, Collective};
+use candle_retinanet::train::{StepOutcome, StepRunner};
 
 const SIZE: usize = 96;
 const STEPS: usize = 3;

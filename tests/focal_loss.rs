@@ -13,8 +13,8 @@
 //! its sum is the sum of torch's losses and its gradient torch's.
 
 use candle_core::{Device, Tensor, Var};
-use candle_retinanet::ops::focal::weighted_focal_loss_sum;
-use candle_retinanet::train::loss::sigmoid_focal_loss;
+use candle_retinanet::ops::sigmoid_focal_loss;
+use candle_retinanet::ops::weighted_focal_loss_sum;
 
 #[test]
 fn focal_loss_and_gradient_equal_torchvision() {

@@ -2,7 +2,7 @@
 
 use std::io::Cursor;
 
-use candle_retinanet::data::image_io::{image_size, load_rgb};
+use candle_retinanet::data::{image_size, load_rgb};
 use image::codecs::jpeg::JpegEncoder;
 use image::{DynamicImage, ImageBuffer, ImageEncoder, Luma, LumaA, Rgb, Rgba};
 

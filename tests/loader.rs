@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_retinanet::config::InputConfig;
-use candle_retinanet::data::coco::{Dataset, LoadOptions};
-use candle_retinanet::data::loader::{Batch, Loader, LoaderOptions, Shard};
-use candle_retinanet::data::synthetic::{write_dataset, SynthSpec};
-use candle_retinanet::data::transforms::Transform;
+use candle_retinanet::data::Transform;
+use candle_retinanet::data::{write_dataset, SynthSpec};
+use candle_retinanet::data::{Batch, Loader, LoaderOptions, Shard};
+use candle_retinanet::data::{Dataset, LoadOptions};
 
 /// 23 synthetic 64 px images, written once per test process.
 fn dataset() -> (Dataset, std::path::PathBuf) {

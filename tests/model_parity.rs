@@ -27,9 +27,9 @@
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_retinanet::config::{BackboneNorm, ModelConfig};
-use candle_retinanet::data::transforms::resize_bilinear;
-use candle_retinanet::model::retinanet::HeadOutputs;
-use candle_retinanet::model::weights::{build, LoadMode};
+use candle_retinanet::data::resize_bilinear;
+use candle_retinanet::model::HeadOutputs;
+use candle_retinanet::model::{build, LoadMode};
 use serde::Deserialize;
 
 mod common;

@@ -1,8 +1,8 @@
 //! The synthetic shapes generator.
 
-use candle_retinanet::data::coco::{read_coco_json, Dataset, LoadOptions};
-use candle_retinanet::data::image_io::load_rgb;
-use candle_retinanet::data::synthetic::{write_dataset, SynthSpec, CLASSES, MAX_SHAPE, MIN_SHAPE};
+use candle_retinanet::data::load_rgb;
+use candle_retinanet::data::{read_coco_json, Dataset, LoadOptions};
+use candle_retinanet::data::{write_dataset, SynthSpec, CLASSES, MAX_SHAPE, MIN_SHAPE};
 
 fn generate(name: &str, spec: SynthSpec) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("retinanet-synth-{name}-{}", std::process::id()));

@@ -304,3 +304,38 @@ fn sigint_saves_a_checkpoint_and_exits_cleanly() {
     assert!(stderr.contains(&format!("stopped at step {step}; checkpoint saved")), "{stderr}");
     assert!(stderr.contains("retinanet train --resume"), "{stderr}");
 }
+
+/// Copies the files of a checkpoint folder (through its link) to `to`.
+fn copy_checkpoint(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// A run resumed from an earlier checkpoint with another learning rate
+/// writes the steps the abandoned run had saved anew: `last` then holds the
+/// resumed run's weights, not the abandoned run's.
+#[test]
+fn resuming_an_earlier_checkpoint_rewrites_later_steps() {
+    let out = temp("rewrite");
+    run_ok(train_command(&out, &["train.max_steps=2"]));
+    let kept = temp("rewrite-step2");
+    copy_checkpoint(&out.join("checkpoints/last"), &kept);
+    let mut further = resume_command(&out);
+    further.args(["--set", "train.max_steps=4"]);
+    run_ok(further);
+    let abandoned = weights(&out);
+
+    // The step-2 checkpoint back in the run, resumed with lr 0.05 to step 4.
+    let earlier = out.join("checkpoints/step-00000002");
+    copy_checkpoint(&kept, &earlier);
+    let mut resumed = resume_command(&earlier);
+    resumed.args(["--set", "train.max_steps=4", "--set", "train.lr=0.05"]);
+    run_ok(resumed);
+    assert_eq!(assert_last_loadable(&out), 4);
+    assert!(weights(&out) != abandoned, "last holds the abandoned run's weights");
+    let config = std::fs::read_to_string(out.join("checkpoints/last/config.toml")).unwrap();
+    assert!(config.contains("lr = 0.05"), "{config}");
+}

@@ -25,9 +25,9 @@ use std::collections::BTreeMap;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_retinanet::config::Config;
-use candle_retinanet::data::loader::{Batch, Target};
-use candle_retinanet::model::weights::{build, LoadMode};
-use candle_retinanet::train::step::{StepOutcome, StepRunner};
+use candle_retinanet::data::{Batch, Target};
+use candle_retinanet::model::{build, LoadMode};
+use candle_retinanet::train::{StepOutcome, StepRunner};
 use serde::Deserialize;
 
 mod common;

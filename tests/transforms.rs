@@ -11,7 +11,7 @@
 //! ```
 
 use candle_retinanet::config::InputConfig;
-use candle_retinanet::data::transforms::{hflip_boxes, pad_batch, resize_bilinear, scale_boxes, Augment, Transform};
+use candle_retinanet::data::{hflip_boxes, pad_batch, resize_bilinear, scale_boxes, Augment, Transform};
 use image::RgbImage;
 use serde_json::Value;
 

@@ -3,8 +3,9 @@
 //! a value or an error, never a panic.
 #![no_main]
 
-use candle_retinanet::data::coco::{CocoJson, Dataset, LabelMode, LoadOptions};
-use candle_retinanet::eval::index::EvalIndex;
+use candle_retinanet::config::LabelMode;
+use candle_retinanet::data::{CocoJson, Dataset, LoadOptions};
+use candle_retinanet::eval::{evaluate, EvalParams};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,5 +17,6 @@ fuzz_target!(|data: &[u8]| {
             let _ = Dataset::from_coco(&coco, LoadOptions { label_mode, drop_empty });
         }
     }
-    let _ = EvalIndex::new(&coco).ground_truth(&coco);
+    // The evaluator's ground-truth index, with no detection to score.
+    let _ = evaluate(&coco, &[], &EvalParams::default());
 });

@@ -2,7 +2,7 @@
 //! or an error, never a panic.
 #![no_main]
 
-use candle_retinanet::data::image_io::decode_rgb;
+use candle_retinanet::data::decode_rgb;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

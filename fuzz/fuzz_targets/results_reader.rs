@@ -3,8 +3,7 @@
 //! ties, empty boxes).
 #![no_main]
 
-use candle_retinanet::data::coco::CocoJson;
-use candle_retinanet::eval::index::EvalIndex;
+use candle_retinanet::data::CocoJson;
 use candle_retinanet::eval::{evaluate, parse_results, EvalParams};
 use libfuzzer_sys::fuzz_target;
 
@@ -25,8 +24,6 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let gt: CocoJson = serde_json::from_str(GROUND_TRUTH).expect("the ground truth parses");
-    let index = EvalIndex::new(&gt);
-    if detections.iter().all(|d| index.detection_key(d).is_ok()) {
-        let _ = evaluate(&gt, &detections, &EvalParams::default());
-    }
+    // Detections the ground truth does not know are an error, not a panic.
+    let _ = evaluate(&gt, &detections, &EvalParams::default());
 });

@@ -1,23 +1,20 @@
 //! `retinanet bench`: times a training step or inference on random data.
 
 use anyhow::Result;
+use candle_retinanet::config::{parse_device, Config};
+use candle_retinanet::train::{self, BenchMode};
 
-use crate::bench;
-use crate::cli::BenchArgs;
-use crate::config::Config;
-use crate::device::parse_device;
+use crate::cli::{BenchArgs, BenchModeArg};
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let config = Config::resolve(args.config.config.as_deref(), &args.config.overrides)?;
-    let device = parse_device(&args.device)?;
-    let report = bench::run(
-        config,
-        args.mode,
-        (args.size as usize, args.width.unwrap_or(args.size) as usize),
-        args.batch,
-        args.steps,
-        &device,
-    )?;
+    let device = parse_device(&args.device.spec)?;
+    let mode = match args.mode {
+        BenchModeArg::Train => BenchMode::Train,
+        BenchModeArg::Infer => BenchMode::Infer,
+    };
+    let size = (args.size as usize, args.width.unwrap_or(args.size) as usize);
+    let report = train::bench(config, mode, size, args.batch, args.steps, &device)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

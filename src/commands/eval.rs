@@ -7,14 +7,16 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use candle_retinanet::config::parse_device;
+use candle_retinanet::data::{load_split, read_coco_json, CocoCategory, Loader};
+use candle_retinanet::eval::{
+    evaluate, read_results, write_eval_json, write_pr_plots, EvalParams, EvalReport, EvalResult,
+};
+use candle_retinanet::infer::{evaluate_split, Predictor};
+use candle_retinanet::run::WeightsSource;
+
+use super::print_eval_summary;
 use crate::cli::EvalArgs;
-use crate::data::coco::read_coco_json;
-use crate::data::loader::Loader;
-use crate::data::source::load_split;
-use crate::device::parse_device;
-use crate::eval::{evaluate, read_results, write_eval_json, write_pr_plots, EvalParams, EvalReport, EvalResult};
-use crate::inference::evaluate_split;
-use crate::predictor::{locate_weights, model_config, Predictor};
 
 /// Runs `retinanet eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -32,12 +34,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 /// `--weights`: runs the model over `--split`, scores it, and with `--out`
 /// writes the detections there as a COCO results file.
 fn evaluate_model(args: &EvalArgs, weights: &Path) -> Result<()> {
-    let source = locate_weights(weights)?;
-    let config = model_config(&source, args.config.config.as_deref(), &args.config.overrides)?;
-    let device = parse_device(&args.device)?;
+    let source = WeightsSource::locate(weights)?;
+    let config = source.config(args.config.config.as_deref(), &args.config.overrides)?;
+    let device = parse_device(&args.device.spec)?;
     let predictor = Predictor::load(&source, config, &device)?;
     let split = load_split(&predictor.config.data, &args.split)?;
-    let id_names = |c: &[crate::data::coco::CocoCategory]| c.iter().map(|c| (c.id, c.name.clone())).collect::<Vec<_>>();
+    let id_names = |c: &[CocoCategory]| c.iter().map(|c| (c.id, c.name.clone())).collect::<Vec<_>>();
     if id_names(split.dataset.categories.categories()) != id_names(predictor.categories.categories()) {
         bail!(
             "{}: its categories differ from the model's ({})",
@@ -51,7 +53,7 @@ fn evaluate_model(args: &EvalArgs, weights: &Path) -> Result<()> {
     eprintln!("running the model on {images} images");
     let started = Instant::now();
     let (result, detections) =
-        evaluate_split(&predictor.model, &loader, &ground_truth, &predictor.categories, &device, |_| {})?;
+        evaluate_split(&predictor.model, &loader, &ground_truth, &predictor.categories, &device)?;
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join("detections.json");
@@ -63,7 +65,7 @@ fn evaluate_model(args: &EvalArgs, weights: &Path) -> Result<()> {
 
 /// Reads ground truth and a results file and evaluates them with
 /// pycocotools' default parameters. Errors name the file at fault.
-pub fn score_files(gt: &Path, dt: &Path) -> Result<EvalResult> {
+fn score_files(gt: &Path, dt: &Path) -> Result<EvalResult> {
     let coco = read_coco_json(gt)?;
     let detections = read_results(dt, &coco)?;
     eprintln!(
@@ -78,7 +80,7 @@ pub fn score_files(gt: &Path, dt: &Path) -> Result<EvalResult> {
 /// Prints `result` (the 12-line summary and per-class table, or one JSON
 /// object on stdout with `json`) and, with `out`, writes `eval.json` and
 /// the precision-recall plots there. `seconds` is the evaluation time.
-pub fn report(result: &EvalResult, seconds: f64, json: bool, out: Option<&Path>) -> Result<()> {
+fn report(result: &EvalResult, seconds: f64, json: bool, out: Option<&Path>) -> Result<()> {
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         write_eval_json(&dir.join("eval.json"), result, seconds)?;
@@ -89,13 +91,7 @@ pub fn report(result: &EvalResult, seconds: f64, json: bool, out: Option<&Path>)
     if json {
         println!("{}", EvalReport::new(result, seconds).to_json());
     } else {
-        for line in result.summary_lines() {
-            println!("{line}");
-        }
-        println!();
-        for line in result.class_table() {
-            println!("{line}");
-        }
+        print_eval_summary(result);
         eprintln!("evaluated {} images in {seconds:.2} s", result.image_ids.len());
     }
     Ok(())

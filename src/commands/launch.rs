@@ -1,8 +1,8 @@
 //! `retinanet train --gpus 0,1,...`: starts one copy of this program per GPU
 //! (a rank), each with the same arguments and its place in the environment
-//! (`train::distributed`), like torchrun; then waits for them. When a rank
-//! fails, the others are stopped (they would wait for it forever in their
-//! next all-reduce) and the run fails.
+//! (`RANK_ENV` and the others of `candle_retinanet::train`), like torchrun;
+//! then waits for them. When a rank fails, the others are stopped (they
+//! would wait for it forever in their next all-reduce) and the run fails.
 
 use std::path::Path;
 use std::process::{Child, Command};
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::train::distributed::{NCCL_ID_ENV, RANK_ENV, WORLD_SIZE_ENV};
+use candle_retinanet::train::{NCCL_ID_ENV, RANK_ENV, WORLD_SIZE_ENV};
 
 /// The GPU ordinals of `--gpus`: a comma-separated list of distinct numbers.
 pub fn parse_gpus(list: &str) -> Result<Vec<usize>> {
@@ -28,7 +28,7 @@ pub fn parse_gpus(list: &str) -> Result<Vec<usize>> {
 /// A group id for the ranks to meet by.
 #[cfg(feature = "nccl")]
 fn group_id() -> Result<String> {
-    crate::train::distributed::new_group_id()
+    candle_retinanet::train::new_group_id()
 }
 
 #[cfg(not(feature = "nccl"))]

@@ -1,17 +1,20 @@
-//! One module per subcommand. Commands read files, call the library and
-//! print; they do no tensor math.
+//! One module per subcommand. Commands read arguments, call the library
+//! and print; they do no tensor math. The binary's own layer: nothing in
+//! the library imports it.
 
 use anyhow::Result;
+use candle_retinanet::eval::EvalResult;
 
 use crate::cli::Command;
 
-pub mod bench;
-pub mod eval;
-pub mod inspect;
-pub mod launch;
-pub mod predict;
-pub mod synth;
-pub mod train;
+mod bench;
+mod eval;
+mod inspect;
+mod launch;
+mod predict;
+mod progress;
+mod synth;
+mod train;
 
 /// Runs one parsed command.
 pub fn run(command: Command) -> Result<()> {
@@ -22,5 +25,17 @@ pub fn run(command: Command) -> Result<()> {
         Command::Synth(args) => synth::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
+    }
+}
+
+/// Prints pycocotools' 12-line summary, a blank line and the per-class AP
+/// table on stdout.
+fn print_eval_summary(result: &EvalResult) {
+    for line in result.summary_lines() {
+        println!("{line}");
+    }
+    println!();
+    for line in result.class_table() {
+        println!("{line}");
     }
 }

@@ -7,20 +7,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use candle_retinanet::config::parse_device;
+use candle_retinanet::data::load_rgb;
+use candle_retinanet::eval::Detection;
+use candle_retinanet::infer::{draw_detections, to_coco_results, Predictor};
+use candle_retinanet::run::WeightsSource;
+
 use crate::cli::PredictArgs;
-use crate::data::image_io::load_rgb;
-use crate::device::parse_device;
-use crate::eval::Detection;
-use crate::inference::{to_coco_results, ImageDetections};
-use crate::predictor::{locate_weights, model_config, Predictor};
-use crate::viz::draw::{class_colour, draw_labeled_box};
 
 /// File extensions taken from folders.
 const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 /// The output folder when `--out` is not given (and `--json` is not).
 const DEFAULT_OUT: &str = "predictions";
 
-/// One image of `--json`'s array (DESIGN.md).
+/// One image of `--json`'s array (docs/CLI.md).
 #[derive(Debug, Serialize)]
 struct ImageResult {
     file: String,
@@ -38,15 +38,15 @@ struct DetectionJson {
 }
 
 pub fn run(args: PredictArgs) -> Result<()> {
-    let source = locate_weights(&args.weights)?;
-    let mut config = model_config(&source, args.config.config.as_deref(), &args.config.overrides)?;
+    let source = WeightsSource::locate(&args.weights)?;
+    let mut config = source.config(args.config.config.as_deref(), &args.config.overrides)?;
     if let Some(thresh) = args.score_thresh {
         if !(0.0..=1.0).contains(&thresh) {
             bail!("--score-thresh {thresh}: expected a score in [0, 1]");
         }
         config.model.postprocess.score_thresh = thresh as f64;
     }
-    let device = parse_device(&args.device)?;
+    let device = parse_device(&args.device.spec)?;
     let predictor = Predictor::load(&source, config, &device)?;
     let files = collect_images(&args.inputs)?;
     let out = match (&args.out, args.json) {
@@ -61,14 +61,14 @@ pub fn run(args: PredictArgs) -> Result<()> {
     let mut coco = Vec::new();
     let mut used_names = HashSet::new();
     for (i, file) in files.iter().enumerate() {
-        let image = load_rgb(file)?;
+        let mut image = load_rgb(file)?;
         let size = image.dimensions();
-        let mut detections = predictor.predict(&image)?;
-        detections.image_id = i as u64 + 1;
-        let coco_dets = to_coco_results(std::slice::from_ref(&detections), &predictor.categories);
+        let detections = predictor.predict(&image)?;
+        let coco_dets = to_coco_results(i as u64 + 1, &detections, &predictor.categories);
         if let Some(dir) = &out {
             let path = dir.join(unique_name(file, &mut used_names));
-            draw(image, &detections, &predictor, &path)?;
+            draw_detections(&mut image, &detections, &predictor.categories);
+            image.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
         }
         results.push(image_result(file, size, &coco_dets, &predictor));
         coco.extend(coco_dets);
@@ -139,14 +139,4 @@ fn image_result(file: &Path, (width, height): (u32, u32), dets: &[Detection], pr
         })
         .collect();
     ImageResult { file: file.display().to_string(), width, height, detections }
-}
-
-fn draw(mut image: image::RgbImage, dets: &ImageDetections, predictor: &Predictor, path: &Path) -> Result<()> {
-    // Lowest score first, so the best boxes are drawn on top.
-    for i in (0..dets.boxes.len()).rev() {
-        let label = dets.labels[i];
-        let caption = format!("{} {:.2}", predictor.categories.name_of(label), dets.scores[i]);
-        draw_labeled_box(&mut image, dets.boxes[i], &caption, class_colour(label));
-    }
-    image.save(path).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -2,8 +2,9 @@
 
 use anyhow::{Context, Result};
 
+use candle_retinanet::data::{write_dataset, SynthSpec};
+
 use crate::cli::SynthArgs;
-use crate::data::synthetic::{write_dataset, SynthSpec};
 
 pub fn run(args: SynthArgs) -> Result<()> {
     let spec = SynthSpec { train: args.train, val: args.val, size: args.size, seed: args.seed };

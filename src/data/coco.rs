@@ -3,8 +3,9 @@
 //!
 //! Label semantics: a detector predicts a *label* in `0..num_classes`. By
 //! default labels are contiguous (categories sorted by id get 0, 1, 2, ...);
-//! with [`LabelMode::CategoryId`] the label *is* the COCO category id, which
-//! is what torchvision's COCO weights use (91 classes, label 0 unused).
+//! with `data.label_mode = "category_id"` the label *is* the COCO category
+//! id, which is what torchvision's COCO weights use (91 classes, label 0
+//! unused).
 //! [`CategoryMap`] converts both ways.
 
 use std::collections::{HashMap, HashSet};
@@ -12,6 +13,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::config::{DataConfig, LabelMode};
 
 /// One COCO annotation file as written on disk. Unknown fields are ignored,
 /// as pycocotools ignores them.
@@ -76,17 +79,6 @@ pub fn read_coco_json(path: &Path) -> Result<CocoJson> {
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid COCO file", path.display()))
 }
 
-/// How COCO category ids become model labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum LabelMode {
-    /// Categories sorted by id get labels 0, 1, 2, ...
-    #[default]
-    Contiguous,
-    /// The label is the category id itself (torchvision's COCO weights).
-    CategoryId,
-}
-
 /// Two-way map between COCO category ids and model labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CategoryMap {
@@ -108,6 +100,24 @@ impl CategoryMap {
             }
         }
         Ok(Self { mode, categories: sorted, index_by_id })
+    }
+
+    /// The label map a config records (`data.classes`,
+    /// `data.category_ids`, `data.label_mode`), so that a trained model
+    /// names its classes without its dataset.
+    pub fn from_config(cfg: &DataConfig) -> Result<Self> {
+        if cfg.classes.is_empty() || cfg.classes.len() != cfg.category_ids.len() {
+            bail!(
+                "config keys data.classes and data.category_ids: expected one category id per class name \
+                 ({} names, {} ids)",
+                cfg.classes.len(),
+                cfg.category_ids.len()
+            );
+        }
+        let categories: Vec<CocoCategory> = (cfg.category_ids.iter().zip(&cfg.classes))
+            .map(|(&id, name)| CocoCategory { id, name: name.clone(), supercategory: None })
+            .collect();
+        Self::new(&categories, cfg.label_mode)
     }
 
     /// Number of model outputs needed: categories, or max id + 1 by id.

@@ -1,9 +1,26 @@
-//! Datasets: COCO annotations, image decoding, transforms, batching, and the
-//! synthetic shapes generator.
+//! Datasets: annotation files to validated images and boxes (`coco`,
+//! `source`), image decoding (`image_io`), the model's input transform
+//! (`transforms`), seeded and resumable batches (`loader`), and the
+//! synthetic shapes generator (`synthetic`).
+//!
+//! Label semantics: a box's *label* is in `0..num_classes`; [`CategoryMap`]
+//! maps labels to the dataset's category ids and names. Crowd boxes are
+//! kept with `crowd = true`: never foreground, the anchors they cover
+//! ignored in training and in evaluation.
 
-pub mod coco;
-pub mod image_io;
-pub mod loader;
-pub mod source;
-pub mod synthetic;
-pub mod transforms;
+mod coco;
+mod image_io;
+mod loader;
+mod source;
+mod synthetic;
+mod transforms;
+
+pub use coco::{
+    read_coco_json, CategoryMap, CocoAnnotation, CocoCategory, CocoImage, CocoJson, Dataset, ImageEntry, LoadOptions,
+    LoadReport,
+};
+pub use image_io::{decode_rgb, image_size, load_rgb};
+pub use loader::{Batch, Loader, LoaderOptions, Shard, Target};
+pub use source::{load_split, LoadedSplit, SplitFiles};
+pub use synthetic::{write_dataset, SynthSpec, CLASSES, MAX_SHAPE, MIN_SHAPE};
+pub use transforms::{hflip_boxes, pad_batch, resize_bilinear, scale_boxes, Augment, Transform, TransformedImage};

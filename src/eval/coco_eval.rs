@@ -1,7 +1,10 @@
 //! COCO bbox evaluation with pycocotools' semantics: [`evaluate`] runs
-//! `evaluate`, `accumulate` and `summarize` in one call.
+//! `evaluate`, `accumulate` and `summarize` in one call; [`read_results`]
+//! reads a results file as `loadRes` does.
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -10,9 +13,9 @@ use super::grid::Grid;
 use super::image_eval::{evaluate_image, ImageEval};
 use super::index::{images_with_boxes, EvalIndex};
 use super::params::EvalParams;
-use super::results::Detection;
+use super::results::{parse_results, Detection};
 use super::summary::{mean_of, stat_line, stat_specs, stats};
-use crate::data::coco::CocoJson;
+use crate::data::CocoJson;
 
 /// AP of one category, the same slices as stats 0 and 1 restricted to it:
 /// IoU .50:.95 / .50, area `all`, maxDets 100; -1 without ground truth.
@@ -40,6 +43,23 @@ pub struct EvalResult {
     pub precision: Grid<5>,
     /// `[T, K, A, M]` final recall, -1 likewise.
     pub recall: Grid<4>,
+}
+
+/// Reads a COCO results file and checks every entry against `gt`.
+///
+/// An empty list is valid. Any problem (not a list, a missing or mistyped
+/// field, a non-finite number, an image id or category id that `gt` lacks)
+/// is one error naming the file and the entry index, e.g.
+/// `dt.json: entry 17: image_id 999 is not in the ground truth`.
+/// Fields other than the four above are ignored, as pycocotools ignores them.
+pub fn read_results(path: &Path, gt: &CocoJson) -> Result<Vec<Detection>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let detections = parse_results(&bytes).with_context(|| path.display().to_string())?;
+    let index = EvalIndex::new(gt);
+    for (i, d) in detections.iter().enumerate() {
+        index.detection_key(d).with_context(|| format!("entry {i}")).with_context(|| path.display().to_string())?;
+    }
+    Ok(detections)
 }
 
 /// Evaluates detections against COCO ground truth exactly as pycocotools'

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use super::image_eval::{DtBox, GtBox};
 use super::results::Detection;
-use crate::data::coco::CocoJson;
+use crate::data::CocoJson;
 
 /// What gets evaluated: `imgIds = sorted(unique gt image ids)` and
 /// `catIds = sorted(unique category ids)`.

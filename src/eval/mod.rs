@@ -22,19 +22,20 @@
 //! none), and annotations whose image or category is not listed are left
 //! out.
 
-pub mod accumulate;
-pub mod coco_eval;
-pub mod grid;
-pub mod image_eval;
-pub mod index;
-pub mod params;
-pub mod plot;
-pub mod report;
-pub mod results;
-pub mod summary;
+mod accumulate;
+mod coco_eval;
+mod grid;
+mod image_eval;
+mod index;
+mod params;
+mod plot;
+mod report;
+mod results;
+mod summary;
 
-pub use coco_eval::{evaluate, ClassAp, EvalResult};
+pub use coco_eval::{evaluate, read_results, ClassAp, EvalResult};
 pub use params::{AreaRange, EvalParams};
+pub(crate) use params::{LARGE_AREA, SMALL_AREA};
 pub use plot::write_pr_plots;
 pub use report::{write_eval_json, EvalReport};
-pub use results::{parse_results, read_results, Detection};
+pub use results::{parse_results, Detection};

@@ -2,6 +2,10 @@
 
 use anyhow::{bail, Result};
 
+/// COCO's object sizes: small below 32² square pixels, large above 96².
+pub const SMALL_AREA: f64 = 32.0 * 32.0;
+pub const LARGE_AREA: f64 = 96.0 * 96.0;
+
 /// A named object-area range; a box is inside when `lo <= area <= hi`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AreaRange {
@@ -50,9 +54,9 @@ impl Default for EvalParams {
             max_dets: vec![1, 10, 100],
             area_ranges: vec![
                 AreaRange::new("all", 0.0, 1e10),
-                AreaRange::new("small", 0.0, 1024.0),
-                AreaRange::new("medium", 1024.0, 9216.0),
-                AreaRange::new("large", 9216.0, 1e10),
+                AreaRange::new("small", 0.0, SMALL_AREA),
+                AreaRange::new("medium", SMALL_AREA, LARGE_AREA),
+                AreaRange::new("large", LARGE_AREA, 1e10),
             ],
         }
     }

@@ -1,4 +1,4 @@
-//! The `eval --json` object and `eval.json` (DESIGN.md section 1):
+//! The `eval --json` object and `eval.json` (docs/FORMATS.md):
 //! `{"stats": [12 numbers], "per_class": [{"category_id", "name", "ap",
 //! "ap50"}...], "images": N, "seconds": S}`.
 

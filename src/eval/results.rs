@@ -1,16 +1,13 @@
 //! COCO results files: a JSON list of `{"image_id", "category_id", "bbox",
 //! "score"}` objects, as written by detectors and read by pycocotools'
-//! `loadRes` (bbox results only).
+//! `loadRes` (bbox results only). `coco_eval::read_results` checks a file
+//! against its ground truth.
 
 use std::fmt;
-use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-
-use super::index::EvalIndex;
-use crate::data::coco::CocoJson;
 
 /// One detection in COCO results format.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
@@ -39,23 +36,6 @@ impl Detection {
         }
         Ok(())
     }
-}
-
-/// Reads a COCO results file and checks every entry against `gt`.
-///
-/// An empty list is valid. Any problem (not a list, a missing or mistyped
-/// field, a non-finite number, an image id or category id that `gt` lacks)
-/// is one error naming the file and the entry index, e.g.
-/// `dt.json: entry 17: image_id 999 is not in the ground truth`.
-/// Fields other than the four above are ignored, as pycocotools ignores them.
-pub fn read_results(path: &Path, gt: &CocoJson) -> Result<Vec<Detection>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let detections = parse_results(&bytes).with_context(|| path.display().to_string())?;
-    let index = EvalIndex::new(gt);
-    for (i, d) in detections.iter().enumerate() {
-        index.detection_key(d).with_context(|| format!("entry {i}")).with_context(|| path.display().to_string())?;
-    }
-    Ok(detections)
 }
 
 /// Parses the JSON text of a results file; errors name the entry index.

@@ -66,11 +66,6 @@ impl AnchorGenerator {
         self.cell_anchors[0].len()
     }
 
-    /// Cell anchors of each level, centred on (0, 0).
-    pub fn cell_anchors(&self) -> &[Vec<BoxXyxy>] {
-        &self.cell_anchors
-    }
-
     /// Anchors for a padded batch of `image_size` (height, width) whose
     /// feature maps have `grid_sizes`; computed once per distinct size.
     pub fn anchors(&self, image_size: (usize, usize), grid_sizes: &[(usize, usize)]) -> Arc<Anchors> {
@@ -157,7 +152,7 @@ mod tests {
             [-14.0, -28.0, 14.0, 28.0],
             [-18.0, -35.0, 18.0, 35.0],
         ];
-        assert_eq!(g.cell_anchors()[0], expected);
+        assert_eq!(g.cell_anchors[0], expected);
     }
 
     /// torchvision's test_anchor_generator: one size 10, ratio 1, a 3x3 grid
@@ -185,16 +180,16 @@ mod tests {
     #[test]
     fn torchvision_rounds_half_to_even() {
         let g = generator(AnchorConvention::Torchvision);
-        assert_eq!(g.cell_anchors()[1][5], [-50.0, -50.0, 50.0, 50.0]);
+        assert_eq!(g.cell_anchors[1][5], [-50.0, -50.0, 50.0, 50.0]);
     }
 
     #[test]
     fn detectron2_cell_anchors_are_float_and_size_major() {
         let g = generator(AnchorConvention::Detectron2);
-        let a = g.cell_anchors()[0][0];
+        let a = g.cell_anchors[0][0];
         assert!((a[0] + 22.627417).abs() < 1e-4 && (a[1] + 11.313708).abs() < 1e-4);
         // Second anchor: same size, ratio 1.
-        assert_eq!(g.cell_anchors()[0][1], [-16.0, -16.0, 16.0, 16.0]);
+        assert_eq!(g.cell_anchors[0][1], [-16.0, -16.0, 16.0, 16.0]);
     }
 
     /// 800x1344 pads P6/P7 to 13x21 and 7x11: torchvision's strides become

@@ -6,15 +6,13 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::config::{HeadConfig, HeadNorm};
+use crate::config::{HeadConfig, HeadNorm, HEAD_GN_GROUPS};
 use crate::ops::conv::Conv2d;
 use crate::ops::elementwise::relu;
 use crate::ops::group_norm::{group_norm, GroupNorm};
 
 /// Weight init of every head conv: normal(std = 0.01).
 const HEAD_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.01 };
-/// torchvision v2's `partial(nn.GroupNorm, 32)`.
-pub const HEAD_GN_GROUPS: usize = 32;
 /// PyTorch's GroupNorm epsilon.
 const HEAD_GN_EPS: f64 = 1e-5;
 

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{BackboneNorm, HeadNorm, ModelConfig};
+use crate::config::{BackboneNorm, HeadNorm, ModelConfig, HEAD_GN_GROUPS};
 use crate::model::anchors::{AnchorGenerator, Anchors};
 use crate::model::box_coder::BoxCoder;
 use crate::model::fpn::Fpn;
-use crate::model::head::{RetinaNetHead, HEAD_GN_GROUPS};
+use crate::model::head::RetinaNetHead;
 use crate::model::postprocess::{Detections, PostProcessor};
 use crate::model::resnet::ResNet;
 
@@ -61,10 +61,6 @@ impl RetinaNet {
         &self.box_coder
     }
 
-    pub fn anchor_generator(&self) -> &AnchorGenerator {
-        &self.anchor_generator
-    }
-
     /// Normalised, padded images [n, 3, h, w] -> P3..P7, each
     /// [n, fpn.channels, h / 2^l, w / 2^l] (rounded up).
     pub fn features(&self, images: &Tensor, train: bool) -> Result<Vec<Tensor>> {
@@ -100,36 +96,20 @@ impl RetinaNet {
     }
 }
 
-/// Pyramid levels P3-P7, one anchor size each.
-const NUM_LEVELS: usize = 5;
-
-/// Rejects settings the layers cannot be built from, naming the config key.
+/// Rejects settings the layers cannot be built from, naming the config
+/// key: each key's range (`ModelConfig::validate`), then what depends on
+/// several keys.
 fn check_config(cfg: &ModelConfig, num_classes: usize) -> Result<()> {
+    cfg.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let fail = |key: &str, what: String| candle_core::bail!("config key model.{key}: {what}");
     if num_classes == 0 {
         return fail("num_classes", "a RetinaNet needs at least one class".into());
     }
-    let a = &cfg.anchors;
-    if a.sizes.len() != NUM_LEVELS || a.sizes.iter().any(|&s| s <= 0.0) {
-        return fail("anchors.sizes", format!("expected {NUM_LEVELS} positive sizes (P3-P7), got {:?}", a.sizes));
-    }
-    if a.scales.is_empty() || a.scales.iter().any(|&s| s <= 0.0) {
-        return fail("anchors.scales", format!("expected positive scales, got {:?}", a.scales));
-    }
-    if a.ratios.is_empty() || a.ratios.iter().any(|&r| r <= 0.0) {
-        return fail("anchors.ratios", format!("expected positive ratios, got {:?}", a.ratios));
-    }
-    if !(cfg.head.prior_prob > 0.0 && cfg.head.prior_prob < 1.0) {
-        return fail("head.prior_prob", format!("expected a probability in (0, 1), got {}", cfg.head.prior_prob));
-    }
-    if cfg.backbone.width == 0 || cfg.fpn.channels == 0 {
-        return fail("backbone.width / fpn.channels", "expected positive channel counts".into());
-    }
-    let groups = cfg.backbone.gn_groups;
-    if cfg.backbone.norm == BackboneNorm::Gn && (groups == 0 || !cfg.backbone.width.is_multiple_of(groups)) {
+    let b = &cfg.backbone;
+    if b.norm == BackboneNorm::Gn && (b.gn_groups == 0 || !b.width.is_multiple_of(b.gn_groups)) {
         return fail(
             "backbone.gn_groups",
-            format!("{groups} groups do not divide the {} stem channels", cfg.backbone.width),
+            format!("{} groups do not divide the {} stem channels", b.gn_groups, b.width),
         );
     }
     if cfg.head.norm == HeadNorm::Gn && !cfg.fpn.channels.is_multiple_of(HEAD_GN_GROUPS) {

@@ -1,7 +1,9 @@
-//! The weighted sum of the sigmoid focal loss in one parallel CPU pass, and
-//! its gradient in one more.
+//! The sigmoid focal loss: torchvision's `sigmoid_focal_loss` composed from
+//! Candle ops ([`sigmoid_focal_loss`]), and the weighted sum the training
+//! loss needs in one parallel CPU pass, with its gradient in one more
+//! ([`weighted_focal_loss_sum`]).
 //!
-//! Composed from Candle ops (`train::loss::sigmoid_focal_loss`, times the
+//! Composed from Candle ops ([`sigmoid_focal_loss`], times the
 //! per-anchor weights, summed), the classification loss takes about twenty
 //! element-wise passes over `[n, anchors, classes]` forward and more than
 //! that backward, each materialised and each on one thread: at 512x512 with
@@ -16,6 +18,40 @@ use rayon::prelude::*;
 use super::elementwise::{for_each_chunk, CHUNK};
 use super::f32_data;
 
+/// Element-wise sigmoid focal loss, as torchvision's `sigmoid_focal_loss`
+/// with `reduction="none"`:
+/// `BCEWithLogits(x, t) * (1 - p_t)^gamma * alpha_t`, where
+/// `p_t = p t + (1 - p)(1 - t)` and `alpha_t = alpha t + (1 - alpha)(1 - t)`
+/// (no alpha weighting when `alpha < 0`).
+///
+/// The cross entropy uses the stable form `max(x, 0) - x t + log(1 + e^-|x|)`,
+/// finite for any finite logit. `logits` and `targets` share a shape.
+pub fn sigmoid_focal_loss(logits: &Tensor, targets: &Tensor, alpha: f64, gamma: f64) -> Result<Tensor> {
+    let p = candle_nn::ops::sigmoid(logits)?;
+    let ce = ((logits.relu()? - (logits * targets)?)? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    let one_minus_t = targets.affine(-1.0, 1.0)?;
+    let p_t = ((&p * targets)? + (p.affine(-1.0, 1.0)? * &one_minus_t)?)?;
+    let one_minus_p_t = p_t.affine(-1.0, 1.0)?;
+    let modulator = if gamma == 0.0 {
+        None
+    } else if gamma == 2.0 {
+        Some(one_minus_p_t.sqr()?)
+    } else {
+        // Clamped away from 0, where the gradient of x^gamma is undefined
+        // for gamma < 1.
+        Some(one_minus_p_t.clamp(1e-12, 1.0)?.powf(gamma)?)
+    };
+    let loss = match modulator {
+        Some(m) => (ce * m)?,
+        None => ce,
+    };
+    if alpha < 0.0 {
+        return Ok(loss);
+    }
+    let alpha_t = ((targets * alpha)? + (one_minus_t * (1.0 - alpha))?)?;
+    loss * alpha_t
+}
+
 /// `sum(weights[n, a] * FL(logits[n, a, k], targets[n, a, k]))`, a scalar,
 /// where `FL` is torchvision's `sigmoid_focal_loss` (no alpha weighting
 /// when `alpha < 0`). `weights` is `[n, a, 1]`: 0 ignores an anchor.
@@ -29,7 +65,7 @@ pub fn weighted_focal_loss_sum(
     let on_cpu_f32 = [logits, targets, weights].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     let (n, a, _) = logits.dims3()?;
     if !on_cpu_f32 || targets.dims() != logits.dims() || weights.dims() != [n, a, 1] {
-        let focal = crate::train::loss::sigmoid_focal_loss(logits, targets, alpha, gamma)?;
+        let focal = sigmoid_focal_loss(logits, targets, alpha, gamma)?;
         return focal.broadcast_mul(weights)?.sum_all();
     }
     let focal = Focal { alpha: alpha as f32, gamma: gamma as f32 };
@@ -46,7 +82,7 @@ impl Focal {
     /// For logit `x` and target `t`: `p = sigmoid(x)` and `1 - p` (each
     /// without cancellation), the cross entropy
     /// `ce = max(x, 0) - x t + log(1 + e^-|x|)`, `q = 1 - p_t` and
-    /// `alpha_t`, as in `train::loss::sigmoid_focal_loss`.
+    /// `alpha_t`, as in [`sigmoid_focal_loss`].
     #[inline(always)]
     fn parts(self, x: f32, t: f32) -> Parts {
         let e = (-x.abs()).exp();
@@ -227,6 +263,59 @@ mod tests {
 
     use super::*;
 
+    fn logit(p: f64) -> f32 {
+        (p / (1.0 - p)).ln() as f32
+    }
+
+    fn focal(x: f32, t: f32, alpha: f64, gamma: f64) -> f32 {
+        let d = Device::Cpu;
+        let x = Tensor::new(&[x], &d).unwrap();
+        let t = Tensor::new(&[t], &d).unwrap();
+        sigmoid_focal_loss(&x, &t, alpha, gamma).unwrap().to_vec1::<f32>().unwrap()[0]
+    }
+
+    /// Values worked by hand: `CE = -ln(p_t)`, `FL = alpha_t (1 - p_t)^2 CE`
+    /// (alpha 0.25, gamma 2).
+    #[test]
+    fn focal_loss_worked_values() {
+        let table = [
+            (0.95, 1.0, 0.0512933, 3.20583e-5),
+            (0.05, 0.0, 0.0512933, 9.61749e-5),
+            (0.05, 1.0, 2.99573, 0.675912),
+            (0.95, 0.0, 2.99573, 2.02774),
+            (0.99, 1.0, 0.0100503, 2.51258e-7),
+            (0.01, 0.0, 0.0100503, 7.53775e-7),
+        ];
+        for (p, y, ce, fl) in table {
+            let got_ce = focal(logit(p), y, -1.0, 0.0);
+            let got_fl = focal(logit(p), y, 0.25, 2.0);
+            assert!((got_ce - ce).abs() / ce < 1e-4, "CE at p={p} y={y}: {got_ce} vs {ce}");
+            assert!((got_fl - fl).abs() / fl < 1e-3, "FL at p={p} y={y}: {got_fl} vs {fl}");
+        }
+    }
+
+    #[test]
+    fn gamma_zero_is_alpha_balanced_cross_entropy() {
+        for (p, y) in [(0.3, 1.0), (0.8, 0.0)] {
+            let alpha_t = if y == 1.0 { 0.25 } else { 0.75 };
+            let ce = focal(logit(p), y, -1.0, 0.0);
+            assert!((focal(logit(p), y, 0.25, 0.0) - alpha_t * ce).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn extreme_logits_give_finite_loss_and_gradient() {
+        let d = Device::Cpu;
+        let x = Var::new(&[100f32, -100.0, 100.0, -100.0], &d).unwrap();
+        let t = Tensor::new(&[0f32, 1.0, 1.0, 0.0], &d).unwrap();
+        let loss = sigmoid_focal_loss(x.as_tensor(), &t, 0.25, 2.0).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let value = loss.to_vec0::<f32>().unwrap();
+        assert!(value.is_finite() && g.iter().all(|v| v.is_finite()), "loss {value}, grad {g:?}");
+        assert!((value - (75.0 + 25.0)).abs() < 1e-3, "wrong confident mistakes cost 0.75*100 and 0.25*100: {value}");
+    }
+
     /// Logits over a wide range (saturated ones included), one-hot targets
     /// on some anchors, and weights with ignored (zero) anchors.
     fn inputs(n: usize, a: usize, k: usize) -> Result<(Var, Tensor, Tensor)> {
@@ -252,9 +341,7 @@ mod tests {
             let (x, t, w) = inputs(n, a, k)?;
             for (alpha, gamma) in [(0.25, 2.0), (0.25, 1.5), (0.5, 0.0), (-1.0, 2.0)] {
                 let ours = weighted_focal_loss_sum(x.as_tensor(), &t, &w, alpha, gamma)?;
-                let reference = crate::train::loss::sigmoid_focal_loss(x.as_tensor(), &t, alpha, gamma)?
-                    .broadcast_mul(&w)?
-                    .sum_all()?;
+                let reference = sigmoid_focal_loss(x.as_tensor(), &t, alpha, gamma)?.broadcast_mul(&w)?.sum_all()?;
                 let (v, r) = (ours.to_scalar::<f32>()?, reference.to_scalar::<f32>()?);
                 assert!((v - r).abs() <= 1e-5 * r.abs(), "{n}x{a}x{k} alpha {alpha} gamma {gamma}: {v} vs {r}");
                 let g = (ours * 3.0)?.backward()?.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f32>()?;

@@ -1,15 +1,20 @@
 //! Tensor and box operations the model needs beyond Candle's: box geometry
 //! and NMS (torchvision.ops.boxes), a GEMM convolution with a fast backward,
 //! a max-pool with a backward pass, fused norms, parallel element-wise ops
-//! and a fused focal loss.
+//! and the focal loss (torchvision.ops.focal_loss). The bottom layer: it
+//! imports nothing else of this crate.
 
-pub mod batch_norm;
-pub mod boxes;
-pub mod conv;
-pub mod elementwise;
-pub mod focal;
-pub mod group_norm;
-pub mod maxpool;
+pub(crate) mod batch_norm;
+pub(crate) mod boxes;
+pub(crate) mod conv;
+pub(crate) mod elementwise;
+pub(crate) mod focal;
+pub(crate) mod group_norm;
+pub(crate) mod maxpool;
+
+pub use boxes::BoxXyxy;
+pub use conv::conv2d;
+pub use focal::{sigmoid_focal_loss, weighted_focal_loss_sum};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};

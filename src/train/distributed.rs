@@ -17,7 +17,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
 use super::optim::Param;
-use crate::data::loader::Shard;
+use crate::data::Shard;
 
 /// Environment variables the launcher sets for each rank.
 pub const RANK_ENV: &str = "RETINANET_RANK";
@@ -135,7 +135,7 @@ mod nccl {
     use candle_core::{CpuStorage, CudaStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 
     use super::Collective;
-    use crate::data::loader::Shard;
+    use crate::data::Shard;
 
     /// Length of an `ncclUniqueId`.
     const ID_BYTES: usize = 128;

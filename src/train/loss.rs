@@ -9,40 +9,6 @@ use crate::model::box_coder::BoxCoder;
 use crate::ops::boxes::elementwise_generalized_iou;
 use crate::ops::focal::weighted_focal_loss_sum;
 
-/// Element-wise sigmoid focal loss, as torchvision's `sigmoid_focal_loss`
-/// with `reduction="none"`:
-/// `BCEWithLogits(x, t) * (1 - p_t)^gamma * alpha_t`, where
-/// `p_t = p t + (1 - p)(1 - t)` and `alpha_t = alpha t + (1 - alpha)(1 - t)`
-/// (no alpha weighting when `alpha < 0`).
-///
-/// The cross entropy uses the stable form `max(x, 0) - x t + log(1 + e^-|x|)`,
-/// finite for any finite logit. `logits` and `targets` share a shape.
-pub fn sigmoid_focal_loss(logits: &Tensor, targets: &Tensor, alpha: f64, gamma: f64) -> Result<Tensor> {
-    let p = candle_nn::ops::sigmoid(logits)?;
-    let ce = ((logits.relu()? - (logits * targets)?)? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    let one_minus_t = targets.affine(-1.0, 1.0)?;
-    let p_t = ((&p * targets)? + (p.affine(-1.0, 1.0)? * &one_minus_t)?)?;
-    let one_minus_p_t = p_t.affine(-1.0, 1.0)?;
-    let modulator = if gamma == 0.0 {
-        None
-    } else if gamma == 2.0 {
-        Some(one_minus_p_t.sqr()?)
-    } else {
-        // Clamped away from 0, where the gradient of x^gamma is undefined
-        // for gamma < 1.
-        Some(one_minus_p_t.clamp(1e-12, 1.0)?.powf(gamma)?)
-    };
-    let loss = match modulator {
-        Some(m) => (ce * m)?,
-        None => ce,
-    };
-    if alpha < 0.0 {
-        return Ok(loss);
-    }
-    let alpha_t = ((targets * alpha)? + (one_minus_t * (1.0 - alpha))?)?;
-    loss * alpha_t
-}
-
 /// What the loss needs from matching, for a batch of `n` images with `a`
 /// anchors each and `k` classes; `f` is the number of foreground anchors.
 #[derive(Debug, Clone)]
@@ -167,61 +133,9 @@ fn smooth_l1(diff: &Tensor, beta: f64) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
     use super::*;
-
-    fn logit(p: f64) -> f32 {
-        (p / (1.0 - p)).ln() as f32
-    }
-
-    fn focal(x: f32, t: f32, alpha: f64, gamma: f64) -> f32 {
-        let d = Device::Cpu;
-        let x = Tensor::new(&[x], &d).unwrap();
-        let t = Tensor::new(&[t], &d).unwrap();
-        sigmoid_focal_loss(&x, &t, alpha, gamma).unwrap().to_vec1::<f32>().unwrap()[0]
-    }
-
-    /// The worked values of the Training issue (alpha 0.25, gamma 2).
-    #[test]
-    fn focal_loss_worked_values() {
-        let table = [
-            (0.95, 1.0, 0.0512933, 3.20583e-5),
-            (0.05, 0.0, 0.0512933, 9.61749e-5),
-            (0.05, 1.0, 2.99573, 0.675912),
-            (0.95, 0.0, 2.99573, 2.02774),
-            (0.99, 1.0, 0.0100503, 2.51258e-7),
-            (0.01, 0.0, 0.0100503, 7.53775e-7),
-        ];
-        for (p, y, ce, fl) in table {
-            let got_ce = focal(logit(p), y, -1.0, 0.0);
-            let got_fl = focal(logit(p), y, 0.25, 2.0);
-            assert!((got_ce - ce).abs() / ce < 1e-4, "CE at p={p} y={y}: {got_ce} vs {ce}");
-            assert!((got_fl - fl).abs() / fl < 1e-3, "FL at p={p} y={y}: {got_fl} vs {fl}");
-        }
-    }
-
-    #[test]
-    fn gamma_zero_is_alpha_balanced_cross_entropy() {
-        for (p, y) in [(0.3, 1.0), (0.8, 0.0)] {
-            let alpha_t = if y == 1.0 { 0.25 } else { 0.75 };
-            let ce = focal(logit(p), y, -1.0, 0.0);
-            assert!((focal(logit(p), y, 0.25, 0.0) - alpha_t * ce).abs() < 1e-6);
-        }
-    }
-
-    #[test]
-    fn extreme_logits_give_finite_loss_and_gradient() {
-        let d = Device::Cpu;
-        let x = Var::new(&[100f32, -100.0, 100.0, -100.0], &d).unwrap();
-        let t = Tensor::new(&[0f32, 1.0, 1.0, 0.0], &d).unwrap();
-        let loss = sigmoid_focal_loss(x.as_tensor(), &t, 0.25, 2.0).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
-        let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
-        let value = loss.to_vec0::<f32>().unwrap();
-        assert!(value.is_finite() && g.iter().all(|v| v.is_finite()), "loss {value}, grad {g:?}");
-        assert!((value - (75.0 + 25.0)).abs() < 1e-3, "wrong confident mistakes cost 0.75*100 and 0.25*100: {value}");
-    }
 
     #[test]
     fn normalizers() {

@@ -10,9 +10,8 @@ use super::matcher::Matcher;
 use super::optim::Optimizer;
 use super::targets::build_targets;
 use crate::config::{Config, Precision};
-use crate::data::loader::Batch;
-use crate::model::retinanet::RetinaNet;
-use crate::model::weights;
+use crate::data::Batch;
+use crate::model::{self, RetinaNet};
 
 /// What a step produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +57,7 @@ impl StepRunner {
     /// `config.model.num_classes` must already be resolved.
     pub fn new(model: RetinaNet, varmap: VarMap, config: &Config, device: &Device) -> Result<Self> {
         let compute_dtype = compute_dtype(config.train.precision)?;
-        let optimizer = Optimizer::new(weights::trainable_vars(&varmap, &config.model), &config.train);
+        let optimizer = Optimizer::new(model::trainable_vars(&varmap, &config.model), &config.train);
         let matcher = Matcher {
             high_threshold: config.loss.fg_iou_thresh as f32,
             low_threshold: config.loss.bg_iou_thresh as f32,

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::loss::{LossTargets, Normalizer};
 use super::matcher::{ignore_crowd_covered, Matcher, IGNORE};
-use crate::data::loader::Target;
+use crate::data::Target;
 use crate::ops::boxes::{iou, BoxXyxy};
 
 /// Foreground counts per image, for logs and the non-finite-loss report.

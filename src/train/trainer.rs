@@ -1,89 +1,73 @@
 //! The training loop: batches -> forward -> matching and losses -> backward
-//! -> optimiser, with logging, checkpoints, periodic evaluation on the val
-//! split and exact resumption.
+//! -> optimiser, with the run folder's metrics, checkpoints, periodic
+//! evaluation on the val split and exact resumption. It prints nothing: it
+//! reports [`TrainEvent`]s, which `retinanet train` shows.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use candle_nn::VarMap;
 
-use super::checkpoint::{self, Checkpoint, TrainState};
 use super::distributed::{any_rank, Collective};
-use super::progress::{MetricsEntry, MetricsLog, Progress, Window};
+use super::metrics::{write_loss_plot, MetricsEntry, MetricsLog, Window};
 use super::schedule::learning_rate;
 use super::step::{compute_dtype, StepOutcome, StepRunner};
 use crate::config::Config;
-use crate::data::coco::{CategoryMap, CocoJson};
-use crate::data::loader::{Batch, Loader};
-use crate::data::source::load_split;
+use crate::data::{load_split, Batch, CategoryMap, CocoJson, LoadedSplit, Loader, Shard};
 use crate::eval::{write_eval_json, EvalResult};
-use crate::hub::resolve_weights;
-use crate::inference::evaluate_split;
-use crate::model::retinanet::RetinaNet;
-use crate::model::weights::{self, LoadMode};
-use crate::viz::plot::{write_panels, Panel};
+use crate::infer::evaluate_split;
+use crate::model::{self, LoadMode, LoadedModel};
+use crate::run::{
+    load_checkpoint, read_state, read_weights, resolve_weights_spec, Checkpoint, CheckpointKind, CheckpointStore,
+    ResumePoint, RunFolder, TrainState,
+};
 
-/// Files of a run folder (DESIGN.md section 2).
-#[derive(Debug, Clone)]
-pub struct RunPaths {
-    pub root: PathBuf,
+/// What a run reports as it goes, for a person to see. The trainer writes
+/// the run folder itself; events only say what happened.
+#[derive(Debug)]
+pub enum TrainEvent<'a> {
+    /// A problem that does not stop the run (a repaired box, a skipped image).
+    Warning(String),
+    /// What loading weights did (a re-initialised classification layer).
+    Note(String),
+    /// Training starts at `start_step` of `total_steps`.
+    Started { run: &'a RunFolder, start_step: usize, total_steps: usize },
+    /// The averages of one log step, as written to `metrics.jsonl`.
+    Logged(&'a MetricsEntry),
+    /// An evaluation on the `images` of the val split starts.
+    Evaluating { step: usize, images: usize },
+    /// Its result.
+    Evaluated { step: usize, result: &'a EvalResult },
 }
 
-impl RunPaths {
-    pub fn config(&self) -> PathBuf {
-        self.root.join("config.toml")
-    }
-    pub fn metrics(&self) -> PathBuf {
-        self.root.join("metrics.jsonl")
-    }
-    pub fn eval_json(&self) -> PathBuf {
-        self.root.join("eval.json")
-    }
-    pub fn loss_png(&self) -> PathBuf {
-        self.root.join("loss.png")
-    }
-    pub fn checkpoints(&self) -> PathBuf {
-        self.root.join("checkpoints")
-    }
-}
-
-/// A fresh run folder: `runs/<name>`, or with `-2`, `-3`, ... if taken.
-pub fn new_run_folder(name: &str) -> PathBuf {
-    let base = PathBuf::from("runs").join(name);
-    let mut candidate = base.clone();
-    let mut n = 2;
-    while candidate.exists() {
-        candidate = PathBuf::from(format!("{}-{n}", base.display()));
-        n += 1;
-    }
-    candidate
-}
-
-/// A checkpoint folder from `--resume`: a run folder (its `last`) or a
-/// checkpoint folder; returns (run folder, checkpoint folder).
-pub fn resume_paths(resume: &Path) -> Result<(PathBuf, PathBuf)> {
-    let last = resume.join("checkpoints").join("last");
-    if last.join(checkpoint::STATE_FILE).is_file() {
-        return Ok((resume.to_path_buf(), last));
-    }
-    if resume.join(checkpoint::STATE_FILE).is_file() {
-        let run = resume.parent().and_then(Path::parent).context("--resume: a checkpoint folder must sit in a run")?;
-        return Ok((run.to_path_buf(), resume.to_path_buf()));
-    }
-    bail!("--resume {}: neither a run folder with checkpoints/last nor a checkpoint folder", resume.display())
-}
+/// Receives a run's events.
+pub type EventSink = Box<dyn FnMut(TrainEvent<'_>)>;
 
 /// How a run ended.
 pub struct TrainOutcome {
-    pub run: RunPaths,
+    pub run: RunFolder,
     pub steps: usize,
-    /// Stopped by Ctrl-C (a checkpoint was saved).
+    /// Stopped by `stop` (a checkpoint was saved).
     pub interrupted: bool,
-    /// The final evaluation on the val split (absent when interrupted).
+    /// The final evaluation on the val split (absent when interrupted, and
+    /// on the ranks that do not evaluate).
     pub final_eval: Option<EvalResult>,
+}
+
+/// Where a run starts: a fresh run folder, or a checkpoint to continue.
+pub enum Start {
+    /// A new run in this folder (`None`: `runs/<name>`, suffixed if taken).
+    New { out: Option<PathBuf> },
+    /// Continue exactly from a run or checkpoint folder (`--resume`).
+    Resume(ResumePoint),
+}
+
+/// The train and val splits of a run, checked.
+struct Splits {
+    train: LoadedSplit,
+    val: LoadedSplit,
 }
 
 /// The val split, ready to evaluate.
@@ -93,16 +77,16 @@ struct ValSplit {
 }
 
 /// What the logging rank (rank 0, the only one in a single-process run)
-/// shows and writes; the other ranks of a data-parallel run have none.
-struct Reporting {
+/// writes; the other ranks of a data-parallel run have none.
+struct RunFiles {
     metrics: MetricsLog,
-    progress: Progress,
+    checkpoints: CheckpointStore,
 }
 
 pub struct Trainer {
     config: Config,
     device: Device,
-    run: RunPaths,
+    run: RunFolder,
     runner: StepRunner,
     categories: CategoryMap,
     loader: Loader,
@@ -110,128 +94,70 @@ pub struct Trainer {
     state: TrainState,
     total_steps: usize,
     /// Present on the rank that logs, evaluates and checkpoints.
-    reporting: Option<Reporting>,
+    files: Option<RunFiles>,
+    events: EventSink,
 }
 
 impl Trainer {
-    /// Prepares a run: data, model (fresh, pretrained, or from `resume`'s
-    /// checkpoint), optimiser, and the run folder with `config.toml`.
-    /// `collective` is this process's data-parallel group (`SingleProcess`
-    /// when alone); only its rank 0 writes to the run folder.
+    /// Prepares a run: checks the data, builds the model (fresh, pretrained
+    /// or from the checkpoint it resumes), makes the run folder, restores
+    /// the optimiser and starts the loaders. `collective` is this process's
+    /// data-parallel group (`SingleProcess` when alone); only its rank 0
+    /// writes to the run folder. Nothing is written when a check fails.
     pub fn new(
         mut config: Config,
         device: Device,
-        out: Option<PathBuf>,
-        resume: Option<&Path>,
+        start: Start,
         collective: Box<dyn Collective>,
+        mut events: EventSink,
     ) -> Result<Self> {
-        compute_dtype(config.train.precision)?; // before anything is written
-        let train = load_split(&config.data, "train")?;
-        if train.dataset.images.is_empty() {
-            bail!("{}: the training split has no images", train.files.annotations.display());
-        }
-        let val = load_split(&config.data, "val")?;
-        for split in [&train, &val] {
-            for line in split.dataset.report.warnings(&split.files.annotations) {
-                eprintln!("warning: {line}");
-            }
-        }
-        // Images without boxes are welcome as negatives, but a split of
-        // nothing else has nothing to learn (the warnings above say when
-        // every box was dropped as degenerate).
-        if train.dataset.images.iter().all(|image| image.crowd.iter().all(|&crowd| crowd)) {
-            bail!(
-                "{}: none of the {} training images has a box to learn from (crowd boxes do not count)",
-                train.files.annotations.display(),
-                train.dataset.images.len()
-            );
-        }
+        compute_dtype(config.train.precision)?;
         let shard = collective.shard();
-        let global_batch = config.train.batch_size * shard.world;
-        if shard.world > 1 && train.dataset.images.len() < global_batch {
-            bail!(
-                "{}: {} training images are fewer than one batch of {} per GPU on {} GPUs",
-                train.files.annotations.display(),
-                train.dataset.images.len(),
-                config.train.batch_size,
-                shard.world
-            );
-        }
-        let categories = train.dataset.categories.clone();
+        let splits = load_splits(&config, shard, &mut events)?;
+        let categories = splits.train.dataset.categories.clone();
         let num_classes = resolve_num_classes(&mut config, &categories)?;
+        let (run, checkpoint) = match start {
+            Start::New { out } => (out.map_or_else(|| RunFolder::unused(&config.name), RunFolder::at), None),
+            Start::Resume(point) => (point.run, Some(load_checkpoint(&point.checkpoint, &device)?)),
+        };
+        let loaded = build_model(&config, num_classes, &device, checkpoint.as_ref())?;
+        loaded.notes.iter().for_each(|note| events(TrainEvent::Note(note.clone())));
         let leader = shard.rank == 0;
-
-        let (run_root, checkpoint) = match resume {
-            Some(path) => {
-                let (run, ckpt) = resume_paths(path)?;
-                (run, Some(checkpoint::load(&ckpt, &device)?))
-            }
-            None => (out.unwrap_or_else(|| new_run_folder(&config.name)), None),
-        };
-        let run = RunPaths { root: run_root };
         if leader {
-            std::fs::create_dir_all(&run.root).with_context(|| format!("cannot create {}", run.root.display()))?;
-            std::fs::write(run.config(), config.to_toml())
-                .with_context(|| format!("cannot write {}", run.config().display()))?;
+            run.create(&config.to_toml())?;
         }
-
-        let (model, varmap, notes) = build_model(&config, num_classes, &device, checkpoint.as_ref())?;
-        for note in notes.iter().filter(|_| leader) {
-            eprintln!("note: {note}");
-        }
-        let mut runner = StepRunner::new(model, varmap, &config, &device)?.with_collective(collective);
-        let state = match checkpoint {
-            Some(ckpt) => {
-                runner.optimizer.load_state(ckpt.optimizer, ckpt.state.optimizer_steps)?;
-                runner.normalizer.ema = ckpt.state.normalizer_ema;
-                ckpt.state
-            }
-            None => TrainState {
-                step: 0,
-                epoch: 0,
-                batch_in_epoch: 0,
-                optimizer_steps: 0,
-                normalizer_ema: runner.normalizer.ema,
-                best_ap: None,
-                best_step: None,
-                seed: config.train.seed,
-            },
-        };
-        let loader = Loader::for_split(&config, train, true).with_shard(shard);
+        let mut runner = StepRunner::new(loaded.model, loaded.varmap, &config, &device)?.with_collective(collective);
+        let resumed = checkpoint.is_some();
+        let state = restore(&mut runner, checkpoint, config.train.seed)?;
+        let (loader, val) = start_loaders(&config, splits, shard);
         let total_steps = match config.train.max_steps {
             0 => config.train.epochs * loader.batches_per_epoch(),
             n => n,
         };
-        let ground_truth = val.coco.clone();
-        let val = ValSplit { loader: Loader::for_split(&config, val, false), ground_truth };
-        let reporting = match leader {
-            true => Some(Reporting {
-                metrics: MetricsLog::open(&run.metrics(), resume.map(|_| state.step))?,
-                progress: Progress::new(total_steps, state.step),
+        let files = match leader {
+            true => Some(RunFiles {
+                metrics: MetricsLog::open(&run.metrics(), resumed.then_some(state.step))?,
+                checkpoints: CheckpointStore::new(run.checkpoints()),
             }),
             false => None,
         };
-        Ok(Self { config, device, run, runner, categories, loader, val, state, total_steps, reporting })
+        Ok(Self { config, device, run, runner, categories, loader, val, state, total_steps, files, events })
     }
 
-    pub fn run_paths(&self) -> &RunPaths {
-        &self.run
-    }
-
-    pub fn total_steps(&self) -> usize {
-        self.total_steps
-    }
-
-    /// Trains until `total_steps` or until `stop` is set (then a checkpoint
+    /// Trains until the last step or until `stop` is set (then a checkpoint
     /// is saved and the outcome says so). Every rank of a data-parallel run
-    /// calls this; rank 0 alone logs, evaluates and saves.
+    /// calls this; rank 0 alone writes, evaluates and saves.
     pub fn run(mut self, stop: &AtomicBool) -> Result<TrainOutcome> {
+        (self.events)(TrainEvent::Started {
+            run: &self.run,
+            start_step: self.state.step,
+            total_steps: self.total_steps,
+        });
         let world = self.runner.collective().shard().world;
         let mut window = Window::start();
         while self.state.step < self.total_steps {
             let epoch = self.state.epoch;
-            let batches = self.loader.epoch(epoch, self.state.batch_in_epoch)?;
-            for batch in batches {
+            for batch in self.loader.epoch(epoch, self.state.batch_in_epoch)? {
                 let batch = batch?;
                 let lr = learning_rate(&self.config.train, self.state.step, self.total_steps);
                 let (loss_cls, loss_box) = self.train_step(&batch, lr)?;
@@ -239,19 +165,14 @@ impl Trainer {
                 self.advance();
                 let step = self.state.step;
                 if step.is_multiple_of(self.config.train.log_every.max(1)) || step == self.total_steps {
-                    let entry = window.take(step, epoch, lr);
-                    if let Some(report) = &mut self.reporting {
-                        report.progress.show(&entry);
-                        report.metrics.push(entry)?;
-                    }
+                    self.log(window.take(step, epoch, lr))?;
                 }
                 if any_rank(self.runner.collective(), stop.load(Ordering::Relaxed), &self.device)? {
-                    self.save("last")?;
-                    self.finish_progress();
+                    self.save(CheckpointKind::Last)?;
                     return Ok(self.outcome(true, None));
                 }
                 if step.is_multiple_of(self.config.train.checkpoint_every.max(1)) && step < self.total_steps {
-                    self.save("last")?;
+                    self.save(CheckpointKind::Last)?;
                 }
                 if step == self.total_steps {
                     break;
@@ -263,20 +184,14 @@ impl Trainer {
                 self.evaluate()?;
             }
         }
-        self.finish_progress();
         let result = self.evaluate()?;
-        self.save("last")?;
+        self.save(CheckpointKind::Last)?;
         let skipped = self.loader.skipped_images() + self.val.loader.skipped_images();
         if skipped > 0 {
-            eprintln!("warning: skipped {skipped} unreadable image load(s) (data.skip_bad_images)");
+            let warning = format!("skipped {skipped} unreadable image load(s) (data.skip_bad_images)");
+            (self.events)(TrainEvent::Warning(warning));
         }
         Ok(self.outcome(false, result))
-    }
-
-    fn finish_progress(&self) {
-        if let Some(report) = &self.reporting {
-            report.progress.finish();
-        }
     }
 
     fn outcome(&self, interrupted: bool, final_eval: Option<EvalResult>) -> TrainOutcome {
@@ -310,8 +225,8 @@ impl Trainer {
     /// FloatingPointError; this also says which images and what to try).
     fn non_finite(&self, what: &str, batch: &Batch, terms: &str) -> String {
         let ids: Vec<u64> = batch.targets.iter().map(|t| t.image_id).collect();
-        let folder = self.run.checkpoints().join("last");
-        let last = match checkpoint::read_state(&folder) {
+        let folder = self.run.checkpoint(CheckpointKind::Last);
+        let last = match read_state(&folder) {
             Ok(state) => format!("the last good checkpoint is {} (step {})", folder.display(), state.step),
             Err(_) => "no checkpoint was written yet".to_string(),
         };
@@ -322,59 +237,91 @@ impl Trainer {
         )
     }
 
-    /// Evaluates on the val split; logs it, writes eval.json, keeps `best`,
-    /// redraws loss.png. Only the logging rank evaluates (the others return
-    /// `None`).
+    /// Writes a log step's averages to `metrics.jsonl` and reports them.
+    fn log(&mut self, entry: MetricsEntry) -> Result<()> {
+        (self.events)(TrainEvent::Logged(&entry));
+        if let Some(files) = &mut self.files {
+            files.metrics.push(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates on the val split; writes eval.json and loss.png, logs the
+    /// result and keeps `best`. Only the logging rank evaluates (the others
+    /// return `None`).
     fn evaluate(&mut self) -> Result<Option<EvalResult>> {
-        let Some(report) = &mut self.reporting else {
+        let Some(files) = &mut self.files else {
             return Ok(None);
         };
-        let total = self.val.loader.len_images();
-        report.progress.println(&format!("evaluating on {total} val images at step {}", self.state.step));
+        let step = self.state.step;
+        (self.events)(TrainEvent::Evaluating { step, images: self.val.loader.len_images() });
         let started = Instant::now();
-        let (result, _) = evaluate_split(
-            &self.runner.model,
-            &self.val.loader,
-            &self.val.ground_truth,
-            &self.categories,
-            &self.device,
-            |_| {},
-        )?;
+        let model = &self.runner.model;
+        let (result, _) =
+            evaluate_split(model, &self.val.loader, &self.val.ground_truth, &self.categories, &self.device)?;
         write_eval_json(&self.run.eval_json(), &result, started.elapsed().as_secs_f64())?;
+        files.metrics.push(MetricsEntry::Eval { step, epoch: self.state.epoch, stats: result.stats.to_vec() })?;
+        write_loss_plot(&self.run.loss_png(), &files.metrics.entries)?;
+        (self.events)(TrainEvent::Evaluated { step, result: &result });
         let ap = result.stats[0];
-        report.progress.println(&format!("step {}: AP {:.4} AP50 {:.4}", self.state.step, ap, result.stats[1]));
-        report.metrics.push(MetricsEntry::Eval {
-            step: self.state.step,
-            epoch: self.state.epoch,
-            stats: result.stats.to_vec(),
-        })?;
-        write_loss_plot(&self.run.loss_png(), &report.metrics.entries)?;
         if self.state.best_ap.is_none_or(|best| ap > best) {
             self.state.best_ap = Some(ap);
-            self.state.best_step = Some(self.state.step);
-            self.save("best")?;
+            self.state.best_step = Some(step);
+            self.save(CheckpointKind::Best)?;
         }
         Ok(Some(result))
     }
 
-    /// Writes a checkpoint and points `name` ("last" or "best") at it (on
-    /// the logging rank; the others have the same model and write nothing).
-    fn save(&self, name: &str) -> Result<()> {
-        if self.reporting.is_none() {
+    /// Writes a checkpoint and points `kind` at it (on the logging rank; the
+    /// others have the same model and write nothing).
+    fn save(&mut self, kind: CheckpointKind) -> Result<()> {
+        let Some(files) = &mut self.files else {
             return Ok(());
-        }
-        let data = self.runner.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
-        let model = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        drop(data);
+        };
         let ckpt = Checkpoint {
-            model,
+            model: model::state_dict(&self.runner.varmap),
             optimizer: self.runner.optimizer.state_tensors(),
             state: self.state.clone(),
             config_toml: self.config.to_toml(),
         };
-        checkpoint::save(&self.run.checkpoints(), name, &ckpt)?;
+        files.checkpoints.save(kind, &ckpt)?;
         Ok(())
     }
+}
+
+/// Reads the train and val splits and checks that the training split has
+/// something to learn from (and, over several ranks, a batch for each).
+fn load_splits(config: &Config, shard: Shard, events: &mut EventSink) -> Result<Splits> {
+    let train = load_split(&config.data, "train")?;
+    let annotations = train.files.annotations.display().to_string();
+    if train.dataset.images.is_empty() {
+        bail!("{annotations}: the training split has no images");
+    }
+    let val = load_split(&config.data, "val")?;
+    for split in [&train, &val] {
+        for line in split.dataset.report.warnings(&split.files.annotations) {
+            events(TrainEvent::Warning(line));
+        }
+    }
+    // Images without boxes are welcome as negatives, but a split of
+    // nothing else has nothing to learn (the warnings above say when every
+    // box was dropped as degenerate).
+    let images = &train.dataset.images;
+    if images.iter().all(|image| image.crowd.iter().all(|&crowd| crowd)) {
+        bail!(
+            "{annotations}: none of the {} training images has a box to learn from (crowd boxes do not count)",
+            images.len()
+        );
+    }
+    if shard.world > 1 && images.len() < config.train.batch_size * shard.world {
+        bail!(
+            "{annotations}: {} training images are fewer than one batch of {} per GPU on {} GPUs",
+            images.len(),
+            config.train.batch_size,
+            shard.world
+        );
+    }
+    Ok(Splits { train, val })
 }
 
 /// Fills `data.classes` and returns the classification width:
@@ -395,59 +342,56 @@ fn resolve_num_classes(config: &mut Config, categories: &CategoryMap) -> Result<
     }
 }
 
-/// The model, fresh or from a checkpoint or pretrained weights.
+/// The model: from the checkpoint a run resumes, from pretrained weights
+/// (`model.backbone.weights`), or fresh.
 fn build_model(
     config: &Config,
     num_classes: usize,
     device: &Device,
     checkpoint: Option<&Checkpoint>,
-) -> Result<(RetinaNet, VarMap, Vec<String>)> {
-    let loaded = match checkpoint {
-        Some(ckpt) => {
-            weights::build(&config.model, num_classes, device, config.train.seed, Some((&ckpt.model, LoadMode::Exact)))?
-        }
-        None if !config.model.backbone.weights.is_empty() => {
-            let path = resolve_weights(&config.model.backbone.weights, None)?;
-            let tensors = weights::read_safetensors(&path)?;
-            // A whole detector (torchvision names) or only an ImageNet backbone.
-            let mode = if tensors.keys().any(|k| k.starts_with(weights::BODY_PREFIX)) {
-                LoadMode::NewClasses
-            } else {
-                LoadMode::Backbone
-            };
-            weights::build(&config.model, num_classes, device, config.train.seed, Some((&tensors, mode)))
-                .with_context(|| format!("weights {}", path.display()))?
-        }
-        None => weights::build(&config.model, num_classes, device, config.train.seed, None)?,
+) -> Result<LoadedModel> {
+    let (cfg, seed) = (&config.model, config.train.seed);
+    if let Some(ckpt) = checkpoint {
+        return model::build(cfg, num_classes, device, seed, Some((&ckpt.model, LoadMode::Exact)));
+    }
+    if cfg.backbone.weights.is_empty() {
+        return model::build(cfg, num_classes, device, seed, None);
+    }
+    let path = resolve_weights_spec(&cfg.backbone.weights)?;
+    let tensors = read_weights(&path)?;
+    // A whole detector (torchvision names) or only an ImageNet backbone.
+    let mode = match tensors.keys().any(|k| k.starts_with(model::BODY_PREFIX)) {
+        true => LoadMode::NewClasses,
+        false => LoadMode::Backbone,
     };
-    Ok((loaded.model, loaded.varmap, loaded.notes))
+    model::build(cfg, num_classes, device, seed, Some((&tensors, mode)))
+        .with_context(|| format!("weights {}", path.display()))
 }
 
-/// loss.png: the loss terms and the learning rate against the step.
-pub fn write_loss_plot(path: &Path, entries: &[MetricsEntry]) -> Result<()> {
-    let mut series: [Vec<(f64, f64)>; 4] = Default::default();
-    for e in entries {
-        if let MetricsEntry::Train { step, loss, loss_cls, loss_box, lr, .. } = e {
-            let x = *step as f64;
-            for (s, y) in series.iter_mut().zip([*loss, *loss_cls, *loss_box, *lr]) {
-                s.push((x, y));
-            }
-        }
-    }
-    let [total, cls, bx, lr] = series;
-    let panels = [
-        Panel {
-            title: "training loss".into(),
-            x_desc: "step".into(),
-            y_desc: "loss".into(),
-            series: vec![("total".into(), total), ("classification".into(), cls), ("box regression".into(), bx)],
-        },
-        Panel {
-            title: "learning rate".into(),
-            x_desc: "step".into(),
-            y_desc: "lr".into(),
-            series: vec![("lr".into(), lr)],
-        },
-    ];
-    write_panels(path, &panels, (800, 360))
+/// The optimiser state and position of the checkpoint a run resumes, or
+/// those of a fresh run.
+fn restore(runner: &mut StepRunner, checkpoint: Option<Checkpoint>, seed: u64) -> Result<TrainState> {
+    let Some(ckpt) = checkpoint else {
+        return Ok(TrainState {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            optimizer_steps: 0,
+            normalizer_ema: runner.normalizer.ema,
+            best_ap: None,
+            best_step: None,
+            seed,
+        });
+    };
+    runner.optimizer.load_state(ckpt.optimizer, ckpt.state.optimizer_steps)?;
+    runner.normalizer.ema = ckpt.state.normalizer_ema;
+    Ok(ckpt.state)
+}
+
+/// The training loader (this rank's shard of each batch) and the val split.
+fn start_loaders(config: &Config, splits: Splits, shard: Shard) -> (Loader, ValSplit) {
+    let train = Loader::for_split(config, splits.train, true).with_shard(shard);
+    let ground_truth = splits.val.coco.clone();
+    let val = ValSplit { loader: Loader::for_split(config, splits.val, false), ground_truth };
+    (train, val)
 }

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 /// scripts/gpu-check.sh runs the parity tests on CUDA this way.
 pub fn test_device() -> Result<Device> {
     match std::env::var("RETINANET_TEST_DEVICE") {
-        Ok(spec) => candle_retinanet::device::parse_device(&spec),
+        Ok(spec) => candle_retinanet::config::parse_device(&spec),
         Err(_) => Ok(Device::Cpu),
     }
 }

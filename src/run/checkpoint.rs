@@ -10,6 +10,9 @@
 //! `step-N` name, and only then is the `last`/`best` link swapped, by
 //! renaming a new link over the old one (atomic on POSIX). At every moment
 //! `last` names a complete checkpoint. Folders no link names are removed.
+//! A folder name another run left (a resumed run reaching a step of the run
+//! it replaced) gets a suffix, `step-00001000-2`: a save always writes the
+//! weights it is given.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,11 +22,36 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-/// File names inside a checkpoint folder.
-pub const MODEL_FILE: &str = "model.safetensors";
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const STATE_FILE: &str = "state.json";
+/// File names inside a checkpoint folder (the run folder's config has the
+/// same name).
+pub(super) const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.toml";
+
+/// The two checkpoints a run keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointKind {
+    /// The latest: where `--resume` continues.
+    Last,
+    /// The best val AP so far: what `eval` and `predict` use.
+    Best,
+}
+
+impl CheckpointKind {
+    /// The name of its link in `checkpoints/`.
+    pub fn link_name(self) -> &'static str {
+        match self {
+            Self::Last => "last",
+            Self::Best => "best",
+        }
+    }
+}
+
+/// True when `folder` (or the link) holds a checkpoint.
+pub(super) fn is_checkpoint(folder: &Path) -> bool {
+    folder.join(STATE_FILE).is_file()
+}
 
 /// Everything besides tensors that resuming needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,18 +80,53 @@ pub struct Checkpoint {
     pub config_toml: String,
 }
 
-/// Writes `checkpoints/step-N` and points the link `name` ("last" or
-/// "best") at it.
-pub fn save(checkpoints: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
-    std::fs::create_dir_all(checkpoints).with_context(|| format!("cannot create {}", checkpoints.display()))?;
-    let folder_name = format!("step-{:08}", ckpt.state.step);
-    let folder = checkpoints.join(&folder_name);
-    if !folder.join(STATE_FILE).exists() {
-        write_folder(checkpoints, &folder, ckpt)?;
+/// Writes a run's checkpoints into its `checkpoints/` folder.
+pub struct CheckpointStore {
+    dir: PathBuf,
+    /// The step and folder name of the checkpoint this store wrote last.
+    written: Option<(usize, String)>,
+}
+
+impl CheckpointStore {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, written: None }
     }
-    point_link(checkpoints, name, &folder_name)?;
-    remove_unlinked(checkpoints);
-    Ok(folder)
+
+    /// Writes `ckpt` into a new `step-N` folder and points the `kind` link
+    /// at it. Saving the step this store has just written again (`best`
+    /// and `last` after the same evaluation) only points the link: the
+    /// weights are the same. A folder of that step left by another run (a
+    /// run abandoned past the checkpoint this one resumed from) is never
+    /// reused: the new folder gets a suffix (`step-N-2`) and the old one
+    /// goes once no link names it.
+    pub fn save(&mut self, kind: CheckpointKind, ckpt: &Checkpoint) -> Result<PathBuf> {
+        let step = ckpt.state.step;
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let folder_name = match &self.written {
+            Some((written, name)) if *written == step => name.clone(),
+            _ => {
+                let name = self.unused_folder_name(step);
+                write_folder(&self.dir, &self.dir.join(&name), ckpt)?;
+                self.written = Some((step, name.clone()));
+                name
+            }
+        };
+        point_link(&self.dir, kind.link_name(), &folder_name)?;
+        remove_unlinked(&self.dir);
+        Ok(self.dir.join(folder_name))
+    }
+
+    /// `step-N`, or `step-N-2`, `-3`, ... when another run left that name.
+    fn unused_folder_name(&self, step: usize) -> String {
+        let base = format!("step-{step:08}");
+        let mut name = base.clone();
+        let mut n = 2;
+        while self.dir.join(&name).exists() {
+            name = format!("{base}-{n}");
+            n += 1;
+        }
+        name
+    }
 }
 
 fn write_folder(checkpoints: &Path, folder: &Path, ckpt: &Checkpoint) -> Result<()> {
@@ -84,7 +147,6 @@ fn write_folder(checkpoints: &Path, folder: &Path, ckpt: &Checkpoint) -> Result<
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(err).with_context(|| format!("cannot write checkpoint into {}", checkpoints.display()));
     }
-    let _ = std::fs::remove_dir_all(folder); // a partial folder of an older crash
     std::fs::rename(&tmp, folder).with_context(|| format!("cannot move checkpoint to {}", folder.display()))?;
     sync_dir(checkpoints);
     Ok(())
@@ -121,8 +183,10 @@ fn sync_dir(dir: &Path) {
 
 /// Removes `step-N` folders and leftovers that no link points at.
 fn remove_unlinked(checkpoints: &Path) {
-    let linked: Vec<PathBuf> =
-        ["last", "best"].iter().filter_map(|l| std::fs::read_link(checkpoints.join(l)).ok()).collect();
+    let linked: Vec<PathBuf> = [CheckpointKind::Last, CheckpointKind::Best]
+        .iter()
+        .filter_map(|kind| std::fs::read_link(checkpoints.join(kind.link_name())).ok())
+        .collect();
     let Ok(entries) = std::fs::read_dir(checkpoints) else {
         return;
     };
@@ -140,7 +204,7 @@ fn remove_unlinked(checkpoints: &Path) {
 /// Reads only the `state.json` of a checkpoint folder.
 pub fn read_state(folder: &Path) -> Result<TrainState> {
     let state_path = folder.join(STATE_FILE);
-    if !state_path.is_file() {
+    if !is_checkpoint(folder) {
         bail!("{}: not a checkpoint folder (no {STATE_FILE})", folder.display());
     }
     let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
@@ -148,7 +212,7 @@ pub fn read_state(folder: &Path) -> Result<TrainState> {
 }
 
 /// Reads a checkpoint folder (or a link to one).
-pub fn load(folder: &Path, device: &Device) -> Result<Checkpoint> {
+pub fn load_checkpoint(folder: &Path, device: &Device) -> Result<Checkpoint> {
     let state = read_state(folder)?;
     let read_tensors = |file: &str| -> Result<HashMap<String, Tensor>> {
         let path = folder.join(file);
@@ -194,17 +258,20 @@ mod tests {
         dir
     }
 
+    use CheckpointKind::{Best, Last};
+
     #[test]
     fn last_and_best_links_and_garbage_collection() {
         let dir = temp("links");
-        save(&dir, "last", &checkpoint(10, 1.0)).unwrap();
-        save(&dir, "best", &checkpoint(10, 1.0)).unwrap();
-        save(&dir, "last", &checkpoint(20, 2.0)).unwrap();
-        save(&dir, "last", &checkpoint(30, 3.0)).unwrap();
-        let last = load(&dir.join("last"), &Device::Cpu).unwrap();
+        let mut store = CheckpointStore::new(dir.clone());
+        store.save(Last, &checkpoint(10, 1.0)).unwrap();
+        store.save(Best, &checkpoint(10, 1.0)).unwrap();
+        store.save(Last, &checkpoint(20, 2.0)).unwrap();
+        store.save(Last, &checkpoint(30, 3.0)).unwrap();
+        let last = load_checkpoint(&dir.join("last"), &Device::Cpu).unwrap();
         assert_eq!(last.state.step, 30);
         assert_eq!(last.model["w"].to_vec1::<f32>().unwrap(), vec![3.0, 3.0]);
-        assert_eq!(load(&dir.join("best"), &Device::Cpu).unwrap().state.step, 10);
+        assert_eq!(load_checkpoint(&dir.join("best"), &Device::Cpu).unwrap().state.step, 10);
         let mut names: Vec<String> =
             std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
@@ -214,21 +281,42 @@ mod tests {
     #[test]
     fn a_failed_write_keeps_the_previous_checkpoint() {
         let dir = temp("fail");
-        save(&dir, "last", &checkpoint(1, 1.0)).unwrap();
+        let mut store = CheckpointStore::new(dir.clone());
+        store.save(Last, &checkpoint(1, 1.0)).unwrap();
         // A file where the temporary folder goes makes the write fail, as a
         // full disk would, even for root.
         let blocker = dir.join(format!(".tmp-2-{}", std::process::id()));
         std::fs::write(&blocker, b"in the way").unwrap();
-        let err = save(&dir, "last", &checkpoint(2, 2.0)).err().unwrap();
+        let err = store.save(Last, &checkpoint(2, 2.0)).err().unwrap();
         assert!(format!("{err:#}").contains("cannot create"), "{err:#}");
-        assert_eq!(load(&dir.join("last"), &Device::Cpu).unwrap().state.step, 1);
+        assert_eq!(load_checkpoint(&dir.join("last"), &Device::Cpu).unwrap().state.step, 1);
+    }
+
+    #[test]
+    fn a_step_another_run_left_is_written_anew() {
+        let dir = temp("resumed");
+        let mut abandoned = CheckpointStore::new(dir.clone());
+        abandoned.save(Best, &checkpoint(10, 1.0)).unwrap();
+        abandoned.save(Last, &checkpoint(20, 2.0)).unwrap();
+        // A run resumed from step 10 with other settings reaches step 20.
+        let mut resumed = CheckpointStore::new(dir.clone());
+        resumed.save(Last, &checkpoint(20, 5.0)).unwrap();
+        resumed.save(Best, &checkpoint(20, 5.0)).unwrap();
+        for kind in ["last", "best"] {
+            let ckpt = load_checkpoint(&dir.join(kind), &Device::Cpu).unwrap();
+            assert_eq!(ckpt.model["w"].to_vec1::<f32>().unwrap(), vec![5.0, 5.0], "{kind}");
+        }
+        let mut names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, vec!["best", "last", "step-00000020-2"]);
     }
 
     #[test]
     fn loading_a_non_checkpoint_names_it() {
         let dir = temp("none");
         std::fs::create_dir_all(&dir).unwrap();
-        let err = load(&dir, &Device::Cpu).err().unwrap().to_string();
+        let err = load_checkpoint(&dir, &Device::Cpu).err().unwrap().to_string();
         assert!(err.contains("not a checkpoint folder"), "{err}");
     }
 }

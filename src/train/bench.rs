@@ -1,5 +1,7 @@
 //! `retinanet bench`: a training step or inference timed on random images
 //! with random boxes and a randomly initialised model (no file is read).
+//! It lives beside the training step it times; inference is timed through
+//! `infer`, as evaluation runs it.
 
 use std::time::Instant;
 
@@ -9,25 +11,34 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-pub use crate::cli::BenchMode;
+use super::step::{compute_dtype, StepOutcome, StepRunner};
 use crate::config::Config;
-use crate::data::loader::{Batch, Target};
-use crate::data::transforms::Transform;
-use crate::model::weights;
-use crate::train::step::{compute_dtype, StepOutcome, StepRunner};
+use crate::data::{Batch, Target, Transform};
+use crate::infer::detect_batch;
+use crate::model;
+
+/// What `retinanet bench` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BenchMode {
+    /// A full training step: forward, loss, backward, optimiser.
+    Train,
+    /// Inference: forward and postprocess.
+    Infer,
+}
 
 /// Classes of the random model when the config does not fix them (COCO's).
 pub const DEFAULT_CLASSES: usize = 80;
 /// Untimed steps before timing starts.
 pub const WARMUP_STEPS: usize = 2;
 
-/// The `--json` object of DESIGN.md.
+/// The `--json` object (docs/CLI.md).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchReport {
     pub mode: BenchMode,
     /// Input height (and width unless `width` differs).
     pub size: usize,
-    /// Not in the JSON, whose fields DESIGN.md fixes.
+    /// Not in the JSON, whose fields the contract fixes.
     #[serde(skip)]
     pub width: usize,
     pub batch: usize,
@@ -54,7 +65,7 @@ pub fn run(
         config.model.num_classes =
             if config.data.classes.is_empty() { DEFAULT_CLASSES } else { config.data.classes.len() };
     }
-    let loaded = weights::build(&config.model, config.model.num_classes, device, config.train.seed, None)?;
+    let loaded = model::build(&config.model, config.model.num_classes, device, config.train.seed, None)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
     let mut data =
         random_batch(&mut rng, (size, width), batch, config.model.num_classes, &Transform::new(&config.input))?;
@@ -74,7 +85,7 @@ pub fn run(
                 }
             }
             BenchMode::Infer => {
-                crate::inference::detect_batch(&runner.model, &infer_data, device)?;
+                detect_batch(&runner.model, &infer_data, device)?;
             }
         }
         device.synchronize()?;

@@ -6,18 +6,18 @@
 use rayon::prelude::*;
 
 use crate::config::AnchorConfig;
-use crate::data::coco::ImageEntry;
-use crate::data::transforms::{scale_boxes, Transform};
+use crate::data::{scale_boxes, ImageEntry, Transform};
+use crate::eval::{LARGE_AREA, SMALL_AREA};
 use crate::model::anchors::AnchorGenerator;
 use crate::ops::boxes::iou;
 
-/// COCO's area buckets on the original box: small < 32^2 <= medium < 96^2.
+/// COCO's size buckets on the original box: small < 32² <= medium < 96²
+/// (evaluation's area ranges, each box in one bucket).
 pub const BUCKETS: [&str; 4] = ["all", "small", "medium", "large"];
-const SMALL_AREA: f32 = 32.0 * 32.0;
-const LARGE_AREA: f32 = 96.0 * 96.0;
 
 /// The index in [`BUCKETS`] (1, 2 or 3) of a box of `area` square pixels.
 pub fn area_bucket(area: f32) -> usize {
+    let area = f64::from(area);
     if area < SMALL_AREA {
         1
     } else if area < LARGE_AREA {

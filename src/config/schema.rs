@@ -1,28 +1,11 @@
-//! Typed configuration: every key has a serde default, presets are compiled
-//! in, and `--set a.b=VALUE` overrides are checked against the schema.
-//!
-//! Resolution order (later wins): the struct defaults, the preset or file
-//! named by `--config` (which may name its own `base`, detectron2-style),
-//! then each `--set`. Unknown keys and mistyped values are rejected with the
-//! key's full path, before serde sees the tree.
+//! The config schema: one struct per table of the TOML file, every key with
+//! its default (the paper's and torchvision's values unless a comment says
+//! otherwise), and the range checks that types alone cannot express.
 
-use std::path::Path;
-
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::data::coco::{CategoryMap, CocoCategory, LabelMode};
-
-/// Presets shipped in `configs/`, compiled into the binary.
-pub const PRESETS: &[(&str, &str)] = &[
-    ("shapes", include_str!("../configs/shapes.toml")),
-    ("bccd", include_str!("../configs/bccd.toml")),
-    ("retinanet_r50_fpn_coco", include_str!("../configs/retinanet_r50_fpn_coco.toml")),
-    ("torchvision_retinanet_r50_fpn", include_str!("../configs/torchvision_retinanet_r50_fpn.toml")),
-];
-
-/// The preset used when `--config` is not given.
-pub const DEFAULT_PRESET: &str = "shapes";
+use super::presets::DEFAULT_PRESET;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -99,26 +82,15 @@ impl Default for DataConfig {
     }
 }
 
-impl DataConfig {
-    /// The label map recorded in the config (`classes`, `category_ids`),
-    /// so a trained model names its classes without its dataset.
-    pub fn category_map(&self) -> Result<CategoryMap> {
-        if self.classes.is_empty() || self.classes.len() != self.category_ids.len() {
-            bail!(
-                "config keys data.classes and data.category_ids: expected one category id per class name \
-                 ({} names, {} ids)",
-                self.classes.len(),
-                self.category_ids.len()
-            );
-        }
-        let categories: Vec<CocoCategory> = self
-            .category_ids
-            .iter()
-            .zip(&self.classes)
-            .map(|(&id, name)| CocoCategory { id, name: name.clone(), supercategory: None })
-            .collect();
-        CategoryMap::new(&categories, self.label_mode)
-    }
+/// How dataset category ids become model labels (`data.label_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelMode {
+    /// Categories sorted by id get labels 0, 1, 2, ...
+    #[default]
+    Contiguous,
+    /// The label is the category id itself (torchvision's COCO weights).
+    CategoryId,
 }
 
 /// The synthetic shapes dataset used when `data.root` is empty.
@@ -210,9 +182,16 @@ pub enum P6Source {
 #[serde(rename_all = "snake_case")]
 pub enum HeadNorm {
     None,
-    /// GroupNorm(32) after each tower conv, as torchvision v2.
+    /// GroupNorm([`HEAD_GN_GROUPS`]) after each tower conv, as torchvision v2.
     Gn,
 }
+
+/// Groups of the head's GroupNorm (`model.head.norm = "gn"`), torchvision
+/// v2's `GroupNorm(32)`.
+pub const HEAD_GN_GROUPS: usize = 32;
+
+/// Pyramid levels P3-P7: one anchor size each.
+pub const PYRAMID_LEVELS: usize = 5;
 
 /// Anchor conventions differ in rounding and ordering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -522,56 +501,10 @@ impl Default for EvalConfig {
 }
 
 impl Config {
-    /// Resolves `--config` (a preset name or a TOML path; None: the default
-    /// preset) and applies each `--set KEY=VALUE`.
-    pub fn resolve(config: Option<&str>, overrides: &[String]) -> Result<Self> {
-        let name = config.unwrap_or(DEFAULT_PRESET);
-        let mut tree = load_tree(name, 0)?;
-        for item in overrides {
-            apply_override(&mut tree, item)?;
-        }
-        if !tree.contains_key("name") {
-            tree.insert("name".into(), toml::Value::String(config_source_name(name)));
-        }
-        let config = Self::from_tree(tree)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Parses a resolved config as written beside a run (`config.toml`).
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Self::from_toml(&text).with_context(|| path.display().to_string())
-    }
-
-    /// [`Config::from_file`] on the file's text.
-    pub fn from_toml(text: &str) -> Result<Self> {
-        let tree: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{}", one_line(&e.to_string())))?;
-        let config = Self::from_tree(tree)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Checks a merged TOML tree against the schema and deserialises it;
-    /// errors name the key's full path.
-    fn from_tree(tree: toml::Table) -> Result<Self> {
-        let schema = toml::Value::try_from(Config::default()).expect("the default config serialises");
-        check_against_schema(&tree, &schema, "")?;
-        serde_path_to_error::deserialize(toml::Value::Table(tree))
-            .map_err(|e| anyhow!("config key {}: {}", e.path(), one_line(&e.inner().to_string())))
-    }
-
-    /// The config as TOML, for `config.toml` beside every run and checkpoint.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("the config serialises")
-    }
-
-    /// Checks value ranges that types alone cannot express.
+    /// Checks value ranges that types alone cannot express; errors name the
+    /// key.
     pub fn validate(&self) -> Result<()> {
-        let b = &self.model.backbone;
-        if ![18, 34, 50, 101].contains(&b.depth) {
-            bail!("config key model.backbone.depth: expected 18, 34, 50 or 101, got {}", b.depth);
-        }
+        self.model.validate()?;
         if self.input.min_size.is_empty() || self.input.min_size.contains(&0) {
             bail!("config key input.min_size: expected a non-empty list of positive sizes");
         }
@@ -581,9 +514,6 @@ impl Config {
         if self.train.batch_size == 0 {
             bail!("config key train.batch_size: expected a positive integer");
         }
-        if self.model.anchors.sizes.len() != 5 {
-            bail!("config key model.anchors.sizes: expected 5 sizes (P3-P7), got {}", self.model.anchors.sizes.len());
-        }
         if !(0.0..=1.0).contains(&self.input.hflip_prob) {
             bail!("config key input.hflip_prob: expected a probability in [0, 1]");
         }
@@ -591,136 +521,35 @@ impl Config {
     }
 }
 
-/// The run name a config source gives: the preset name or the file stem.
-fn config_source_name(source: &str) -> String {
-    Path::new(source).file_stem().map_or_else(|| source.to_string(), |s| s.to_string_lossy().into_owned())
-}
-
-/// Inheritance deeper than this is taken to be a cycle.
-const MAX_BASE_DEPTH: usize = 8;
-
-/// Reads a preset or file into a TOML table, merging in its `base` chain.
-fn load_tree(source: &str, depth: usize) -> Result<toml::Table> {
-    if depth > MAX_BASE_DEPTH {
-        bail!("config {source}: `base` chain is deeper than {MAX_BASE_DEPTH} (a cycle?)");
-    }
-    let (origin, text) = match PRESETS.iter().find(|(name, _)| *name == source) {
-        Some((name, text)) => (format!("preset {name}"), text.to_string()),
-        None => {
-            let path = Path::new(source);
-            if !path.exists() {
-                let names: Vec<_> = PRESETS.iter().map(|(n, _)| *n).collect();
-                bail!("config {source}: no such preset or file (presets: {})", names.join(", "));
-            }
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {source}"))?;
-            (source.to_string(), text)
+impl ModelConfig {
+    /// Checks each key's own range, naming the key. What depends on several
+    /// keys (group counts that must divide channel counts) and on the class
+    /// count (0 here means "from the dataset") is checked when the model is
+    /// built.
+    pub fn validate(&self) -> Result<()> {
+        let b = &self.backbone;
+        if ![18, 34, 50, 101].contains(&b.depth) {
+            bail!("config key model.backbone.depth: expected 18, 34, 50 or 101, got {}", b.depth);
         }
-    };
-    let mut tree: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", one_line(&e.to_string())))?;
-    let base = match tree.remove("base") {
-        None => return Ok(tree),
-        Some(toml::Value::String(base)) if base.is_empty() => return Ok(tree),
-        Some(toml::Value::String(base)) => base,
-        Some(other) => bail!("{origin}: config key base: expected a string, got {}", other.type_str()),
-    };
-    let mut merged = load_tree(&base, depth + 1).with_context(|| format!("{origin}: base {base}"))?;
-    // A run is named after the file given, not after what it inherits.
-    merged.remove("name");
-    merge(&mut merged, tree);
-    Ok(merged)
-}
-
-/// Deep-merges `over` into `into`; tables merge key by key, values replace.
-fn merge(into: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (into.get_mut(&key), value) {
-            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
-            (_, value) => {
-                into.insert(key, value);
-            }
+        let a = &self.anchors;
+        if a.sizes.len() != PYRAMID_LEVELS || a.sizes.iter().any(|&s| s <= 0.0) {
+            bail!(
+                "config key model.anchors.sizes: expected {PYRAMID_LEVELS} positive sizes (P3-P7), got {:?}",
+                a.sizes
+            );
         }
-    }
-}
-
-/// Applies one `a.b.c=VALUE`; VALUE is TOML, or else a bare string.
-fn apply_override(tree: &mut toml::Table, item: &str) -> Result<()> {
-    let Some((key, raw)) = item.split_once('=') else {
-        bail!("--set {item}: expected KEY=VALUE");
-    };
-    let key = key.trim();
-    let value = parse_value(raw.trim());
-    let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("--set {item}: empty key"))?;
-    let mut table = tree;
-    for (i, part) in parts.iter().enumerate() {
-        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| anyhow!("--set {item}: config key {} is not a table", parts[..=i].join(".")))?;
-    }
-    table.insert(last.to_string(), value);
-    Ok(())
-}
-
-fn parse_value(raw: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
-/// Rejects keys the schema lacks (listing the valid ones at that level) and
-/// values whose TOML type differs from the default's.
-fn check_against_schema(tree: &toml::Table, schema: &toml::Value, prefix: &str) -> Result<()> {
-    let schema = schema.as_table().expect("schema level is a table");
-    for (key, value) in tree {
-        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
-        let Some(expected) = schema.get(key) else {
-            let mut valid: Vec<&str> = schema.keys().map(String::as_str).collect();
-            valid.sort_unstable();
-            let level = if prefix.is_empty() { "the top level".to_string() } else { prefix.to_string() };
-            bail!("unknown config key {path}; valid keys at {level}: {}", valid.join(", "));
-        };
-        match (expected, value) {
-            (toml::Value::Table(_), toml::Value::Table(t)) => check_against_schema(t, expected, &path)?,
-            _ => check_type(&path, expected, value)?,
+        if a.scales.is_empty() || a.scales.iter().any(|&s| s <= 0.0) {
+            bail!("config key model.anchors.scales: expected positive scales, got {:?}", a.scales);
         }
+        if a.ratios.is_empty() || a.ratios.iter().any(|&r| r <= 0.0) {
+            bail!("config key model.anchors.ratios: expected positive ratios, got {:?}", a.ratios);
+        }
+        if !(self.head.prior_prob > 0.0 && self.head.prior_prob < 1.0) {
+            bail!("config key model.head.prior_prob: expected a probability in (0, 1), got {}", self.head.prior_prob);
+        }
+        if b.width == 0 || self.fpn.channels == 0 {
+            bail!("config key model.backbone.width / fpn.channels: expected positive channel counts");
+        }
+        Ok(())
     }
-    Ok(())
-}
-
-fn check_type(path: &str, expected: &toml::Value, value: &toml::Value) -> Result<()> {
-    use toml::Value as V;
-    let ok = match (expected, value) {
-        (V::Float(_), V::Integer(_)) => true, // 1 where 1.0 is expected
-        (V::Array(e), V::Array(v)) => match e.first() {
-            Some(first) => v.iter().all(|item| check_type(path, first, item).is_ok()),
-            None => true,
-        },
-        (e, v) => std::mem::discriminant(e) == std::mem::discriminant(v),
-    };
-    if ok {
-        return Ok(());
-    }
-    let expected_kind = match expected {
-        V::Array(e) => format!("an array of {}", e.first().map_or("values", kind_name)),
-        other => kind_name(other).to_string(),
-    };
-    bail!("config key {path}: expected {expected_kind}, got {} {value}", kind_name(value))
-}
-
-fn kind_name(v: &toml::Value) -> &'static str {
-    match v {
-        toml::Value::String(_) => "a string",
-        toml::Value::Integer(_) => "an integer",
-        toml::Value::Float(_) => "a number",
-        toml::Value::Boolean(_) => "a boolean",
-        toml::Value::Datetime(_) => "a datetime",
-        toml::Value::Array(_) => "an array",
-        toml::Value::Table(_) => "a table",
-    }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -1,16 +1,15 @@
-//! What a run tells a person while it trains: a progress bar with the loss
-//! terms, lr, speed and ETA on a terminal, or plain periodic log lines when
-//! stderr is not one; and `metrics.jsonl`, one JSON object per log step and
-//! per evaluation.
+//! What a run records while it trains: `metrics.jsonl`, one JSON object per
+//! log step and per evaluation, and `loss.png`, drawn from it.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
+
+use crate::viz::plot::{write_panels, Panel};
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,65 +109,31 @@ impl Window {
     }
 }
 
-/// The bar (on a terminal) or log lines (otherwise).
-pub struct Progress {
-    bar: Option<ProgressBar>,
-    total: usize,
-    started: Instant,
-    first_step: usize,
-}
-
-impl Progress {
-    pub fn new(total_steps: usize, start_step: usize) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(total_steps as u64).with_style(
-                ProgressStyle::with_template("{prefix} {bar:25} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-                    .expect("valid template"),
-            );
-            bar.set_position(start_step as u64);
-            bar
-        });
-        Self { bar, total: total_steps, started: Instant::now(), first_step: start_step }
-    }
-
-    /// Shows a train entry: updates the bar, or prints one line.
-    pub fn show(&self, entry: &MetricsEntry) {
-        let MetricsEntry::Train { step, epoch, loss, loss_cls, loss_box, lr, images_per_second } = entry else {
-            return;
-        };
-        let text =
-            format!("loss {loss:.4} (cls {loss_cls:.4} box {loss_box:.4}) lr {lr:.2e} {images_per_second:.1} img/s");
-        match &self.bar {
-            Some(bar) => {
-                bar.set_prefix(format!("epoch {epoch}"));
-                bar.set_message(text);
-                bar.set_position(*step as u64);
+/// loss.png: the loss terms and the learning rate against the step.
+pub fn write_loss_plot(path: &Path, entries: &[MetricsEntry]) -> Result<()> {
+    let mut series: [Vec<(f64, f64)>; 4] = Default::default();
+    for e in entries {
+        if let MetricsEntry::Train { step, loss, loss_cls, loss_box, lr, .. } = e {
+            let x = *step as f64;
+            for (s, y) in series.iter_mut().zip([*loss, *loss_cls, *loss_box, *lr]) {
+                s.push((x, y));
             }
-            None => eprintln!("step {step}/{} epoch {epoch} {text} eta {}", self.total, self.eta(*step)),
         }
     }
-
-    /// Prints a line without breaking the bar.
-    pub fn println(&self, line: &str) {
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
-        }
-    }
-
-    fn eta(&self, step: usize) -> String {
-        let done = step.saturating_sub(self.first_step);
-        if done == 0 {
-            return "?".into();
-        }
-        let per_step = self.started.elapsed().as_secs_f64() / done as f64;
-        let seconds = (per_step * self.total.saturating_sub(step) as f64) as u64;
-        format!("{}m{:02}s", seconds / 60, seconds % 60)
-    }
-
-    pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
+    let [total, cls, bx, lr] = series;
+    let panels = [
+        Panel {
+            title: "training loss".into(),
+            x_desc: "step".into(),
+            y_desc: "loss".into(),
+            series: vec![("total".into(), total), ("classification".into(), cls), ("box regression".into(), bx)],
+        },
+        Panel {
+            title: "learning rate".into(),
+            x_desc: "step".into(),
+            y_desc: "lr".into(),
+            series: vec![("lr".into(), lr)],
+        },
+    ];
+    write_panels(path, &panels, (800, 360))
 }

@@ -1,0 +1,22 @@
+//! Configuration: what to train and run, and where. Every key has a serde
+//! default (`schema`), presets are compiled in (`presets`), a config file
+//! may inherit a `base` and `--set a.b=VALUE` overrides any key
+//! (`resolve`); `--device` names the Candle device (`device`).
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use candle_retinanet::config::Config;
+//! let config = Config::resolve(Some("bccd"), &["train.batch_size=2".to_string()])?;
+//! assert_eq!(config.train.batch_size, 2);
+//! # Ok(())
+//! # }
+//! ```
+
+mod device;
+mod presets;
+mod resolve;
+mod schema;
+
+pub use device::parse_device;
+pub use presets::{DEFAULT_PRESET, PRESETS};
+pub use schema::*;
