@@ -16,13 +16,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 on CPU, CUDA or Metal. `retinanet train` with no arguments trains the `shapes` preset \
 on a synthetic dataset it generates on first use."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Train a detector (default: the `shapes` preset on synthetic data).
     Train(TrainArgs),
     /// Score a model on a split, or a COCO results file against ground truth.
@@ -39,7 +39,7 @@ pub enum Command {
 
 /// Options shared by every command that reads a config.
 #[derive(Debug, Args, Clone, Default)]
-pub struct ConfigArgs {
+pub(crate) struct ConfigArgs {
     /// Preset name (shapes, bccd, retinanet_r50_fpn_coco,
     /// torchvision_retinanet_r50_fpn) or path to a TOML config.
     #[arg(long, value_name = "CFG")]
@@ -52,14 +52,14 @@ pub struct ConfigArgs {
 
 /// `--device`, shared by every command that runs a model.
 #[derive(Debug, Args, Clone)]
-pub struct DeviceArg {
+pub(crate) struct DeviceArg {
     /// Device: auto, cpu, cuda, cuda:N, metal, metal:N.
     #[arg(id = "device", long = "device", default_value = "auto", value_name = "D")]
     pub spec: String,
 }
 
 #[derive(Debug, Args)]
-pub struct TrainArgs {
+pub(crate) struct TrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -78,7 +78,7 @@ pub struct TrainArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct EvalArgs {
+pub(crate) struct EvalArgs {
     /// Model weights: a run folder, a checkpoint folder or a .safetensors file.
     #[arg(long, value_name = "W", conflicts_with_all = ["gt", "dt"])]
     pub weights: Option<PathBuf>,
@@ -104,7 +104,7 @@ pub struct EvalArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct PredictArgs {
+pub(crate) struct PredictArgs {
     /// Model weights: a run folder, a checkpoint folder or a .safetensors file.
     #[arg(long, value_name = "W")]
     pub weights: PathBuf,
@@ -127,7 +127,7 @@ pub struct PredictArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct SynthArgs {
+pub(crate) struct SynthArgs {
     /// Dataset folder to write (images/ and annotations/ inside).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -146,7 +146,7 @@ pub struct SynthArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct InspectArgs {
+pub(crate) struct InspectArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Split to inspect: train, val, or an annotation file relative to data.root.
@@ -159,13 +159,13 @@ pub struct InspectArgs {
 
 /// `--mode` of `bench` (the library's `BenchMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BenchModeArg {
+pub(crate) enum BenchModeArg {
     Train,
     Infer,
 }
 
 #[derive(Debug, Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// What to time: a full training step, or inference.

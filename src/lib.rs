@@ -21,6 +21,10 @@
 //!
 //! Data flows one way: dataset -> transforms -> batches -> model -> loss
 //! (training) or postprocess -> detections -> COCO evaluation / drawing.
+//!
+//! Everything else is `pub(crate)`; `unreachable_pub` keeps it that way.
+
+#![warn(unreachable_pub)]
 
 pub mod config;
 pub mod data;

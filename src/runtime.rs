@@ -15,7 +15,7 @@
 /// - glibc returns large freed blocks to the kernel at once, so every step
 ///   page-faults its activations in again (about 15% of a step). Keeping
 ///   them in the heap (as PyTorch's caching allocator does) avoids that.
-pub fn configure() {
+pub(crate) fn configure() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }

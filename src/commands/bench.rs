@@ -6,7 +6,7 @@ use candle_retinanet::train::{self, BenchMode};
 
 use crate::cli::{BenchArgs, BenchModeArg};
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub(super) fn run(args: BenchArgs) -> Result<()> {
     let config = Config::resolve(args.config.config.as_deref(), &args.config.overrides)?;
     let device = parse_device(&args.device.spec)?;
     let mode = match args.mode {

@@ -19,7 +19,7 @@ use super::print_eval_summary;
 use crate::cli::EvalArgs;
 
 /// Runs `retinanet eval`.
-pub fn run(args: &EvalArgs) -> Result<()> {
+pub(super) fn run(args: &EvalArgs) -> Result<()> {
     match (&args.gt, &args.dt, &args.weights) {
         (Some(gt), Some(dt), _) => {
             let start = Instant::now();

@@ -17,7 +17,7 @@ const SAMPLES: usize = 16;
 /// Below this share of boxes with an IoU >= 0.5 anchor, a hint is printed.
 const COVERAGE_HINT: f64 = 0.9;
 
-pub fn run(args: InspectArgs) -> Result<()> {
+pub(super) fn run(args: InspectArgs) -> Result<()> {
     let config = Config::resolve(args.config.config.as_deref(), &args.config.overrides)?;
     let LoadedSplit { dataset, files, .. } = load_split(&config.data, &args.split)?;
     let mut problems = dataset.report.warnings(&files.annotations);

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_retinanet::train::{NCCL_ID_ENV, RANK_ENV, WORLD_SIZE_ENV};
 
 /// The GPU ordinals of `--gpus`: a comma-separated list of distinct numbers.
-pub fn parse_gpus(list: &str) -> Result<Vec<usize>> {
+pub(super) fn parse_gpus(list: &str) -> Result<Vec<usize>> {
     let mut gpus = Vec::new();
     for item in list.split(',') {
         let gpu: usize = item.trim().parse().with_context(|| format!("--gpus {list}: `{item}` is not a GPU number"))?;
@@ -39,7 +39,7 @@ fn group_id() -> Result<String> {
 /// Starts a rank per GPU into the run folder `out` and waits for all of
 /// them. A Ctrl-C reaches every rank from the terminal; they agree on a
 /// step to stop at and rank 0 saves a checkpoint, so this process only waits.
-pub fn launch(gpus: &[usize], out: &Path) -> Result<()> {
+pub(super) fn launch(gpus: &[usize], out: &Path) -> Result<()> {
     let id = group_id()?;
     let program = std::env::current_exe().context("cannot find this program to start the ranks")?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();

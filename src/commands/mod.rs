@@ -17,7 +17,7 @@ mod synth;
 mod train;
 
 /// Runs one parsed command.
-pub fn run(command: Command) -> Result<()> {
+pub(crate) fn run(command: Command) -> Result<()> {
     match command {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(&args),

@@ -37,7 +37,7 @@ struct DetectionJson {
     label: String,
 }
 
-pub fn run(args: PredictArgs) -> Result<()> {
+pub(super) fn run(args: PredictArgs) -> Result<()> {
     let source = WeightsSource::locate(&args.weights)?;
     let mut config = source.config(args.config.config.as_deref(), &args.config.overrides)?;
     if let Some(thresh) = args.score_thresh {

@@ -10,12 +10,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// Shows a run's events; the bar appears when training starts.
 #[derive(Default)]
-pub struct TrainDisplay {
+pub(super) struct TrainDisplay {
     progress: Option<Progress>,
 }
 
 impl TrainDisplay {
-    pub fn show(&mut self, event: TrainEvent<'_>) {
+    pub(super) fn show(&mut self, event: TrainEvent<'_>) {
         match event {
             TrainEvent::Warning(line) => self.println(&format!("warning: {line}")),
             TrainEvent::Note(line) => self.println(&format!("note: {line}")),
@@ -38,7 +38,7 @@ impl TrainDisplay {
     }
 
     /// Clears the bar when training has ended.
-    pub fn finish(&self) {
+    pub(super) fn finish(&self) {
         if let Some(progress) = &self.progress {
             progress.finish();
         }

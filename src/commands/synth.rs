@@ -6,7 +6,7 @@ use candle_retinanet::data::{write_dataset, SynthSpec};
 
 use crate::cli::SynthArgs;
 
-pub fn run(args: SynthArgs) -> Result<()> {
+pub(super) fn run(args: SynthArgs) -> Result<()> {
     let spec = SynthSpec { train: args.train, val: args.val, size: args.size, seed: args.seed };
     if spec.size < 32 {
         anyhow::bail!("--size {}: images must be at least 32 px", spec.size);

@@ -19,7 +19,7 @@ use super::print_eval_summary;
 use super::progress::TrainDisplay;
 use crate::cli::TrainArgs;
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub(super) fn run(args: TrainArgs) -> Result<()> {
     let resume = args.resume.as_deref().map(ResumePoint::locate).transpose()?;
     let config = match &resume {
         Some(point) => {

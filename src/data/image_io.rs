@@ -19,7 +19,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 /// Most bytes a decoded image may take (a 16-bit RGBA 8192x8192 image).
 /// A header can claim any size: without a cap a 33 kB PNG asked for 30 GB
 /// (found by fuzzing, tests/fixtures/images/huge_dimensions.png).
-pub const MAX_DECODED_BYTES: u64 = 512 << 20;
+pub(super) const MAX_DECODED_BYTES: u64 = 512 << 20;
 
 /// [`load_rgb`] on the bytes of an image file.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {

@@ -17,7 +17,7 @@ pub struct SplitFiles {
 }
 
 /// The dataset folder: `data.root`, or the cached synthetic set when empty.
-pub fn dataset_root(cfg: &DataConfig) -> Result<PathBuf> {
+pub(super) fn dataset_root(cfg: &DataConfig) -> Result<PathBuf> {
     if !cfg.root.is_empty() {
         let root = PathBuf::from(&cfg.root);
         if !root.is_dir() {
@@ -30,7 +30,7 @@ pub fn dataset_root(cfg: &DataConfig) -> Result<PathBuf> {
 }
 
 /// `split` is `train`, `val`, or an annotation file relative to the root.
-pub fn split_files(cfg: &DataConfig, split: &str) -> Result<SplitFiles> {
+pub(super) fn split_files(cfg: &DataConfig, split: &str) -> Result<SplitFiles> {
     let root = dataset_root(cfg)?;
     let relative = match split {
         "train" => cfg.train.as_str(),

@@ -18,14 +18,14 @@ pub const CLASSES: [&str; 3] = ["circle", "square", "triangle"];
 const CIRCLE: usize = 0;
 const SQUARE: usize = 1;
 /// Share of images without any shape (negative samples).
-pub const EMPTY_FRACTION: f64 = 0.05;
+pub(super) const EMPTY_FRACTION: f64 = 0.05;
 /// Shape side range in pixels (capped at 60% of the image side).
 pub const MIN_SHAPE: u32 = 8;
 pub const MAX_SHAPE: u32 = 120;
 /// Most shapes in one image.
-pub const MAX_SHAPES: usize = 6;
+pub(super) const MAX_SHAPES: usize = 6;
 /// Placements overlapping an earlier shape more than this IoU are retried.
-pub const MAX_OVERLAP_IOU: f64 = 0.3;
+pub(super) const MAX_OVERLAP_IOU: f64 = 0.3;
 /// Least difference in mean intensity between a shape and the background.
 const MIN_CONTRAST: f32 = 60.0;
 
@@ -87,7 +87,7 @@ pub fn write_dataset(dir: &Path, spec: SynthSpec) -> Result<()> {
 /// The dataset for `spec` in the cache folder, generated on first use. It is
 /// built in a temporary folder and renamed into place, so an interrupted
 /// generation is never mistaken for a finished one.
-pub fn ensure_cached(spec: SynthSpec) -> Result<PathBuf> {
+pub(super) fn ensure_cached(spec: SynthSpec) -> Result<PathBuf> {
     let dir = cache_root().join(format!("shapes-{}-{}-{}-{}", spec.train, spec.val, spec.size, spec.seed));
     if dir.join("annotations/instances_val.json").exists() {
         return Ok(dir);
@@ -107,7 +107,7 @@ pub fn ensure_cached(spec: SynthSpec) -> Result<PathBuf> {
 
 /// `$RETINANET_CACHE`, else `$XDG_CACHE_HOME/candle-retinanet`, else
 /// `~/.cache/candle-retinanet`: never inside the repository.
-pub fn cache_root() -> PathBuf {
+pub(super) fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("RETINANET_CACHE") {
         return PathBuf::from(dir);
     }

@@ -10,7 +10,7 @@ const EPS: f64 = f64::EPSILON;
 /// One category's curves; -1 where the category has no ground truth in
 /// that area range (or no image with boxes at all).
 #[derive(Debug, Clone, PartialEq)]
-pub struct CategoryCurves {
+pub(super) struct CategoryCurves {
     /// `[T, R, A, M]` interpolated precision at each recall threshold.
     pub precision: Vec<f64>,
     /// `[T, A, M]` final recall.
@@ -19,7 +19,7 @@ pub struct CategoryCurves {
 
 /// Accumulates one category. `evals` are the non-empty image results in
 /// image-id order (pycocotools' `E`).
-pub fn accumulate_category(evals: &[ImageEval], params: &EvalParams) -> CategoryCurves {
+pub(super) fn accumulate_category(evals: &[ImageEval], params: &EvalParams) -> CategoryCurves {
     let (t_len, r_len) = (params.iou_thresholds.len(), params.recall_thresholds.len());
     let (a_len, m_len) = (params.area_ranges.len(), params.max_dets.len());
     let mut curves = CategoryCurves {

@@ -5,7 +5,7 @@ use super::params::EvalParams;
 
 /// A ground-truth box as the evaluator sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GtBox {
+pub(super) struct GtBox {
     /// `[x, y, w, h]`.
     pub bbox: [f64; 4],
     /// The annotation's `area` field (`w * h` when absent).
@@ -21,7 +21,7 @@ pub struct GtBox {
 
 /// A detection as the evaluator sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DtBox {
+pub(super) struct DtBox {
     /// `[x, y, w, h]`.
     pub bbox: [f64; 4],
     /// `w * h`, as `loadRes` sets it.
@@ -31,7 +31,7 @@ pub struct DtBox {
 
 /// What one detection counts as, at one IoU threshold and area range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(super) enum Outcome {
     /// Matched to an ignored box, or unmatched and outside the area range.
     Ignored,
     TruePositive,
@@ -40,7 +40,7 @@ pub enum Outcome {
 
 /// `evaluateImg` for every area range at once.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ImageEval {
+pub(super) struct ImageEval {
     /// `[D]` detection scores, best first, `D <= max(max_dets)`.
     pub scores: Vec<f64>,
     /// `[A, D, T]` outcome of each detection, row-major.
@@ -53,7 +53,7 @@ pub struct ImageEval {
 
 impl ImageEval {
     /// `[T]` outcomes of detection `d` for area range `a`.
-    pub fn outcomes_at(&self, a: usize, d: usize) -> &[Outcome] {
+    pub(super) fn outcomes_at(&self, a: usize, d: usize) -> &[Outcome] {
         let start = (a * self.scores.len() + d) * self.thresholds;
         &self.outcomes[start..start + self.thresholds]
     }
@@ -62,7 +62,7 @@ impl ImageEval {
 /// Evaluates one image and category; `None` when it has neither ground
 /// truth nor detections (pycocotools' `None` entry). `gts` and `dts` are in
 /// file order.
-pub fn evaluate_image(gts: &[GtBox], dts: &[DtBox], params: &EvalParams) -> Option<ImageEval> {
+pub(super) fn evaluate_image(gts: &[GtBox], dts: &[DtBox], params: &EvalParams) -> Option<ImageEval> {
     if gts.is_empty() && dts.is_empty() {
         return None;
     }
@@ -111,7 +111,7 @@ fn iou_matrix(dts: &[DtBox], gts: &[GtBox]) -> Vec<f64> {
 /// pycocotools' `bbIou` (maskApi.c) for one pair of `[x, y, w, h]` boxes,
 /// same operations in the same order: for a crowd box the union is the
 /// detection's area.
-pub fn box_iou(d: &[f64; 4], g: &[f64; 4], crowd: bool) -> f64 {
+pub(super) fn box_iou(d: &[f64; 4], g: &[f64; 4], crowd: bool) -> f64 {
     let w = (d[2] + d[0]).min(g[2] + g[0]) - d[0].max(g[0]);
     if w <= 0.0 {
         return 0.0;

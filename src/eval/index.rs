@@ -12,7 +12,7 @@ use crate::data::CocoJson;
 /// What gets evaluated: `imgIds = sorted(unique gt image ids)` and
 /// `catIds = sorted(unique category ids)`.
 #[derive(Debug, Clone)]
-pub struct EvalIndex {
+pub(super) struct EvalIndex {
     /// `[I]` image ids, ascending.
     pub image_ids: Vec<u64>,
     /// `[K]` `(category id, name)`, ascending by id (first name for a repeated id).
@@ -25,7 +25,7 @@ pub struct EvalIndex {
 /// order. Only non-empty groups are stored, so memory stays proportional to
 /// the items, not to categories x images.
 #[derive(Debug, Clone)]
-pub struct Buckets<T> {
+pub(super) struct Buckets<T> {
     /// `(k, i)` of each non-empty group, ascending.
     keys: Vec<(usize, usize)>,
     /// `[groups + 1]` start of each group in `items`.
@@ -51,7 +51,7 @@ impl<T: Copy> Buckets<T> {
     }
 
     /// `(image index, items)` of category index `k`, ascending by image.
-    pub fn category(&self, k: usize) -> impl Iterator<Item = (usize, &[T])> + '_ {
+    pub(super) fn category(&self, k: usize) -> impl Iterator<Item = (usize, &[T])> + '_ {
         let lo = self.keys.partition_point(|&(kk, _)| kk < k);
         let hi = self.keys.partition_point(|&(kk, _)| kk <= k);
         (lo..hi).map(|g| (self.keys[g].1, &self.items[self.offsets[g]..self.offsets[g + 1]]))
@@ -59,11 +59,11 @@ impl<T: Copy> Buckets<T> {
 }
 
 /// One image of one category: its ground truth and detections, file order.
-pub type ImageBoxes<'a> = (&'a [GtBox], &'a [DtBox]);
+pub(super) type ImageBoxes<'a> = (&'a [GtBox], &'a [DtBox]);
 
 /// The images of category index `k` that have ground truth or detections
 /// (those whose `evaluateImg` is not `None`), ascending by image index.
-pub fn images_with_boxes<'a>(gts: &'a Buckets<GtBox>, dts: &'a Buckets<DtBox>, k: usize) -> Vec<ImageBoxes<'a>> {
+pub(super) fn images_with_boxes<'a>(gts: &'a Buckets<GtBox>, dts: &'a Buckets<DtBox>, k: usize) -> Vec<ImageBoxes<'a>> {
     let mut g = gts.category(k).peekable();
     let mut d = dts.category(k).peekable();
     let mut images = Vec::new();
@@ -81,7 +81,7 @@ pub fn images_with_boxes<'a>(gts: &'a Buckets<GtBox>, dts: &'a Buckets<DtBox>, k
 }
 
 impl EvalIndex {
-    pub fn new(gt: &CocoJson) -> Self {
+    pub(super) fn new(gt: &CocoJson) -> Self {
         let mut image_ids: Vec<u64> = gt.images.iter().map(|im| im.id).collect();
         image_ids.sort_unstable();
         image_ids.dedup();
@@ -104,7 +104,7 @@ impl EvalIndex {
     /// category is not listed are left out, as pycocotools leaves them out.
     /// A repeated annotation id is an error (pycocotools would silently
     /// evaluate the last annotation with that id in place of the others).
-    pub fn ground_truth(&self, gt: &CocoJson) -> Result<Buckets<GtBox>> {
+    pub(super) fn ground_truth(&self, gt: &CocoJson) -> Result<Buckets<GtBox>> {
         let mut seen = HashSet::new();
         let mut keyed = Vec::with_capacity(gt.annotations.len());
         for (n, ann) in gt.annotations.iter().enumerate() {
@@ -125,7 +125,7 @@ impl EvalIndex {
     }
 
     /// Detections by (category, image); errors name the detection's index.
-    pub fn detections(&self, dts: &[Detection]) -> Result<Buckets<DtBox>> {
+    pub(super) fn detections(&self, dts: &[Detection]) -> Result<Buckets<DtBox>> {
         let mut keyed = Vec::with_capacity(dts.len());
         for (n, d) in dts.iter().enumerate() {
             let key = self.detection_key(d).with_context(|| format!("detection {n}"))?;
@@ -137,7 +137,7 @@ impl EvalIndex {
     /// The group of a detection; errors when a number is not finite, or the
     /// image id or category id is not in the ground truth (pycocotools'
     /// `loadRes` asserts the image ids; it would skip unknown categories).
-    pub fn detection_key(&self, d: &Detection) -> Result<(usize, usize)> {
+    pub(super) fn detection_key(&self, d: &Detection) -> Result<(usize, usize)> {
         d.check_finite()?;
         let Some(&i) = self.image_of.get(&d.image_id) else {
             bail!("image_id {} is not in the ground truth", d.image_id);

@@ -3,8 +3,8 @@
 use anyhow::{bail, Result};
 
 /// COCO's object sizes: small below 32² square pixels, large above 96².
-pub const SMALL_AREA: f64 = 32.0 * 32.0;
-pub const LARGE_AREA: f64 = 96.0 * 96.0;
+pub(crate) const SMALL_AREA: f64 = 32.0 * 32.0;
+pub(crate) const LARGE_AREA: f64 = 96.0 * 96.0;
 
 /// A named object-area range; a box is inside when `lo <= area <= hi`.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,7 +98,7 @@ impl EvalParams {
 
 /// `np.linspace(start, stop, num)` bit for bit: `i * step + start` with
 /// `step = (stop - start) / (num - 1)`, and the last value set to `stop`.
-pub fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+pub(super) fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     if num == 1 {
         return vec![start];
     }

@@ -6,7 +6,7 @@ use super::params::EvalParams;
 
 /// Which slice of precision or recall one summary number averages.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StatSpec {
+pub(super) struct StatSpec {
     /// Average precision (over `precision`) or recall (over `recall`).
     pub ap: bool,
     /// One IoU threshold (looked up by equality), or all of them.
@@ -20,7 +20,7 @@ pub struct StatSpec {
 /// The 12 slices of `_summarizeDets`, in order: AP, AP50, AP75, APs, APm,
 /// APl, AR1, AR10, AR100, ARs, ARm, ARl. The first uses maxDets 100
 /// literally; the others `max_dets[0..3]`.
-pub fn stat_specs(params: &EvalParams) -> [StatSpec; 12] {
+pub(super) fn stat_specs(params: &EvalParams) -> [StatSpec; 12] {
     let md = |i: usize| params.max_dets.get(i).copied();
     let spec = |ap, iou, area, max_dets| StatSpec { ap, iou, area, max_dets };
     [
@@ -42,7 +42,7 @@ pub fn stat_specs(params: &EvalParams) -> [StatSpec; 12] {
 /// Mean of the entries > -1 in the slice `spec` selects (for one category
 /// index when `category` is set), or -1 when there are none. The sum is
 /// numpy's pairwise sum over the entries in C order, as `np.mean` does.
-pub fn mean_of(
+pub(super) fn mean_of(
     spec: &StatSpec,
     precision: &Grid<5>,
     recall: &Grid<4>,
@@ -79,13 +79,13 @@ pub fn mean_of(
 }
 
 /// The 12 summary numbers.
-pub fn stats(precision: &Grid<5>, recall: &Grid<4>, params: &EvalParams) -> [f64; 12] {
+pub(super) fn stats(precision: &Grid<5>, recall: &Grid<4>, params: &EvalParams) -> [f64; 12] {
     stat_specs(params).map(|spec| mean_of(&spec, precision, recall, params, None))
 }
 
 /// pycocotools' printed line for one stat, e.g.
 /// ` Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.123`.
-pub fn stat_line(spec: &StatSpec, params: &EvalParams, value: f64) -> String {
+pub(super) fn stat_line(spec: &StatSpec, params: &EvalParams, value: f64) -> String {
     let (title, kind) = if spec.ap { ("Average Precision", "(AP)") } else { ("Average Recall", "(AR)") };
     let iou = match spec.iou {
         Some(x) => format!("{x:.2}"),
@@ -100,7 +100,7 @@ pub fn stat_line(spec: &StatSpec, params: &EvalParams, value: f64) -> String {
 
 /// numpy's pairwise summation for float64 (`pairwise_sum_DOUBLE`): plain
 /// below 8 values, 8 interleaved accumulators up to 128, halves above.
-pub fn numpy_sum(values: &[f64]) -> f64 {
+pub(super) fn numpy_sum(values: &[f64]) -> f64 {
     let n = values.len();
     if n < 8 {
         values.iter().fold(0.0, |acc, &v| acc + v)

@@ -9,7 +9,7 @@ use crate::model::{Detections, RetinaNet};
 
 /// The `(height, width)` sizes of one image of a batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ImageSizes {
+pub(super) struct ImageSizes {
     /// After resizing, before padding.
     pub resized: (usize, usize),
     pub original: (usize, usize),
@@ -25,7 +25,7 @@ pub fn detect_batch(model: &RetinaNet, batch: &Batch, device: &Device) -> Result
 
 /// Runs the model on padded `images [n, 3, h, w]`, one [`ImageSizes`] per
 /// image; the boxes come back in original pixels, best score first.
-pub fn detect_images(
+pub(super) fn detect_images(
     model: &RetinaNet,
     images: &Tensor,
     sizes: &[ImageSizes],

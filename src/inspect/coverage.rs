@@ -16,7 +16,7 @@ use crate::ops::boxes::iou;
 pub const BUCKETS: [&str; 4] = ["all", "small", "medium", "large"];
 
 /// The index in [`BUCKETS`] (1, 2 or 3) of a box of `area` square pixels.
-pub fn area_bucket(area: f32) -> usize {
+pub(super) fn area_bucket(area: f32) -> usize {
     let area = f64::from(area);
     if area < SMALL_AREA {
         1
@@ -72,14 +72,14 @@ pub type CoverageTable = Vec<[Coverage; 4]>;
 
 /// Feature-map sizes P3..P7 of a padded input: each stride-2 stage of the
 /// backbone and of P6/P7 maps `n` to `ceil(n / 2)`.
-pub fn grid_sizes(padded: (usize, usize)) -> Vec<(usize, usize)> {
+pub(super) fn grid_sizes(padded: (usize, usize)) -> Vec<(usize, usize)> {
     let half = |(h, w): (usize, usize)| (h.div_ceil(2), w.div_ceil(2));
     let p3 = half(half(half(padded)));
     std::iter::successors(Some(p3), |&g| Some(half(g))).take(5).collect()
 }
 
 /// Coverage of the non-crowd boxes of `images` (evaluation-size transform).
-pub fn anchor_coverage(
+pub(super) fn anchor_coverage(
     images: &[ImageEntry],
     transform: &Transform,
     anchors: &AnchorConfig,

@@ -38,7 +38,7 @@ impl Anchors {
 
 /// Cell anchors per level plus a cache of the anchors per padded size.
 #[derive(Debug)]
-pub struct AnchorGenerator {
+pub(crate) struct AnchorGenerator {
     convention: AnchorConvention,
     /// Anchors centred on (0, 0), A per level.
     cell_anchors: Vec<Vec<BoxXyxy>>,
@@ -49,7 +49,7 @@ pub struct AnchorGenerator {
 type AnchorKey = ((usize, usize), Vec<(usize, usize)>);
 
 impl AnchorGenerator {
-    pub fn new(cfg: &AnchorConfig) -> Self {
+    pub(crate) fn new(cfg: &AnchorConfig) -> Self {
         let cell_anchors = cfg
             .sizes
             .iter()
@@ -62,13 +62,13 @@ impl AnchorGenerator {
     }
 
     /// Anchors per location (A).
-    pub fn num_anchors_per_location(&self) -> usize {
+    pub(crate) fn num_anchors_per_location(&self) -> usize {
         self.cell_anchors[0].len()
     }
 
     /// Anchors for a padded batch of `image_size` (height, width) whose
     /// feature maps have `grid_sizes`; computed once per distinct size.
-    pub fn anchors(&self, image_size: (usize, usize), grid_sizes: &[(usize, usize)]) -> Arc<Anchors> {
+    pub(crate) fn anchors(&self, image_size: (usize, usize), grid_sizes: &[(usize, usize)]) -> Arc<Anchors> {
         let key = (image_size, grid_sizes.to_vec());
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         cache.entry(key).or_insert_with(|| Arc::new(self.generate(image_size, grid_sizes))).clone()

@@ -8,7 +8,7 @@ use crate::config::BoxCoderConfig;
 use crate::ops::boxes::BoxXyxy;
 
 /// `bbox_xform_clip`: the largest dw/dh decoded, log(1000 / 16).
-pub fn bbox_xform_clip() -> f32 {
+pub(crate) fn bbox_xform_clip() -> f32 {
     (1000.0f32 / 16.0).ln()
 }
 

@@ -50,7 +50,7 @@ fn upsample_nearest(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
 }
 
 #[derive(Debug, Clone)]
-pub struct Fpn {
+pub(super) struct Fpn {
     inner: Vec<Conv2d>,
     layer: Vec<Conv2d>,
     p6: Conv2d,
@@ -60,7 +60,7 @@ pub struct Fpn {
 
 impl Fpn {
     /// `in_channels`: channels of C3, C4, C5; `vb` at `backbone.fpn`.
-    pub fn new(cfg: &FpnConfig, in_channels: [usize; 3], vb: VarBuilder) -> Result<Self> {
+    pub(super) fn new(cfg: &FpnConfig, in_channels: [usize; 3], vb: VarBuilder) -> Result<Self> {
         let c = cfg.channels;
         let mut inner = Vec::with_capacity(3);
         let mut layer = Vec::with_capacity(3);
@@ -79,7 +79,7 @@ impl Fpn {
     }
 
     /// C3-C5 -> P3-P7, each [n, channels, h/stride, w/stride] (strides 8-128).
-    pub fn forward(&self, [c3, c4, c5]: &[Tensor; 3]) -> Result<Vec<Tensor>> {
+    pub(super) fn forward(&self, [c3, c4, c5]: &[Tensor; 3]) -> Result<Vec<Tensor>> {
         let lateral5 = self.inner[2].forward(c5)?;
         let lateral4 = self.inner[1].forward(c4)?;
         let top4 = (upsample_nearest(&lateral5, (lateral4.dim(2)?, lateral4.dim(3)?))? + lateral4)?;

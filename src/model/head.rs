@@ -59,7 +59,7 @@ impl Module for Tower {
 /// A tower and its output conv, producing `outputs_per_anchor` values per
 /// anchor.
 #[derive(Debug, Clone)]
-pub struct HeadBranch {
+pub(super) struct HeadBranch {
     tower: Tower,
     out: Conv2d,
     outputs_per_anchor: usize,
@@ -83,7 +83,7 @@ impl HeadBranch {
 
     /// Per level [n, c, h, w] -> [n, h*w*A, outputs_per_anchor], levels
     /// concatenated: view (n, A, k, h, w), permute to (n, h, w, A, k).
-    pub fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
+    pub(super) fn forward(&self, features: &[Tensor]) -> Result<Tensor> {
         let per_level = features
             .iter()
             .map(|f| {
@@ -99,14 +99,14 @@ impl HeadBranch {
 
 /// `head.classification_head` and `head.regression_head`.
 #[derive(Debug, Clone)]
-pub struct RetinaNetHead {
+pub(super) struct RetinaNetHead {
     pub classification: HeadBranch,
     pub regression: HeadBranch,
 }
 
 impl RetinaNetHead {
     /// `vb` at `head`.
-    pub fn new(
+    pub(super) fn new(
         cfg: &HeadConfig,
         channels: usize,
         num_anchors: usize,
@@ -122,7 +122,7 @@ impl RetinaNetHead {
     }
 
     /// P3-P7 -> (cls_logits [n, sum h*w*A, K], bbox_regression [n, sum h*w*A, 4]).
-    pub fn forward(&self, features: &[Tensor]) -> Result<(Tensor, Tensor)> {
+    pub(super) fn forward(&self, features: &[Tensor]) -> Result<(Tensor, Tensor)> {
         Ok((self.classification.forward(features)?, self.regression.forward(features)?))
     }
 }

@@ -16,7 +16,7 @@ use rand_distr::{Distribution, Normal};
 
 /// A `VarMap` backend: existing tensors are returned (shape-checked),
 /// missing ones are created with `Init`, seeded by name.
-pub struct SeededInit {
+pub(super) struct SeededInit {
     pub varmap: VarMap,
     pub seed: u64,
 }

@@ -23,7 +23,7 @@ pub struct Detections {
 }
 
 #[derive(Debug, Clone)]
-pub struct PostProcessor {
+pub(super) struct PostProcessor {
     score_thresh: f32,
     topk_candidates: usize,
     nms_thresh: f32,
@@ -44,7 +44,7 @@ fn best_first(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
 }
 
 impl PostProcessor {
-    pub fn new(cfg: &PostprocessConfig, box_coder: BoxCoder) -> Self {
+    pub(super) fn new(cfg: &PostprocessConfig, box_coder: BoxCoder) -> Self {
         Self {
             score_thresh: cfg.score_thresh as f32,
             topk_candidates: cfg.topk_candidates,
@@ -58,7 +58,7 @@ impl PostProcessor {
     /// for a batch whose anchors are `anchors`; `image_sizes` are the
     /// (height, width) of each resized image before padding (boxes are
     /// clipped to them).
-    pub fn run(
+    pub(super) fn run(
         &self,
         cls_logits: &Tensor,
         bbox_regression: &Tensor,

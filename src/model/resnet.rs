@@ -57,7 +57,7 @@ fn stage_frozen(cfg: &BackboneConfig, stage: usize) -> bool {
 /// Whether the backbone parameter `key` (relative to `backbone.body.`, e.g.
 /// `layer2.0.bn1.weight`) is trained: not in a frozen stage, not a running
 /// statistic and not a frozen BatchNorm's affine.
-pub fn is_trainable(cfg: &BackboneConfig, key: &str) -> bool {
+pub(super) fn is_trainable(cfg: &BackboneConfig, key: &str) -> bool {
     let stage = key.strip_prefix("layer").and_then(|rest| rest.chars().next()?.to_digit(10)).unwrap_or(0) as usize;
     let is_norm_param = key.contains(".bn") || key.starts_with("bn") || key.contains("downsample.1.");
     let is_stat = key.ends_with("running_mean") || key.ends_with("running_var");
@@ -208,7 +208,7 @@ impl Block {
 
 /// The backbone body (`backbone.body.*`).
 #[derive(Debug, Clone)]
-pub struct ResNet {
+pub(super) struct ResNet {
     stem: ConvNorm,
     stem_trains: bool,
     layers: [Vec<Block>; 4],
@@ -216,7 +216,7 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    pub fn new(cfg: &BackboneConfig, vb: VarBuilder) -> Result<Self> {
+    pub(super) fn new(cfg: &BackboneConfig, vb: VarBuilder) -> Result<Self> {
         let (blocks, bottleneck) = layout(cfg.depth)?;
         let width = cfg.width;
         let stem_spec = ConvSpec { c_in: 3, c_out: width, kernel: 7, stride: 2, padding: 3 };
@@ -239,13 +239,13 @@ impl ResNet {
     }
 
     /// Channels of C3, C4, C5.
-    pub fn out_channels(&self) -> [usize; 3] {
+    pub(super) fn out_channels(&self) -> [usize; 3] {
         self.out_channels
     }
 
     /// [n, 3, h, w] -> C3 [n, 2w*e, h/8, w/8], C4 [.., h/16, w/16], C5 [.., h/32, w/32]
     /// (w = width, e = block expansion).
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<[Tensor; 3]> {
+    pub(super) fn forward_t(&self, x: &Tensor, train: bool) -> Result<[Tensor; 3]> {
         let x = self.stem.forward_relu(x, train)?;
         let x = if self.stem_trains && train { max_pool_3x3_s2_p1(&x)? } else { max_pool_3x3_s2_p1_inference(&x)? };
         let stage = |x: &Tensor, blocks: &[Block]| blocks.iter().try_fold(x.clone(), |x, b| b.forward_t(&x, train));

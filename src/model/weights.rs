@@ -25,7 +25,7 @@ use crate::model::retinanet::RetinaNet;
 /// Where the backbone sits in the state_dict.
 pub const BODY_PREFIX: &str = "backbone.body.";
 /// The only tensors whose shape depends on the class count.
-pub const CLS_LOGITS_PREFIX: &str = "head.classification_head.cls_logits.";
+pub(super) const CLS_LOGITS_PREFIX: &str = "head.classification_head.cls_logits.";
 /// Problems listed by name in one error before the rest are only counted.
 const MAX_LISTED: usize = 12;
 
@@ -101,7 +101,7 @@ impl SimpleBackend for ShapeRecorder {
 }
 
 /// Every tensor of the model, by state_dict name, with its shape.
-pub fn expected_shapes(cfg: &ModelConfig, num_classes: usize) -> Result<BTreeMap<String, Vec<usize>>> {
+pub(super) fn expected_shapes(cfg: &ModelConfig, num_classes: usize) -> Result<BTreeMap<String, Vec<usize>>> {
     let shapes = Arc::new(Mutex::new(BTreeMap::new()));
     let backend: Box<dyn SimpleBackend> = Box::new(ShapeRecorder(shapes.clone()));
     RetinaNet::new(cfg, num_classes, VarBuilder::from_backend(backend, DType::F32, Device::Cpu))

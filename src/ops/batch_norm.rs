@@ -25,7 +25,7 @@ use super::elementwise::relu;
 use super::f32_data;
 
 #[derive(Debug, Clone)]
-pub struct BatchNorm {
+pub(crate) struct BatchNorm {
     /// [channels]
     weight: Tensor,
     /// [channels]
@@ -39,7 +39,7 @@ pub struct BatchNorm {
 
 /// `weight`, `bias`, `running_mean`, `running_var` under `vb`, initialised
 /// like PyTorch (1, 0, 0, 1).
-pub fn batch_norm(channels: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<BatchNorm> {
+pub(crate) fn batch_norm(channels: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<BatchNorm> {
     let get = |name, init| vb.get_with_hints(channels, name, Init::Const(init));
     let (weight, bias) = (get("weight", 1.0)?, get("bias", 0.0)?);
     // Var::from_tensor on a VarMap variable shares its storage.
@@ -68,7 +68,7 @@ impl ModuleT for BatchNorm {
 
 impl BatchNorm {
     /// `relu(forward_t(x, train))`, one op in CPU training.
-    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub(crate) fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_maybe_relu(x, train, true)
     }
 

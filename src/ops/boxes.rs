@@ -9,13 +9,13 @@ use candle_core::{Result, Tensor, D};
 pub type BoxXyxy = [f32; 4];
 
 /// Width times height, without the +1 pixel convention.
-pub fn area(b: &BoxXyxy) -> f32 {
+pub(crate) fn area(b: &BoxXyxy) -> f32 {
     (b[2] - b[0]) * (b[3] - b[1])
 }
 
 /// Intersection over union of two boxes, computed like torchvision's CPU
 /// NMS kernel (`inter / (area_a + area_b - inter)`).
-pub fn iou(a: &BoxXyxy, b: &BoxXyxy) -> f32 {
+pub(crate) fn iou(a: &BoxXyxy, b: &BoxXyxy) -> f32 {
     let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
     let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let inter = w * h;
@@ -24,7 +24,7 @@ pub fn iou(a: &BoxXyxy, b: &BoxXyxy) -> f32 {
 
 /// Clamps x to [0, width] and y to [0, height] (torchvision's
 /// `clip_boxes_to_image`, with the image size as (height, width)).
-pub fn clip_to_image(b: &BoxXyxy, (height, width): (usize, usize)) -> BoxXyxy {
+pub(crate) fn clip_to_image(b: &BoxXyxy, (height, width): (usize, usize)) -> BoxXyxy {
     let (w, h) = (width as f32, height as f32);
     [b[0].clamp(0.0, w), b[1].clamp(0.0, h), b[2].clamp(0.0, w), b[3].clamp(0.0, h)]
 }
@@ -60,7 +60,7 @@ fn nms_subset(boxes: &[BoxXyxy], scores: &[f32], indices: impl Iterator<Item = u
 
 /// torchvision.ops.batched_nms: NMS within each label only. Returns the
 /// kept indices sorted best score first (ties: lower index first).
-pub fn batched_nms(boxes: &[BoxXyxy], scores: &[f32], labels: &[usize], iou_thresh: f32) -> Vec<usize> {
+pub(crate) fn batched_nms(boxes: &[BoxXyxy], scores: &[f32], labels: &[usize], iou_thresh: f32) -> Vec<usize> {
     let mut by_label: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
     for (i, &label) in labels.iter().enumerate() {
         by_label.entry(label).or_default().push(i);
@@ -81,7 +81,7 @@ fn unbind_xyxy(boxes: &Tensor) -> Result<[Tensor; 4]> {
 
 /// Generalised IoU of matching rows: `a` [n, 4], `b` [n, 4] -> [n];
 /// differentiable, for the GIoU box loss (`1 - giou`).
-pub fn elementwise_generalized_iou(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn elementwise_generalized_iou(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let [ax1, ay1, ax2, ay2] = unbind_xyxy(a)?;
     let [bx1, by1, bx2, by2] = unbind_xyxy(b)?;
     let w = (ax2.minimum(&bx2)? - ax1.maximum(&bx1)?)?.relu()?;

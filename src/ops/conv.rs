@@ -38,7 +38,7 @@ mod winograd;
 const BAND_COLUMNS: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
-pub struct Conv2d {
+pub(crate) struct Conv2d {
     /// [c_out, c_in, k, k]
     weight: Tensor,
     /// [c_out]
@@ -48,12 +48,12 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Self {
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Self {
         Self { weight, bias, padding, stride }
     }
 
     /// `relu(forward(x))`, the bias and the ReLU in one op.
-    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
         let y = conv2d(x, &self.weight.to_dtype(x.dtype())?, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => add_channel_bias_relu(&y, &b.to_dtype(x.dtype())?),
@@ -99,7 +99,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Res
 /// remainders `(n + 2p - k) % s` fails (FPN P6 -> P7 on a 2x3 map). The
 /// input is padded by hand and cropped so the kernel fits the strides
 /// exactly, which gives the same values.
-pub fn candle_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+pub(crate) fn candle_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     if stride == 1 {
         return x.conv2d(weight, padding, 1, 1, 1);
     }

@@ -21,7 +21,7 @@ const ARG: &str = "element-wise op argument";
 pub(super) const CHUNK: usize = 1 << 17;
 
 /// `max(x, 0)`.
-pub fn relu(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(&[x]) {
         return x.relu();
     }
@@ -29,7 +29,7 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `max(a + b, 0)` for tensors of one shape: a residual block's output.
-pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(&[a, b]) || a.dims() != b.dims() {
         return (a + b)?.relu();
     }
@@ -37,7 +37,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// `x + bias[c]` for `x [n, c, h, w]` and `bias [c]`.
-pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub(crate) fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(&[x, bias]) || x.rank() != 4 || bias.dims() != [x.dim(1)?] {
         return x.broadcast_add(&bias.reshape((1, (), 1, 1))?);
     }
@@ -46,7 +46,7 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 /// `max(x + bias[c], 0)` in one op (one graph node, one pass each way):
 /// a convolution's bias and the ReLU after it.
-pub fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub(crate) fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(&[x, bias]) || x.rank() != 4 || bias.dims() != [x.dim(1)?] {
         return relu(&add_channel_bias(x, bias)?);
     }

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use super::f32_data;
 
 #[derive(Debug, Clone)]
-pub struct GroupNorm {
+pub(crate) struct GroupNorm {
     /// [channels]
     weight: Tensor,
     /// [channels]
@@ -29,7 +29,7 @@ pub struct GroupNorm {
 }
 
 /// `weight` (init 1) and `bias` (init 0) under `vb`, as `candle_nn::group_norm`.
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+pub(crate) fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
     let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
     let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
     let fallback = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;

@@ -91,7 +91,7 @@ impl CustomOp1 for MaxPool3x3S2P1 {
 
 /// Max-pool 3x3, stride 2, padding 1: [n, c, h, w] -> [n, c, (h-1)/2+1, (w-1)/2+1].
 /// Differentiable on every device.
-pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     match (x.device().is_cpu(), x.dtype()) {
         (true, DType::F32) => x.contiguous()?.apply_op1(MaxPool3x3S2P1),
         // The maximum commutes with widening, so this is exact.
@@ -148,7 +148,7 @@ fn gather_pool(x: &Tensor) -> Result<Tensor> {
 /// The same pool without a backward pass, for frozen stems: Candle's native
 /// kernel on an edge-replicated input (replicated values never change a
 /// window's maximum).
-pub fn max_pool_3x3_s2_p1_inference(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn max_pool_3x3_s2_p1_inference(x: &Tensor) -> Result<Tensor> {
     let padded = x.pad_with_same(2, PADDING, PADDING)?.pad_with_same(3, PADDING, PADDING)?;
     padded.max_pool2d_with_stride(KERNEL, STRIDE)
 }

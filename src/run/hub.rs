@@ -7,12 +7,12 @@ use anyhow::{bail, Context, Result};
 use hf_hub::api::sync::ApiBuilder;
 
 /// The file taken from a Hub repository when the spec names none.
-pub const DEFAULT_FILE: &str = "model.safetensors";
+pub(super) const DEFAULT_FILE: &str = "model.safetensors";
 
 /// A local path for `spec`, downloading a Hub file on first use (later uses
 /// are served from the cache without the network). `cache_dir` overrides
 /// the hf-hub cache folder.
-pub fn resolve_weights(spec: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
+pub(super) fn resolve_weights(spec: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
     let Some(hub) = spec.strip_prefix("hf:") else {
         let path = PathBuf::from(spec);
         if !path.is_file() {

@@ -28,9 +28,9 @@ pub enum BenchMode {
 }
 
 /// Classes of the random model when the config does not fix them (COCO's).
-pub const DEFAULT_CLASSES: usize = 80;
+pub(super) const DEFAULT_CLASSES: usize = 80;
 /// Untimed steps before timing starts.
-pub const WARMUP_STEPS: usize = 2;
+pub(super) const WARMUP_STEPS: usize = 2;
 
 /// The `--json` object (docs/CLI.md).
 #[derive(Debug, Clone, PartialEq, Serialize)]

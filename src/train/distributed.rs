@@ -61,7 +61,7 @@ impl Collective for SingleProcess {
 /// the rank-averaged `[classification, box regression]` loss terms, all in
 /// one all-reduce. A parameter without a gradient counts as zero, so every
 /// rank sends the same layout.
-pub fn average_over_ranks(
+pub(super) fn average_over_ranks(
     collective: &dyn Collective,
     params: &[Param],
     grads: &mut GradStore,

@@ -12,7 +12,7 @@ use crate::ops::focal::weighted_focal_loss_sum;
 /// What the loss needs from matching, for a batch of `n` images with `a`
 /// anchors each and `k` classes; `f` is the number of foreground anchors.
 #[derive(Debug, Clone)]
-pub struct LossTargets {
+pub(super) struct LossTargets {
     /// One-hot class targets, `[n, a, k]` (all zero for background).
     pub cls_targets: Tensor,
     /// Per-anchor weight of the classification loss, `[n, a, 1]`: 0 for
@@ -81,7 +81,7 @@ impl Normalizer {
 /// Computes both terms from head outputs `cls_logits [n, a, k]` and
 /// `bbox_regression [n, a, 4]`. Box losses compare encoded deltas (L1,
 /// smooth L1) or decoded boxes (GIoU), on foreground anchors only.
-pub fn retinanet_loss(
+pub(super) fn retinanet_loss(
     cls_logits: &Tensor,
     bbox_regression: &Tensor,
     targets: &LossTargets,

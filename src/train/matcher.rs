@@ -6,16 +6,16 @@
 //! [`IGNORE`] (-2, no loss of either kind).
 
 /// Anchor whose best IoU is below the low threshold.
-pub const BACKGROUND: i64 = -1;
+pub(super) const BACKGROUND: i64 = -1;
 /// Anchor between the thresholds, or covered by a crowd box.
-pub const IGNORE: i64 = -2;
+pub(super) const IGNORE: i64 = -2;
 
 /// An anchor covered at least this much (intersection over anchor area) by a
 /// crowd box is ignored rather than background.
-pub const CROWD_COVER_IGNORE: f32 = 0.5;
+pub(super) const CROWD_COVER_IGNORE: f32 = 0.5;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Matcher {
+pub(super) struct Matcher {
     /// IoU >= this is foreground.
     pub high_threshold: f32,
     /// IoU < this is background; in between is ignored.
@@ -31,7 +31,7 @@ impl Matcher {
     /// `iou` is the `[num_gt, num_anchors]` IoU matrix, row-major. An image
     /// without boxes gives all-background. Each anchor's match is the first
     /// box of highest IoU, as `torch.max(dim=0)`.
-    pub fn assign(&self, iou: &[f32], num_gt: usize, num_anchors: usize) -> Vec<i64> {
+    pub(super) fn assign(&self, iou: &[f32], num_gt: usize, num_anchors: usize) -> Vec<i64> {
         assert_eq!(iou.len(), num_gt * num_anchors, "iou is not [num_gt, num_anchors]");
         if num_gt == 0 {
             return vec![BACKGROUND; num_anchors];
@@ -92,7 +92,7 @@ fn restore_low_quality_matches(matches: &mut [i64], best_gt: &[usize], iou: &[f3
 /// Marks background anchors that crowd boxes cover as ignored.
 ///
 /// `anchors` and `crowd_boxes` are `[x1, y1, x2, y2]`.
-pub fn ignore_crowd_covered(matches: &mut [i64], anchors: &[[f32; 4]], crowd_boxes: &[[f32; 4]]) {
+pub(super) fn ignore_crowd_covered(matches: &mut [i64], anchors: &[[f32; 4]], crowd_boxes: &[[f32; 4]]) {
     if crowd_boxes.is_empty() {
         return;
     }

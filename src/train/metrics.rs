@@ -30,7 +30,7 @@ impl MetricsEntry {
 }
 
 /// Appends to `metrics.jsonl`, keeping the entries in memory for plots.
-pub struct MetricsLog {
+pub(super) struct MetricsLog {
     path: PathBuf,
     pub entries: Vec<MetricsEntry>,
 }
@@ -38,7 +38,7 @@ pub struct MetricsLog {
 impl MetricsLog {
     /// Opens the log of a run; when resuming from `step`, entries after it
     /// (from the interrupted part) are dropped so the file stays one history.
-    pub fn open(path: &Path, resume_step: Option<usize>) -> Result<Self> {
+    pub(super) fn open(path: &Path, resume_step: Option<usize>) -> Result<Self> {
         let mut entries = Vec::new();
         if let (Some(step), Ok(file)) = (resume_step, File::open(path)) {
             for line in BufReader::new(file).lines() {
@@ -56,7 +56,7 @@ impl MetricsLog {
         Ok(Self { path: path.to_path_buf(), entries })
     }
 
-    pub fn push(&mut self, entry: MetricsEntry) -> Result<()> {
+    pub(super) fn push(&mut self, entry: MetricsEntry) -> Result<()> {
         let mut file = OpenOptions::new()
             .append(true)
             .open(&self.path)
@@ -70,7 +70,7 @@ impl MetricsLog {
 
 /// Running sums between two log lines.
 #[derive(Debug)]
-pub struct Window {
+pub(super) struct Window {
     steps: usize,
     images: usize,
     loss_cls: f64,
@@ -80,11 +80,11 @@ pub struct Window {
 
 impl Window {
     /// An empty window whose clock starts now.
-    pub fn start() -> Self {
+    pub(super) fn start() -> Self {
         Self { steps: 0, images: 0, loss_cls: 0.0, loss_box: 0.0, started: Instant::now() }
     }
 
-    pub fn add(&mut self, loss_cls: f64, loss_box: f64, images: usize) {
+    pub(super) fn add(&mut self, loss_cls: f64, loss_box: f64, images: usize) {
         self.steps += 1;
         self.images += images;
         self.loss_cls += loss_cls;
@@ -92,7 +92,7 @@ impl Window {
     }
 
     /// The averaged entry, and a reset window.
-    pub fn take(&mut self, step: usize, epoch: usize, lr: f64) -> MetricsEntry {
+    pub(super) fn take(&mut self, step: usize, epoch: usize, lr: f64) -> MetricsEntry {
         let n = self.steps.max(1) as f64;
         let seconds = self.started.elapsed().as_secs_f64();
         let entry = MetricsEntry::Train {
@@ -110,7 +110,7 @@ impl Window {
 }
 
 /// loss.png: the loss terms and the learning rate against the step.
-pub fn write_loss_plot(path: &Path, entries: &[MetricsEntry]) -> Result<()> {
+pub(super) fn write_loss_plot(path: &Path, entries: &[MetricsEntry]) -> Result<()> {
     let mut series: [Vec<(f64, f64)>; 4] = Default::default();
     for e in entries {
         if let MetricsEntry::Train { step, loss, loss_cls, loss_box, lr, .. } = e {

@@ -21,7 +21,7 @@ pub struct Param {
 
 /// True for parameters that detectron2 and torchvision recipes exempt from
 /// weight decay: biases and normalisation affines.
-pub fn is_norm_or_bias(name: &str) -> bool {
+pub(super) fn is_norm_or_bias(name: &str) -> bool {
     name.ends_with(".bias") || name.contains(".bn") || name.contains("norm") || name.contains("downsample.1.")
 }
 

@@ -8,7 +8,7 @@ use crate::config::{LrSchedule, TrainConfig};
 /// Warmup: the factor rises linearly from `warmup_factor` at step 0 to 1 at
 /// `warmup_steps`. Multistep: `lr * gamma^k`, `k` the number of `lr_steps`
 /// already reached. Cosine: `lr * (1 + cos(pi * step / total)) / 2`.
-pub fn learning_rate(cfg: &TrainConfig, step: usize, total_steps: usize) -> f64 {
+pub(super) fn learning_rate(cfg: &TrainConfig, step: usize, total_steps: usize) -> f64 {
     let decayed = match cfg.schedule {
         LrSchedule::Multistep => {
             let reached = cfg.lr_steps.iter().filter(|&&s| step >= s).count();

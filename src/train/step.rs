@@ -24,7 +24,7 @@ pub enum StepOutcome {
 
 /// The dtype the layers compute in for `precision` (see
 /// `RetinaNet::forward`), or an error naming the key.
-pub fn compute_dtype(precision: Precision) -> Result<DType> {
+pub(super) fn compute_dtype(precision: Precision) -> Result<DType> {
     match precision {
         Precision::F32 => Ok(DType::F32),
         Precision::Bf16 => Ok(DType::BF16),

@@ -12,14 +12,14 @@ use crate::ops::boxes::{iou, BoxXyxy};
 
 /// Foreground counts per image, for logs and the non-finite-loss report.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MatchSummary {
+pub(super) struct MatchSummary {
     pub foreground_per_image: Vec<usize>,
 }
 
 /// Matches every image of a batch and builds the loss targets on `device`.
 /// `anchors` are the batch's anchors (one per head output row) and
 /// `num_classes` the classification width.
-pub fn build_targets(
+pub(super) fn build_targets(
     targets: &[Target],
     anchors: &[BoxXyxy],
     num_classes: usize,

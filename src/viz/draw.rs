@@ -11,13 +11,13 @@ use imageproc::rect::Rect;
 const FONT_BYTES: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// The label font, parsed once.
-pub fn font() -> &'static FontRef<'static> {
+pub(crate) fn font() -> &'static FontRef<'static> {
     static FONT: OnceLock<FontRef<'static>> = OnceLock::new();
     FONT.get_or_init(|| FontRef::try_from_slice(FONT_BYTES).expect("the bundled font parses"))
 }
 
 /// A distinct colour per class (Tableau 10, repeating).
-pub fn class_colour(label: usize) -> Rgb<u8> {
+pub(crate) fn class_colour(label: usize) -> Rgb<u8> {
     const PALETTE: [[u8; 3]; 10] = [
         [31, 119, 180],
         [255, 127, 14],
@@ -35,7 +35,7 @@ pub fn class_colour(label: usize) -> Rgb<u8> {
 
 /// Draws a `[x1, y1, x2, y2]` box (pixels) with a caption above it, e.g.
 /// `"WBC 0.97"`. Parts outside the image are cut off.
-pub fn draw_labeled_box(image: &mut RgbImage, bbox: [f32; 4], caption: &str, colour: Rgb<u8>) {
+pub(crate) fn draw_labeled_box(image: &mut RgbImage, bbox: [f32; 4], caption: &str, colour: Rgb<u8>) {
     let thickness = (image.width().max(image.height()) / 300).clamp(1, 4) as i32;
     let [x1, y1, x2, y2] = bbox.map(|v| v.round() as i32);
     for t in 0..thickness {

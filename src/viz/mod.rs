@@ -1,4 +1,4 @@
 //! Pictures for people: boxes drawn on images, and plots.
 
-pub mod draw;
-pub mod plot;
+pub(crate) mod draw;
+pub(crate) mod plot;

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use plotters::style::register_font;
 
 /// DejaVu Sans, registered with plotters under this family name.
-pub const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// Registers the bundled font with plotters (once per process).
@@ -23,10 +23,10 @@ fn register_font_once() -> Result<()> {
 }
 
 /// A labelled curve of `(x, y)` points.
-pub type Series = (String, Vec<(f64, f64)>);
+pub(crate) type Series = (String, Vec<(f64, f64)>);
 
 /// One chart.
-pub struct Panel {
+pub(crate) struct Panel {
     pub title: String,
     pub x_desc: String,
     pub y_desc: String,
@@ -38,7 +38,7 @@ const COLOURS: [RGBColor; 4] =
     [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
 
 /// Draws `panels` stacked vertically, each `panel_size` pixels, into a PNG.
-pub fn write_panels(path: &Path, panels: &[Panel], panel_size: (u32, u32)) -> Result<()> {
+pub(crate) fn write_panels(path: &Path, panels: &[Panel], panel_size: (u32, u32)) -> Result<()> {
     register_font_once()?;
     let size = (panel_size.0, panel_size.1 * panels.len() as u32);
     let mut pixels = vec![0u8; (size.0 * size.1 * 3) as usize];
