@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 7): parity with torchvision on CUDA, a short training
+# The GPU check: parity with torchvision on CUDA, a short training
 # run through the multi-GPU launcher, and training and inference throughput
 # against torchvision on the same GPU, in f32 and bf16.
 #

@@ -3,7 +3,7 @@
 //! Candle's CPU convolution backward computes the input gradient with a
 //! nested-loop transposed convolution and the weight gradient with a
 //! convolution whose "kernel" is the output gradient; together they are
-//! 5-10x slower than the forward (REFERENCE.md section 3). Here all three
+//! 5-10x slower than the forward (docs/REFERENCE.md section 3). Here all three
 //! products are plain GEMMs over im2col columns (the `gemm` crate that
 //! Candle itself uses for matmul), as custom ops with their own backward:
 //!
