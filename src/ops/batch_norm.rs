@@ -332,11 +332,8 @@ impl CustomOp3 for InputGrad<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_diff, probed_gradients};
     use candle_nn::VarMap;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-    }
 
     /// Outputs, gradients and running statistics equal Candle's BatchNorm in
     /// training mode (followed by Candle's ReLU for `forward_relu`);
@@ -370,9 +367,7 @@ mod tests {
             for (a, b) in [(&ours.running_mean, &theirs.running_mean), (&ours.running_var, &theirs.running_var)] {
                 assert!(max_diff(a.as_tensor(), b.as_tensor())? < 1e-5, "running statistics {what}");
             }
-            let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
-            let a = (&y * &probe)?.sum_all()?.backward()?;
-            let b = (&reference * &probe)?.sum_all()?.backward()?;
+            let (a, b) = probed_gradients(&y, &reference)?;
             for (ta, tb, name) in [
                 (x.as_tensor(), x.as_tensor(), "input"),
                 (&ours.weight, &theirs.weight, "weight"),

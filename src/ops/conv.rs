@@ -542,6 +542,7 @@ impl CustomOp2 for ConvWeightGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::probed_gradients;
     use candle_core::{Device, Var};
 
     /// Forward and both gradients equal Candle's reference convolution on
@@ -579,10 +580,7 @@ mod tests {
         assert_eq!(y.dims(), reference.dims());
         let what = format!("input {x:?} weight {w:?} p{p} s{s}");
         assert_close(&y, &reference, &format!("{what} forward"))?;
-        // A weighting makes every output position's gradient distinct.
-        let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
-        let ours = (y * &probe)?.sum_all()?.backward()?;
-        let theirs = (reference * &probe)?.sum_all()?.backward()?;
+        let (ours, theirs) = probed_gradients(&y, &reference)?;
         for (var, name) in [(&x_var, "input"), (&weight, "weight")] {
             let (a, b) = (ours.get(var.as_tensor()), theirs.get(var.as_tensor()));
             assert_close(a.expect("gradient"), b.expect("gradient"), &format!("{what} {name} gradient"))?;

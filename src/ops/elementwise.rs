@@ -196,6 +196,7 @@ impl CustomOp1 for ChannelSum {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_diff, probed_gradients};
     use candle_core::{Device, Var};
 
     /// Each op and its gradients equal Candle's ops on the same values.
@@ -205,7 +206,6 @@ mod tests {
         let a = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5, 7), &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5, 7), &dev)?)?;
         let bias = Var::from_tensor(&Tensor::randn(0f32, 1., 3, &dev)?)?;
-        let probe = Tensor::randn(0f32, 1., (2, 3, 5, 7), &dev)?;
         let ours = [
             relu(a.as_tensor())?,
             add_relu(a.as_tensor(), b.as_tensor())?,
@@ -219,14 +219,13 @@ mod tests {
             a.as_tensor().broadcast_add(&bias.as_tensor().reshape((1, 3, 1, 1))?)?.relu()?,
         ];
         for (i, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
-            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_diff(ours, theirs)?;
             assert!(diff < 1e-6, "op {i}: forward differs by {diff}");
-            let g_ours = (ours * &probe)?.sum_all()?.backward()?;
-            let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
+            let (g_ours, g_theirs) = probed_gradients(ours, theirs)?;
             for var in [&a, &b, &bias] {
                 match (g_ours.get(var.as_tensor()), g_theirs.get(var.as_tensor())) {
                     (Some(x), Some(y)) => {
-                        let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                        let diff = max_diff(x, y)?;
                         assert!(diff < 1e-5, "op {i}: gradient differs by {diff}");
                     }
                     (None, None) => {}

@@ -186,11 +186,8 @@ impl CustomOp3 for GroupNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_diff, probed_gradients};
     use candle_core::Var;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-    }
 
     /// Values and all three gradients equal Candle's GroupNorm.
     #[test]
@@ -216,9 +213,7 @@ mod tests {
             let y = ours.forward(x.as_tensor())?;
             let reference = ours.fallback.forward(x.as_tensor())?;
             assert!(max_diff(&y, &reference)? < 1e-4, "forward {n}x{c}x{h}x{w}/{groups}");
-            let probe = Tensor::randn(0f32, 1., y.dims(), &dev)?;
-            let a = (&y * &probe)?.sum_all()?.backward()?;
-            let b = (&reference * &probe)?.sum_all()?.backward()?;
+            let (a, b) = probed_gradients(&y, &reference)?;
             for (t, what) in [(x.as_tensor(), "input"), (gamma.as_tensor(), "weight"), (beta.as_tensor(), "bias")] {
                 let d = max_diff(a.get(t).expect("gradient"), b.get(t).expect("reference gradient"))?;
                 assert!(d < 1e-4, "{what} gradient {n}x{c}x{h}x{w}/{groups}: {d}");

@@ -30,3 +30,23 @@ fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<
     };
     Ok(&data[start..end])
 }
+
+/// What the op tests share: each op is checked against Candle's own ops.
+#[cfg(test)]
+mod testing {
+    use candle_core::backprop::GradStore;
+    use candle_core::{Result, Tensor};
+
+    /// The largest absolute difference of two tensors of one shape.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+    }
+
+    /// The gradients of `sum(ours * probe)` and `sum(theirs * probe)` for
+    /// one random `probe`: a weighting that makes every output position's
+    /// gradient distinct.
+    pub(crate) fn probed_gradients(ours: &Tensor, theirs: &Tensor) -> Result<(GradStore, GradStore)> {
+        let probe = Tensor::randn(0f32, 1., ours.dims(), ours.device())?;
+        Ok(((ours * &probe)?.sum_all()?.backward()?, (theirs * &probe)?.sum_all()?.backward()?))
+    }
+}
