@@ -5,7 +5,7 @@ peer of `retinanet train` for the same data, schedule and image size.
     pip install torch torchvision pycocotools pillow
     retinanet synth --out /tmp/shapes128 --size 128          # or any COCO folder
     python3 benchmarks/torchvision_train.py --data /tmp/shapes128 --preset shapes
-    python3 benchmarks/torchvision_train.py --data ../shared/data/bccd --preset bccd
+    python3 benchmarks/torchvision_train.py --data assets/bccd --preset bccd
 
 The `shapes` recipe mirrors configs/shapes.toml: the tiny ResNet-18-style
 body (16-128 channels, BatchNorm), FPN 64, two-conv GroupNorm heads,

@@ -56,7 +56,8 @@ fn a_file_inherits_its_base() {
     std::fs::write(&path, "base = \"bccd\"\n[train]\nepochs = 3\n").unwrap();
     let c = Config::resolve(Some(path.to_str().unwrap()), &[]).unwrap();
     assert_eq!(c.train.epochs, 3);
-    assert_eq!(c.data.root, "../shared/data/bccd", "the rest comes from the base");
+    let bccd = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/bccd");
+    assert_eq!(c.data.root, bccd.to_str().unwrap(), "the rest comes from the base, its root in assets/");
     assert!(c.name.starts_with("retinanet-config-child"));
 }
 

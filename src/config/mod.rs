@@ -3,6 +3,10 @@
 //! may inherit a `base` and `--set a.b=VALUE` overrides any key
 //! (`resolve`); `--device` names the Candle device (`device`).
 //!
+//! A relative `data.root` in a config file is relative to that file's
+//! folder; in a preset, to the assets folder ([`assets_dir`]); in `--set`,
+//! to the working directory.
+//!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! use candle_retinanet::config::Config;
@@ -18,5 +22,5 @@ mod resolve;
 mod schema;
 
 pub use device::parse_device;
-pub use presets::{DEFAULT_PRESET, PRESETS};
+pub use presets::{assets_dir, ASSETS_ENV, DEFAULT_PRESET, PRESETS};
 pub use schema::*;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::presets::{DEFAULT_PRESET, PRESETS};
+use super::presets::{assets_dir, DEFAULT_PRESET, PRESETS};
 use super::schema::Config;
 
 impl Config {
@@ -69,8 +69,8 @@ fn load_tree(source: &str, depth: usize) -> Result<toml::Table> {
     if depth > MAX_BASE_DEPTH {
         bail!("config {source}: `base` chain is deeper than {MAX_BASE_DEPTH} (a cycle?)");
     }
-    let (origin, text) = match PRESETS.iter().find(|(name, _)| *name == source) {
-        Some((name, text)) => (format!("preset {name}"), text.to_string()),
+    let (origin, text, folder) = match PRESETS.iter().find(|(name, _)| *name == source) {
+        Some((name, text)) => (format!("preset {name}"), text.to_string(), assets_dir()),
         None => {
             let path = Path::new(source);
             if !path.exists() {
@@ -78,10 +78,13 @@ fn load_tree(source: &str, depth: usize) -> Result<toml::Table> {
                 bail!("config {source}: no such preset or file (presets: {})", names.join(", "));
             }
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {source}"))?;
-            (source.to_string(), text)
+            let folder = std::path::absolute(path.parent().unwrap_or(Path::new("")))
+                .with_context(|| format!("config {source}: cannot find its folder"))?;
+            (source.to_string(), text, folder)
         }
     };
     let mut tree: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", one_line(&e.to_string())))?;
+    anchor_data_root(&mut tree, &folder);
     let base = match tree.remove("base") {
         None => return Ok(tree),
         Some(toml::Value::String(base)) if base.is_empty() => return Ok(tree),
@@ -93,6 +96,19 @@ fn load_tree(source: &str, depth: usize) -> Result<toml::Table> {
     merged.remove("name");
     merge(&mut merged, tree);
     Ok(merged)
+}
+
+/// Makes a relative `data.root` of a config file absolute, relative to the
+/// folder of the file that names it (a preset's, to the assets folder), so
+/// a config works from any working directory and a run's saved config.toml
+/// names its data wherever it is read. A `--set data.root=...` stays as
+/// typed: relative to the working directory.
+fn anchor_data_root(tree: &mut toml::Table, folder: &Path) {
+    let Some(toml::Value::Table(data)) = tree.get_mut("data") else { return };
+    let Some(toml::Value::String(root)) = data.get_mut("root") else { return };
+    if !root.is_empty() && Path::new(root.as_str()).is_relative() {
+        *root = folder.join(root.as_str()).to_string_lossy().into_owned();
+    }
 }
 
 /// Deep-merges `over` into `into`; tables merge key by key, values replace.

@@ -44,12 +44,16 @@ pub struct DataConfig {
     /// Dataset folder. Empty: the synthetic shapes set, generated on first
     /// use into the cache folder (see `data.synth`).
     pub root: String,
-    /// Training annotations, relative to `root`.
+    /// The layout of `root` (docs/FORMATS.md); `auto` detects it.
+    pub format: DataFormat,
+    /// COCO: training annotations, relative to `root`.
     pub train: String,
-    /// Validation annotations, relative to `root`.
+    /// COCO: validation annotations, relative to `root`.
     pub val: String,
-    /// Image folder, relative to `root`.
+    /// COCO: image folder, relative to `root`.
     pub images: String,
+    /// Pascal VOC: what `difficult` boxes become.
+    pub voc_difficult: VocDifficult,
     /// How category ids become labels.
     pub label_mode: LabelMode,
     /// Drop training images without annotations (they are kept as negatives
@@ -58,7 +62,8 @@ pub struct DataConfig {
     /// Skip (and count) images that are missing or cannot be decoded,
     /// instead of stopping with an error.
     pub skip_bad_images: bool,
-    /// Class names, filled in from the dataset when a run starts.
+    /// Class names, filled in from the dataset when a run starts. Pascal VOC
+    /// reads them from here when set (else from the XML files, sorted).
     pub classes: Vec<String>,
     /// The COCO category id of each of `classes`, likewise.
     pub category_ids: Vec<u64>,
@@ -69,9 +74,11 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             root: String::new(),
+            format: DataFormat::Auto,
             train: "annotations/instances_train.json".into(),
             val: "annotations/instances_val.json".into(),
             images: "images".into(),
+            voc_difficult: VocDifficult::Ignore,
             label_mode: LabelMode::Contiguous,
             drop_empty: false,
             skip_bad_images: false,
@@ -80,6 +87,36 @@ impl Default for DataConfig {
             synth: SynthConfig::default(),
         }
     }
+}
+
+/// The layout of a dataset folder (`data.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Detected from the folder: COCO, then Pascal VOC, YOLO and CSV.
+    Auto,
+    /// COCO detection JSON (`data.train`, `data.val`, `data.images`).
+    Coco,
+    /// Pascal VOC XML: the devkit layout or `annotations/` + `images/`.
+    Voc,
+    /// Ultralytics YOLO: `data.yaml`, `images/<split>/`, `labels/<split>/`.
+    Yolo,
+    /// keras-retinanet's CSV: `<split>.csv` and `classes.csv`.
+    Csv,
+}
+
+/// What a Pascal VOC `difficult` box becomes (`data.voc_difficult`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VocDifficult {
+    /// An ignored region, as VOC's own evaluation treats it: neither
+    /// foreground nor background in training, ignored in evaluation (a crowd
+    /// box).
+    Ignore,
+    /// An ordinary box.
+    Train,
+    /// Left out.
+    Drop,
 }
 
 /// How dataset category ids become model labels (`data.label_mode`).
