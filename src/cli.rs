@@ -31,8 +31,11 @@ pub(crate) enum Command {
     Predict(PredictArgs),
     /// Generate the synthetic shapes dataset (COCO layout).
     Synth(SynthArgs),
-    /// Validate a dataset and print its statistics.
+    /// Validate a dataset and print its statistics (exit 1 on a problem).
     Inspect(InspectArgs),
+    /// Write a dataset of any readable format (COCO, Pascal VOC, YOLO, CSV)
+    /// in the COCO layout.
+    Convert(ConvertArgs),
     /// Time a training step or inference on random data.
     Bench(BenchArgs),
 }
@@ -111,8 +114,13 @@ pub(crate) struct PredictArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Image files or folders of images.
-    #[arg(value_name = "INPUT", required = true)]
+    #[arg(value_name = "INPUT", required_unless_present = "split", conflicts_with = "split")]
     pub inputs: Vec<PathBuf>,
+    /// Instead of INPUT: a split of the config's dataset (train, val, or a
+    /// file naming one); predictions.json then has the split's image ids,
+    /// for `eval --gt --dt`. Nothing is drawn.
+    #[arg(long, value_name = "S")]
+    pub split: Option<String>,
     /// Output folder for drawn images and predictions.json.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -155,6 +163,19 @@ pub(crate) struct InspectArgs {
     /// Folder to draw sample images with their boxes into.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConvertArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Folder to write (images/ and annotations/ inside); it must not exist
+    /// or be empty.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 /// `--mode` of `bench` (the library's `BenchMode`).

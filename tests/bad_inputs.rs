@@ -258,3 +258,26 @@ fn weights_of_another_architecture_list_the_mismatches() {
     let mismatch = "shape of backbone.body.conv1.weight: checkpoint [16, 3, 7, 7], model [64, 3, 7, 7]";
     assert_error(&o, &["other.safetensors", mismatch, "missing backbone.body.bn1.bias", "problems"]);
 }
+
+/// A run that fails before its first step (bad data, bad weights, a bad
+/// config value) leaves no run folder behind: the folder is made once the
+/// data, the model and its weights are ready.
+#[test]
+fn a_run_that_fails_before_its_first_step_leaves_no_folder() {
+    let dir = dataset("nofolder");
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"not weights").unwrap();
+    let weights = format!("model.backbone.weights={}", garbage.display());
+    for (extra, needle) in [
+        (weights.as_str(), "garbage.safetensors"),
+        ("model.num_classes=1", "model.num_classes"),
+        ("train.precision=f16", "train.precision"),
+    ] {
+        assert_error(&train_with(&dir, &[extra]), &[needle]);
+        assert!(!dir.join("run").exists(), "{extra}: a run folder was left behind");
+    }
+    let annotations = dir.join("annotations/instances_val.json");
+    std::fs::write(&annotations, "{ broken").unwrap();
+    assert_error(&train_on(&dir), &["instances_val.json"]);
+    assert!(!dir.join("run").exists(), "broken val annotations: a run folder was left behind");
+}

@@ -25,7 +25,7 @@ fn assert_one_error_line(o: &Output, needle: &str) {
 
 #[test]
 fn every_command_has_help() {
-    for cmd in ["train", "eval", "predict", "synth", "inspect", "bench"] {
+    for cmd in ["train", "eval", "predict", "synth", "inspect", "bench", "convert"] {
         let o = retinanet(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0), "{cmd}");
         assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: retinanet"), "{cmd}");
@@ -91,4 +91,39 @@ fn synth_then_inspect() {
         stdout.contains("val_000000.png") && stdout.contains("image is 10x10 but the annotations say 96x96"),
         "{stdout}"
     );
+}
+
+/// `inspect` exits 0 on a clean split and 1, after the whole report, when a
+/// problem would stop or change training; `--json` is one object.
+#[test]
+fn inspect_exit_codes_and_json() {
+    let dir = std::env::temp_dir().join(format!("retinanet-cli-inspect-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = retinanet(&["synth", "--out", dir.to_str().unwrap(), "--train", "6", "--val", "3", "--size", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let root = format!("data.root={}", dir.display());
+    let o = retinanet(&["inspect", "--set", &root, "--split", "val", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["images"], 3);
+    assert_eq!(report["classes"].as_array().unwrap().len(), 3);
+    assert!(report["problems"].as_array().unwrap().is_empty());
+
+    std::fs::write(dir.join("images/val_000002.png"), b"not a png").unwrap();
+    let o = retinanet(&["inspect", "--set", &root, "--split", "val", "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["problems"].as_array().unwrap().len(), 1, "{report}");
+    assert!(stderr(&o).lines().any(|l| l.starts_with("error: ") && l.contains("1 problem(s)")), "{}", stderr(&o));
+
+    // A split whose every box is a crowd region has nothing to learn from.
+    let val = dir.join("annotations/instances_val.json");
+    let mut coco: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&val).unwrap()).unwrap();
+    for annotation in coco["annotations"].as_array_mut().unwrap() {
+        annotation["iscrowd"] = 1.into();
+    }
+    std::fs::write(&val, coco.to_string()).unwrap();
+    let o = retinanet(&["inspect", "--set", &root, "--split", "val"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("has a box to learn from"));
 }

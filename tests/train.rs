@@ -170,6 +170,21 @@ fn eval_and_predict_use_a_trained_run() {
     assert!(["circle", "square", "triangle"].contains(&dets[0]["label"].as_str().unwrap()));
     assert!(drawn.join("val_000000.jpg").exists() && drawn.join("predictions.json").exists());
 
+    // predict --split writes the split's image ids, which eval --gt --dt
+    // scores to eval --weights' numbers.
+    let split_out = out.join("split-predictions");
+    let mut predict_split = retinanet();
+    predict_split.args(["predict", "--weights"]).arg(&out).args(["--split", "val", "--out"]).arg(&split_out);
+    run_ok(predict_split);
+    let gt = temp_cache().join("shapes-24-6-64-0/annotations/instances_val.json");
+    let mut score = retinanet();
+    score.args(["eval", "--json", "--gt"]).arg(&gt).arg("--dt").arg(split_out.join("predictions.json"));
+    let scored: serde_json::Value = serde_json::from_str(&run_ok(score)).unwrap();
+    assert_eq!(scored["stats"], report["stats"], "eval --gt --dt on predict --split's output");
+    let files: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(drawn.join("predictions.json")).unwrap()).unwrap();
+    assert!(files.iter().all(|d| d["image_id"] == 1 && d["file_name"] == image.to_str().unwrap()));
+
     // A bare .safetensors file needs --config.
     let mut bare = retinanet();
     bare.args(["predict", "--weights"]).arg(out.join("checkpoints/last/model.safetensors")).arg(&image);

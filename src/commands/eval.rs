@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use candle_retinanet::config::parse_device;
-use candle_retinanet::data::{load_split, read_coco_json, CocoCategory, Loader};
+use candle_retinanet::data::{load_split, read_coco_json, Loader};
 use candle_retinanet::eval::{
     evaluate, read_results, write_eval_json, write_pr_plots, EvalParams, EvalReport, EvalResult,
 };
@@ -39,14 +39,7 @@ fn evaluate_model(args: &EvalArgs, weights: &Path) -> Result<()> {
     let device = parse_device(&args.device.spec)?;
     let predictor = Predictor::load(&source, config, &device)?;
     let split = load_split(&predictor.config.data, &args.split)?;
-    let id_names = |c: &[CocoCategory]| c.iter().map(|c| (c.id, c.name.clone())).collect::<Vec<_>>();
-    if id_names(split.dataset.categories.categories()) != id_names(predictor.categories.categories()) {
-        bail!(
-            "{}: its categories differ from the model's ({})",
-            split.files.annotations.display(),
-            predictor.config.data.classes.join(", ")
-        );
-    }
+    predictor.check_split(&split)?;
     let ground_truth = split.coco.clone();
     let loader = Loader::for_split(&predictor.config, split, false);
     let images = loader.len_images();

@@ -1,14 +1,16 @@
 //! `retinanet inspect`: validates a dataset, decoding every image, and
-//! prints what a person needs to know about it.
+//! prints what a person needs to know about it (or one JSON object), then
+//! exits 1 if it found a problem that would stop or change training.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_retinanet::config::Config;
-use candle_retinanet::data::{load_split, Dataset, LoadedSplit};
-use candle_retinanet::inspect::{self, Coverage, SplitStats, BUCKETS};
+use candle_retinanet::data::{load_split, Dataset, LoadedSplit, SplitFiles};
+use candle_retinanet::inspect::{self, Coverage, CoverageTable, SplitStats, BUCKETS};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
 
 use crate::cli::InspectArgs;
 
@@ -20,24 +22,80 @@ const COVERAGE_HINT: f64 = 0.9;
 pub(super) fn run(args: InspectArgs) -> Result<()> {
     let config = Config::resolve(args.config.config.as_deref(), &args.config.overrides)?;
     let LoadedSplit { dataset, files, .. } = load_split(&config.data, &args.split)?;
-    let mut problems = dataset.report.warnings(&files.annotations);
+    let warnings = dataset.report.warnings(&files.annotations);
+    let mut problems = inspect::split_problems(&dataset);
     problems.extend(decode_all(&dataset, &files.images));
-    println!("annotations: {}", files.annotations.display());
-    println!("{}", statistics_table(&dataset, &inspect::statistics(&dataset), &files.images));
-    println!("{}", coverage_table(&config, &dataset));
-    if problems.is_empty() {
-        println!("problems: none");
+    let stats = inspect::statistics(&dataset);
+    let coverage = inspect::anchor_coverage(&config, &dataset);
+    if args.json {
+        println!("{}", json_report(&dataset, &files, &stats, &coverage, &warnings, &problems));
     } else {
-        println!("problems ({}):", problems.len());
-        for p in &problems {
-            println!("  {p}");
-        }
+        println!("annotations: {}", files.annotations.display());
+        println!("{}", statistics_table(&dataset, &stats, &files.images));
+        println!("{}", coverage_table(&dataset, &coverage));
+        print_list("warnings", &warnings);
+        print_list("problems", &problems);
     }
     if let Some(out) = &args.out {
         let drawn = inspect::draw_samples(&dataset, &files.images, out, SAMPLES)?;
         eprintln!("drew {drawn} sample image(s) into {}", out.display());
     }
+    if !problems.is_empty() {
+        bail!("{}: {} problem(s) that would stop or change training", files.annotations.display(), problems.len());
+    }
     Ok(())
+}
+
+/// `name: none`, or `name (N):` and one indented line each.
+fn print_list(name: &str, lines: &[String]) {
+    if lines.is_empty() {
+        println!("{name}: none");
+        return;
+    }
+    println!("{name} ({}):", lines.len());
+    for line in lines {
+        println!("  {line}");
+    }
+}
+
+/// The whole report as one JSON object.
+fn json_report(
+    dataset: &Dataset,
+    files: &SplitFiles,
+    stats: &SplitStats,
+    (sampled, table): &(usize, CoverageTable),
+    warnings: &[String],
+    problems: &[String],
+) -> serde_json::Value {
+    let map = &dataset.categories;
+    let classes: Vec<serde_json::Value> = (map.categories().iter())
+        .map(|category| {
+            let label = map.label_of(category.id).expect("every category has a label");
+            let [boxes, small, medium, large] = stats.per_class[label];
+            let coverage: Vec<serde_json::Value> = (BUCKETS.iter().zip(&table[label]))
+                .filter(|(_, c)| c.boxes > 0)
+                .map(
+                    |(size, c)| json!({"size": size, "boxes": c.boxes, "iou_05": c.share_05(), "iou_04": c.share_04()}),
+                )
+                .collect();
+            json!({"label": label, "category_id": category.id, "name": category.name, "boxes": boxes,
+                   "small": small, "medium": medium, "large": large, "anchor_coverage": coverage})
+        })
+        .collect();
+    let per_image = stats.boxes_per_image.map(|(min, mean, max)| json!({"min": min, "mean": mean, "max": max}));
+    json!({
+        "annotations": files.annotations.display().to_string(),
+        "images_dir": files.images.display().to_string(),
+        "images": stats.images,
+        "empty_images": stats.empty_images,
+        "boxes": stats.boxes,
+        "crowd_boxes": stats.crowd_boxes,
+        "boxes_per_image": per_image,
+        "classes": classes,
+        "anchor_coverage_images": sampled,
+        "warnings": warnings,
+        "problems": problems,
+    })
 }
 
 /// Every image decoded, with a progress bar.
@@ -70,8 +128,7 @@ fn statistics_table(dataset: &Dataset, stats: &SplitStats, images_dir: &Path) ->
 }
 
 /// The anchor coverage table, with a hint when anchors miss many boxes.
-fn coverage_table(config: &Config, dataset: &Dataset) -> String {
-    let (sampled, table) = inspect::anchor_coverage(config, dataset);
+fn coverage_table(dataset: &Dataset, (sampled, table): &(usize, CoverageTable)) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,

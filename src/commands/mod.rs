@@ -8,6 +8,7 @@ use candle_retinanet::eval::EvalResult;
 use crate::cli::Command;
 
 mod bench;
+mod convert;
 mod eval;
 mod inspect;
 mod launch;
@@ -24,6 +25,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
         Command::Predict(args) => predict::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

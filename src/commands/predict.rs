@@ -1,22 +1,21 @@
-//! `retinanet predict`: runs a model on image files and folders; draws the
-//! detections and writes COCO results, or prints them as JSON.
+//! `retinanet predict`: runs a model on image files and folders (draws the
+//! detections and writes COCO results, or prints them as JSON), or on a
+//! split of a dataset (COCO results with its image ids, to be scored).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use candle_retinanet::config::parse_device;
-use candle_retinanet::data::load_rgb;
+use candle_retinanet::data::{image_files, load_rgb, load_split, Loader};
 use candle_retinanet::eval::Detection;
-use candle_retinanet::infer::{draw_detections, to_coco_results, Predictor};
+use candle_retinanet::infer::{detect_split, draw_detections, to_coco_results, Predictor};
 use candle_retinanet::run::WeightsSource;
 
 use crate::cli::PredictArgs;
 
-/// File extensions taken from folders.
-const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 /// The output folder when `--out` is not given (and `--json` is not).
 const DEFAULT_OUT: &str = "predictions";
 
@@ -37,6 +36,15 @@ struct DetectionJson {
     label: String,
 }
 
+/// A COCO results entry of a loose image file: its position (from 1) as
+/// `image_id`, and the file.
+#[derive(Debug, Serialize)]
+struct FileDetection {
+    #[serde(flatten)]
+    detection: Detection,
+    file_name: String,
+}
+
 pub(super) fn run(args: PredictArgs) -> Result<()> {
     let source = WeightsSource::locate(&args.weights)?;
     let mut config = source.config(args.config.config.as_deref(), &args.config.overrides)?;
@@ -48,7 +56,6 @@ pub(super) fn run(args: PredictArgs) -> Result<()> {
     }
     let device = parse_device(&args.device.spec)?;
     let predictor = Predictor::load(&source, config, &device)?;
-    let files = collect_images(&args.inputs)?;
     let out = match (&args.out, args.json) {
         (Some(dir), _) => Some(dir.clone()),
         (None, false) => Some(PathBuf::from(DEFAULT_OUT)),
@@ -57,6 +64,15 @@ pub(super) fn run(args: PredictArgs) -> Result<()> {
     if let Some(dir) = &out {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    match &args.split {
+        Some(split) => predict_split(&predictor, split, out.as_deref(), args.json),
+        None => predict_files(&predictor, &args.inputs, out.as_deref(), args.json),
+    }
+}
+
+/// Image files and folders: drawn detections and predictions.json in `out`.
+fn predict_files(predictor: &Predictor, inputs: &[PathBuf], out: Option<&Path>, json: bool) -> Result<()> {
+    let files = collect_images(inputs)?;
     let mut results = Vec::new();
     let mut coco = Vec::new();
     let mut used_names = HashSet::new();
@@ -65,24 +81,55 @@ pub(super) fn run(args: PredictArgs) -> Result<()> {
         let size = image.dimensions();
         let detections = predictor.predict(&image)?;
         let coco_dets = to_coco_results(i as u64 + 1, &detections, &predictor.categories);
-        if let Some(dir) = &out {
+        if let Some(dir) = out {
             let path = dir.join(unique_name(file, &mut used_names));
             draw_detections(&mut image, &detections, &predictor.categories);
             image.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
         }
-        results.push(image_result(file, size, &coco_dets, &predictor));
-        coco.extend(coco_dets);
+        results.push(image_result(&file.display().to_string(), size, &coco_dets, predictor));
+        let file_name = file.display().to_string();
+        coco.extend(coco_dets.into_iter().map(|detection| FileDetection { detection, file_name: file_name.clone() }));
     }
-    if let Some(dir) = &out {
-        let path = dir.join("predictions.json");
-        std::fs::write(&path, serde_json::to_string(&coco)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(dir) = out {
+        write_predictions(dir, &coco)?;
         eprintln!("{} image(s): drawn detections and predictions.json in {}", files.len(), dir.display());
     }
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string(&results)?);
     }
     Ok(())
+}
+
+/// A split of the config's dataset: predictions.json with its image ids.
+fn predict_split(predictor: &Predictor, split: &str, out: Option<&Path>, json: bool) -> Result<()> {
+    let split = load_split(&predictor.config.data, split)?;
+    predictor.check_split(&split)?;
+    let images: HashMap<u64, (String, u32, u32)> =
+        split.coco.images.iter().map(|im| (im.id, (im.file_name.clone(), im.width, im.height))).collect();
+    let loader = Loader::for_split(&predictor.config, split, false);
+    eprintln!("running the model on {} images", loader.len_images());
+    let mut results = Vec::new();
+    let mut coco = Vec::new();
+    for (image_id, detections) in detect_split(&predictor.model, &loader, predictor.device())? {
+        let coco_dets = to_coco_results(image_id, &detections, &predictor.categories);
+        let (file_name, width, height) = &images[&image_id];
+        results.push(image_result(file_name, (*width, *height), &coco_dets, predictor));
+        coco.extend(coco_dets);
+    }
+    if let Some(dir) = out {
+        write_predictions(dir, &coco)?;
+        eprintln!("{} image(s): predictions.json in {}", results.len(), dir.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string(&results)?);
+    }
+    Ok(())
+}
+
+fn write_predictions(dir: &Path, predictions: &impl Serialize) -> Result<()> {
+    let path = dir.join("predictions.json");
+    std::fs::write(&path, serde_json::to_string(predictions)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Files as given, and the images directly inside folders (sorted).
@@ -90,17 +137,7 @@ fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
-                .with_context(|| format!("cannot read folder {}", input.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-                })
-                .collect();
-            found.sort();
-            files.extend(found);
+            files.extend(image_files(input)?);
         } else if input.is_file() {
             files.push(input.clone());
         } else {
@@ -125,7 +162,7 @@ fn unique_name(file: &Path, used: &mut HashSet<String>) -> String {
     name
 }
 
-fn image_result(file: &Path, (width, height): (u32, u32), dets: &[Detection], predictor: &Predictor) -> ImageResult {
+fn image_result(file: &str, (width, height): (u32, u32), dets: &[Detection], predictor: &Predictor) -> ImageResult {
     let detections = dets
         .iter()
         .map(|d| DetectionJson {
@@ -138,5 +175,5 @@ fn image_result(file: &Path, (width, height): (u32, u32), dets: &[Detection], pr
                 .map_or_else(String::new, |l| predictor.categories.name_of(l)),
         })
         .collect();
-    ImageResult { file: file.display().to_string(), width, height, detections }
+    ImageResult { file: file.to_string(), width, height, detections }
 }

@@ -9,7 +9,7 @@
 //! [`CategoryMap`] converts both ways.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -77,6 +77,79 @@ fn flag_from_int_or_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool,
 pub fn read_coco_json(path: &Path) -> Result<CocoJson> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid COCO file", path.display()))
+}
+
+/// The files a split was read from, in any format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitFiles {
+    /// What describes the split: the COCO or CSV file, the VOC list or
+    /// annotation folder, the YOLO label folder.
+    pub annotations: PathBuf,
+    /// The folder the images' `file_name`s are relative to.
+    pub images: PathBuf,
+}
+
+/// A class index (0-based) and its box `[x1, y1, x2, y2]` in pixels, as
+/// the readers of other formats find them.
+pub(super) type ClassBox = (usize, [f64; 4]);
+
+/// The COCO form of a split that another format (Pascal VOC, YOLO, CSV)
+/// describes, so that every format is validated, trained on and evaluated
+/// as one. Category ids are 1-based class indices; image and annotation
+/// ids count from 1 in the order things are added.
+pub(super) struct CocoBuilder {
+    coco: CocoJson,
+}
+
+impl CocoBuilder {
+    pub(super) fn new(class_names: &[String]) -> Self {
+        let categories = (class_names.iter().enumerate())
+            .map(|(i, name)| CocoCategory { id: i as u64 + 1, name: name.clone(), supercategory: None })
+            .collect();
+        Self { coco: CocoJson { images: Vec::new(), annotations: Vec::new(), categories } }
+    }
+
+    /// Adds an image (`file_name` relative to the split's image folder) and
+    /// returns its id.
+    pub(super) fn add_image(&mut self, file_name: String, width: u32, height: u32) -> u64 {
+        let id = self.coco.images.len() as u64 + 1;
+        self.coco.images.push(CocoImage { id, file_name, width, height });
+        id
+    }
+
+    /// Adds a box `[x1, y1, x2, y2]` in pixels of class index `class` (0-based).
+    pub(super) fn add_box(&mut self, image_id: u64, class: usize, [x1, y1, x2, y2]: [f64; 4], crowd: bool) {
+        let id = self.coco.annotations.len() as u64 + 1;
+        let bbox = [x1, y1, x2 - x1, y2 - y1];
+        let annotation = CocoAnnotation {
+            id: Some(id),
+            image_id,
+            category_id: class as u64 + 1,
+            bbox,
+            area: Some(bbox[2] * bbox[3]),
+            iscrowd: crowd,
+        };
+        self.coco.annotations.push(annotation);
+    }
+
+    pub(super) fn finish(self) -> CocoJson {
+        self.coco
+    }
+}
+
+/// Checks the corners a reader found: finite, and `x2 >= x1`, `y2 >= y1`
+/// (a box of no width is dropped later, with a warning).
+pub(super) fn check_corners([x1, y1, x2, y2]: [f64; 4]) -> Result<()> {
+    if [x1, y1, x2, y2].iter().any(|v| !v.is_finite()) {
+        bail!("box [{x1}, {y1}, {x2}, {y2}] is not finite");
+    }
+    if x2 < x1 {
+        bail!("x2 {x2} is below x1 {x1}");
+    }
+    if y2 < y1 {
+        bail!("y2 {y2} is below y1 {y1}");
+    }
+    Ok(())
 }
 
 /// Two-way map between COCO category ids and model labels.
@@ -249,6 +322,13 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// True when some image has a box that is not a crowd region: images
+    /// without boxes are welcome as negatives, but a split of nothing else
+    /// has nothing to learn.
+    pub fn has_boxes_to_learn(&self) -> bool {
+        self.images.iter().any(|image| image.crowd.iter().any(|&crowd| !crowd))
+    }
+
     /// Reads and validates an annotation file (see [`Dataset::from_coco`]).
     pub fn load(path: &Path, options: LoadOptions) -> Result<Self> {
         let coco = read_coco_json(path)?;

@@ -48,6 +48,24 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     Ok(image.into_rgb8())
 }
 
+/// The file extensions read as images (lower case).
+const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// The image files directly inside `dir` (by extension), sorted.
+pub fn image_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Reads only the header: (width, height) after EXIF orientation.
 pub fn image_size(path: &Path) -> Result<(u32, u32)> {
     let reader = ImageReader::open(path)

@@ -1,5 +1,7 @@
-//! Datasets: annotation files to validated images and boxes (`coco`,
-//! `source`), image decoding (`image_io`), the model's input transform
+//! Datasets: annotation files to validated images and boxes (`source`
+//! reads COCO (`coco`), Pascal VOC (`voc`), YOLO (`yolo`) and
+//! keras-retinanet's CSV (`keras_csv`) into one form), image decoding
+//! (`image_io`), the model's input transform
 //! (`transforms`), seeded and resumable batches (`loader`), and the
 //! synthetic shapes generator (`synthetic`).
 //!
@@ -9,18 +11,23 @@
 //! ignored in training and in evaluation.
 
 mod coco;
+mod convert;
 mod image_io;
+mod keras_csv;
 mod loader;
 mod source;
 mod synthetic;
 mod transforms;
+mod voc;
+mod yolo;
 
 pub use coco::{
     read_coco_json, CategoryMap, CocoAnnotation, CocoCategory, CocoImage, CocoJson, Dataset, ImageEntry, LoadOptions,
-    LoadReport,
+    LoadReport, SplitFiles,
 };
-pub use image_io::{decode_rgb, image_size, load_rgb};
+pub use convert::{create_folder_atomically, write_coco_layout};
+pub use image_io::{decode_rgb, image_files, image_size, load_rgb};
 pub use loader::{Batch, Loader, LoaderOptions, Shard, Target};
-pub use source::{load_split, LoadedSplit, SplitFiles};
+pub use source::{load_split, LoadedSplit};
 pub use synthetic::{write_dataset, SynthSpec, CLASSES, MAX_SHAPE, MIN_SHAPE};
 pub use transforms::{hflip_boxes, pad_batch, resize_bilinear, scale_boxes, Augment, Transform, TransformedImage};

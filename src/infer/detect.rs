@@ -52,8 +52,20 @@ pub fn to_coco_results(image_id: u64, detections: &Detections, categories: &Cate
     .collect()
 }
 
-/// Runs the model over every batch of `loader` (epoch 0, unshuffled) and
-/// scores the detections against `ground_truth`.
+/// Runs the model over every batch of `loader` (epoch 0, in file order):
+/// each image's id and detections, in original pixels.
+pub fn detect_split(model: &RetinaNet, loader: &Loader, device: &Device) -> anyhow::Result<Vec<(u64, Detections)>> {
+    let mut all = Vec::with_capacity(loader.len_images());
+    for batch in loader.epoch(0, 0)? {
+        let batch = batch?;
+        let detections = detect_batch(model, &batch, device)?;
+        all.extend(batch.targets.iter().map(|t| t.image_id).zip(detections));
+    }
+    Ok(all)
+}
+
+/// Runs the model over `loader` ([`detect_split`]) and scores the
+/// detections against `ground_truth`.
 pub fn evaluate_split(
     model: &RetinaNet,
     loader: &Loader,
@@ -61,14 +73,8 @@ pub fn evaluate_split(
     categories: &CategoryMap,
     device: &Device,
 ) -> anyhow::Result<(EvalResult, Vec<Detection>)> {
-    let mut results = Vec::new();
-    for batch in loader.epoch(0, 0)? {
-        let batch = batch?;
-        let detections = detect_batch(model, &batch, device)?;
-        for (target, d) in batch.targets.iter().zip(&detections) {
-            results.extend(to_coco_results(target.image_id, d, categories));
-        }
-    }
+    let detections = detect_split(model, loader, device)?;
+    let results: Vec<Detection> = detections.iter().flat_map(|(id, d)| to_coco_results(*id, d, categories)).collect();
     let result = evaluate(ground_truth, &results, &EvalParams::default())?;
     Ok((result, results))
 }

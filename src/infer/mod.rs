@@ -8,7 +8,7 @@ mod predictor;
 
 use image::RgbImage;
 
-pub use detect::{detect_batch, evaluate_split, to_coco_results};
+pub use detect::{detect_batch, detect_split, evaluate_split, to_coco_results};
 pub use predictor::Predictor;
 
 use crate::data::CategoryMap;

@@ -1,13 +1,13 @@
 //! A trained model ready to run on images: its config, class names and
 //! input transform, from what `--weights` names.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use super::detect::{detect_images, ImageSizes};
 use crate::config::Config;
-use crate::data::{pad_batch, Augment, CategoryMap, Transform};
+use crate::data::{pad_batch, Augment, CategoryMap, CocoCategory, LoadedSplit, Transform};
 use crate::model::{self, Detections, LoadMode, RetinaNet};
 use crate::run::{read_weights, WeightsSource};
 
@@ -44,6 +44,20 @@ impl Predictor {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Checks that a split names the classes this model was trained on
+    /// (same category ids and names), so its results can be scored.
+    pub fn check_split(&self, split: &LoadedSplit) -> Result<()> {
+        let id_names = |c: &[CocoCategory]| c.iter().map(|c| (c.id, c.name.clone())).collect::<Vec<_>>();
+        if id_names(split.dataset.categories.categories()) != id_names(self.categories.categories()) {
+            bail!(
+                "{}: its categories differ from the model's ({})",
+                split.files.annotations.display(),
+                self.config.data.classes.join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// Detections on one image, in its pixels, best score first.

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use rayon::prelude::*;
+use serde::Serialize;
 
 pub use coverage::{Coverage, CoverageTable, BUCKETS};
 
@@ -16,7 +17,7 @@ use crate::data::{load_rgb, Dataset, ImageEntry, Transform};
 use crate::viz::draw::{class_colour, draw_labeled_box};
 
 /// What a split holds.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SplitStats {
     pub images: usize,
     /// Images without any box (negatives).
@@ -55,6 +56,19 @@ pub fn statistics(dataset: &Dataset) -> SplitStats {
         boxes_per_image,
         per_class,
     }
+}
+
+/// What stops or changes training besides unreadable images: a split
+/// without images, or without a box to learn from.
+pub fn split_problems(dataset: &Dataset) -> Vec<String> {
+    if dataset.images.is_empty() {
+        return vec!["the split has no images".into()];
+    }
+    if !dataset.has_boxes_to_learn() {
+        let n = dataset.images.len();
+        return vec![format!("none of the {n} images has a box to learn from (crowd boxes do not count)")];
+    }
+    Vec::new()
 }
 
 /// Decodes every image in parallel; one problem line per unreadable image

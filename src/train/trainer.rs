@@ -303,11 +303,9 @@ fn load_splits(config: &Config, shard: Shard, events: &mut EventSink) -> Result<
             events(TrainEvent::Warning(line));
         }
     }
-    // Images without boxes are welcome as negatives, but a split of
-    // nothing else has nothing to learn (the warnings above say when every
-    // box was dropped as degenerate).
+    // The warnings above say when every box was dropped as degenerate.
     let images = &train.dataset.images;
-    if images.iter().all(|image| image.crowd.iter().all(|&crowd| crowd)) {
+    if !train.dataset.has_boxes_to_learn() {
         bail!(
             "{annotations}: none of the {} training images has a box to learn from (crowd boxes do not count)",
             images.len()
