@@ -12,6 +12,10 @@ use candle_retinanet::config::{Config, DataConfig};
 use candle_retinanet::data::{load_split, read_coco_json, CocoJson, LoadedSplit};
 use candle_retinanet::inspect;
 
+#[path = "support/tiny_model.rs"]
+mod tiny_model;
+use tiny_model::TINY_MODEL;
+
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("retinanet-formats-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -305,19 +309,6 @@ fn a_folder_of_no_known_layout_says_what_was_looked_for() {
     }
 }
 
-/// A tiny model that trains in seconds (as tests/train.rs's).
-const TINY: &[&str] = &[
-    "input.min_size=[64]",
-    "input.max_size=64",
-    "model.backbone.width=8",
-    "model.fpn.channels=32",
-    "model.head.num_convs=1",
-    "model.anchors.sizes=[8, 16, 32, 64, 128]",
-    "train.batch_size=4",
-    "train.max_steps=3",
-    "train.workers=1",
-];
-
 fn retinanet(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_retinanet")).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -326,7 +317,8 @@ fn retinanet(args: &[&str]) -> String {
 }
 
 fn sets(extra: &[String]) -> Vec<String> {
-    TINY.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).flat_map(|s| ["--set".to_string(), s]).collect()
+    let tiny = TINY_MODEL.iter().chain(&["train.max_steps=3"]).map(|s| s.to_string());
+    tiny.chain(extra.iter().cloned()).flat_map(|s| ["--set".to_string(), s]).collect()
 }
 
 /// A synthetic set written as the VOC flat layout and as YOLO trains with

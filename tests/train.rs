@@ -6,25 +6,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A model and dataset small enough for a few dozen steps in seconds.
+#[path = "support/tiny_model.rs"]
+mod tiny_model;
+use tiny_model::TINY_MODEL;
+
+/// With [`TINY_MODEL`]: a dataset and recipe for a few dozen steps in seconds.
 const TINY: &[&str] = &[
     "data.synth.train=24",
     "data.synth.val=6",
     "data.synth.size=64",
-    "input.min_size=[64]",
-    "input.max_size=64",
-    "model.backbone.width=8",
-    "model.fpn.channels=32",
-    "model.head.num_convs=1",
-    "model.anchors.sizes=[8, 16, 32, 64, 128]",
-    "train.batch_size=4",
     // torchvision's normaliser: detectron2's EMA (the preset's) starts at 100
     // foreground anchors, so over 40 steps of a few boxes its loss rises.
     "loss.normalizer=per_image",
     "train.warmup_steps=5",
     "train.lr=0.01",
     "train.log_every=1",
-    "train.workers=1",
 ];
 
 fn temp(name: &str) -> PathBuf {
@@ -36,7 +32,7 @@ fn temp(name: &str) -> PathBuf {
 fn train_command(out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_retinanet"));
     cmd.arg("train").arg("--out").arg(out).env("RETINANET_CACHE", temp_cache());
-    for item in TINY.iter().chain(extra) {
+    for item in TINY_MODEL.iter().chain(TINY).chain(extra) {
         cmd.arg("--set").arg(item);
     }
     cmd
