@@ -36,6 +36,8 @@ pub(crate) enum Command {
     /// Write a dataset of any readable format (COCO, Pascal VOC, YOLO, CSV)
     /// in the COCO layout.
     Convert(ConvertArgs),
+    /// Write a weights file (safetensors or a PyTorch .pth/.pt) as safetensors.
+    ConvertWeights(ConvertWeightsArgs),
     /// Time a training step or inference on random data.
     Bench(BenchArgs),
 }
@@ -176,6 +178,21 @@ pub(crate) struct ConvertArgs {
     /// or be empty.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConvertWeightsArgs {
+    /// Weights: a .safetensors file, a PyTorch .pth/.pt checkpoint, or
+    /// hf:<owner>/<repo>[@REV][/<file>].
+    #[arg(value_name = "IN")]
+    pub input: String,
+    /// The safetensors file to write.
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub out: PathBuf,
+    /// Check the weights against this config's model first (a whole
+    /// detector, or an ImageNet backbone).
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 /// `--mode` of `bench` (the library's `BenchMode`).

@@ -9,6 +9,7 @@ use crate::cli::Command;
 
 mod bench;
 mod convert;
+mod convert_weights;
 mod eval;
 mod inspect;
 mod launch;
@@ -26,6 +27,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
         Command::Synth(args) => synth::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::ConvertWeights(args) => convert_weights::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -43,6 +43,19 @@ pub enum LoadMode {
     Backbone,
 }
 
+impl LoadMode {
+    /// How pretrained weights (`model.backbone.weights`) load: a whole
+    /// detector (torchvision's names, `backbone.body.*`) with a
+    /// classification layer of any class count, or only an ImageNet
+    /// backbone.
+    pub fn for_pretrained(tensors: &HashMap<String, Tensor>) -> Self {
+        match tensors.keys().any(|k| k.starts_with(BODY_PREFIX)) {
+            true => Self::NewClasses,
+            false => Self::Backbone,
+        }
+    }
+}
+
 /// A model and the variables it was built from.
 pub struct LoadedModel {
     pub model: RetinaNet,

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 pub use checkpoint::{
     load_checkpoint, read_state, Checkpoint, CheckpointKind, CheckpointStore, TrainState, CONFIG_FILE,
 };
-pub use weights::{read_weights, resolve_weights_spec, WeightsSource};
+pub use weights::{read_weights, resolve_weights_spec, write_weights, WeightsSource};
 
 /// Where new run folders go when `--out` is not given.
 const RUNS_DIR: &str = "runs";

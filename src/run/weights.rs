@@ -58,8 +58,62 @@ pub fn resolve_weights_spec(spec: &str) -> Result<PathBuf> {
     resolve_weights(spec, None)
 }
 
-/// Reads a safetensors weights file onto the CPU.
+/// The weight file formats read, for errors.
+const FORMATS: &str = "a .safetensors file or a PyTorch checkpoint as torch.save writes it (.pth/.pt, zip format)";
+
+/// Where a PyTorch checkpoint keeps its state_dict: under `model`
+/// (torchvision's reference scripts) or `state_dict`, else at the top.
+const STATE_DICT_KEYS: [Option<&str>; 3] = [Some("model"), Some("state_dict"), None];
+
+/// Reads a weights file onto the CPU: safetensors, or a PyTorch checkpoint
+/// (a plain state_dict or one nested under `model` or `state_dict`),
+/// told apart by their first bytes. Tensors keep their file's dtype.
 pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("cannot read safetensors weights {}", path.display()))
+    let mut head = [0u8; 9];
+    let read = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .with_context(|| format!("cannot read weights {}", path.display()))?;
+    let head = &head[..read];
+    if head.starts_with(b"PK\x03\x04") {
+        return read_pytorch(path);
+    }
+    if head.len() == 9 && head[8] == b'{' {
+        return candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("cannot read safetensors weights {}", path.display()));
+    }
+    bail!("weights {}: not {FORMATS}", path.display())
+}
+
+/// Writes tensors as a safetensors file, through a temporary file renamed
+/// into place.
+pub fn write_weights(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let contiguous: HashMap<String, Tensor> =
+        tensors.iter().map(|(k, t)| Ok((k.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let written = candle_core::safetensors::save(&contiguous, &tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(anyhow::Error::from));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The state_dict of a PyTorch zip checkpoint.
+fn read_pytorch(path: &Path) -> Result<HashMap<String, Tensor>> {
+    for key in STATE_DICT_KEYS {
+        // A key the file lacks is an error here: try the next place.
+        if let Ok(tensors) = candle_core::pickle::read_all_with_key(path, key) {
+            if !tensors.is_empty() {
+                return Ok(tensors.into_iter().collect());
+            }
+        }
+    }
+    // Read once more at the top level for the reader's own error.
+    candle_core::pickle::read_all_with_key(path, None)
+        .with_context(|| format!("cannot read PyTorch checkpoint {}", path.display()))?;
+    bail!(
+        "weights {}: a PyTorch checkpoint without tensors at the top, under `model` or under `state_dict`",
+        path.display()
+    )
 }

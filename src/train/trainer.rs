@@ -357,12 +357,7 @@ fn build_model(
     }
     let path = resolve_weights_spec(&cfg.backbone.weights)?;
     let tensors = read_weights(&path)?;
-    // A whole detector (torchvision names) or only an ImageNet backbone.
-    let mode = match tensors.keys().any(|k| k.starts_with(model::BODY_PREFIX)) {
-        true => LoadMode::NewClasses,
-        false => LoadMode::Backbone,
-    };
-    model::build(cfg, num_classes, device, seed, Some((&tensors, mode)))
+    model::build(cfg, num_classes, device, seed, Some((&tensors, LoadMode::for_pretrained(&tensors))))
         .with_context(|| format!("weights {}", path.display()))
 }
 
