@@ -84,7 +84,8 @@ pub(crate) struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct EvalArgs {
-    /// Model weights: a run folder, a checkpoint folder or a .safetensors file.
+    /// Model weights: a run folder, a checkpoint folder, a .safetensors or
+    /// PyTorch .pth/.pt file, or hf:<owner>/<repo>[@<revision>][/<file>].
     #[arg(long, value_name = "W", conflicts_with_all = ["gt", "dt"])]
     pub weights: Option<PathBuf>,
     #[command(flatten)]
@@ -110,7 +111,8 @@ pub(crate) struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct PredictArgs {
-    /// Model weights: a run folder, a checkpoint folder or a .safetensors file.
+    /// Model weights: a run folder, a checkpoint folder, a .safetensors or
+    /// PyTorch .pth/.pt file, or hf:<owner>/<repo>[@<revision>][/<file>].
     #[arg(long, value_name = "W")]
     pub weights: PathBuf,
     #[command(flatten)]

@@ -23,8 +23,12 @@ pub struct WeightsSource {
 
 impl WeightsSource {
     /// Resolves `--weights`: a run folder (its `best` checkpoint, else
-    /// `last`), a checkpoint folder, or a `.safetensors` file.
+    /// `last`), a checkpoint folder, a weights file, or a Hub file
+    /// (`hf:<owner>/<repo>[@<revision>][/<file>]`).
     pub fn locate(weights: &Path) -> Result<Self> {
+        if let Some(spec) = weights.to_str().filter(|w| w.starts_with("hf:")) {
+            return Ok(Self { model_file: resolve_weights(spec, None)?, saved_config: None });
+        }
         if weights.is_file() {
             return Ok(Self { model_file: weights.to_path_buf(), saved_config: None });
         }
@@ -32,7 +36,10 @@ impl WeightsSource {
             .best_or_last()
             .or_else(|| is_checkpoint(weights).then(|| weights.to_path_buf()))
             .with_context(|| {
-                format!("--weights {}: not a .safetensors file, a run folder or a checkpoint folder", weights.display())
+                format!(
+                    "--weights {}: not a weights file, a run folder, a checkpoint folder or hf:<owner>/<repo>",
+                    weights.display()
+                )
             })?;
         let config = folder.join(CONFIG_FILE);
         Ok(Self { model_file: folder.join(MODEL_FILE), saved_config: config.is_file().then_some(config) })
@@ -45,7 +52,7 @@ impl WeightsSource {
             (Some(c), _) => Config::resolve(Some(c), overrides),
             (None, Some(saved)) => Config::resolve(Some(&saved.to_string_lossy()), overrides),
             (None, None) => bail!(
-                "--weights {}: a bare .safetensors file needs --config for the architecture",
+                "--weights {}: a bare weights file needs --config for the architecture",
                 self.model_file.display()
             ),
         }
@@ -53,7 +60,8 @@ impl WeightsSource {
 }
 
 /// A local path for a `model.backbone.weights` value: a file, or
-/// `hf:<owner>/<repo>[/<file>]` fetched into the Hub cache on first use.
+/// `hf:<owner>/<repo>[@<revision>][/<file>]` fetched into the Hub cache on
+/// first use.
 pub fn resolve_weights_spec(spec: &str) -> Result<PathBuf> {
     resolve_weights(spec, None)
 }
