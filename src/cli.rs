@@ -45,8 +45,9 @@ pub(crate) enum Command {
 /// Options shared by every command that reads a config.
 #[derive(Debug, Args, Clone, Default)]
 pub(crate) struct ConfigArgs {
-    /// Preset name (shapes, bccd, retinanet_r50_fpn_coco,
-    /// torchvision_retinanet_r50_fpn) or path to a TOML config.
+    /// Preset name (shapes, bccd, finetune, finetune_coco,
+    /// retinanet_r50_fpn_coco, torchvision_retinanet_r50_fpn,
+    /// torchvision_retinanet_r50_fpn_v2) or path to a TOML config.
     #[arg(long, value_name = "CFG")]
     pub config: Option<String>,
     /// Override a config key, e.g. `--set train.batch_size=8`

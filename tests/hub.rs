@@ -207,3 +207,18 @@ fn hub_weights_download_cache_pin_and_fail_with_a_hint() {
     assert_ok(&retinanet(&pinned, &[("HF_HOME", home.to_str().unwrap()), ("HF_ENDPOINT", &server.endpoint)]));
     assert!(server.paths.lock().unwrap().iter().any(|p| p == "/owner/tiny/resolve/v2/model.pth"));
 }
+
+/// The finetune preset names ImageNet weights on the Hub: without the
+/// network and an empty cache it stops with the hint, before any run folder.
+#[test]
+fn the_finetune_preset_without_weights_stops_with_the_hint() {
+    let dir = temp("finetune");
+    let run = dir.join("run");
+    let home = dir.join("home");
+    let o = retinanet(
+        &["train", "--config", "finetune", "--out", run.to_str().unwrap()],
+        &[("HF_HOME", home.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert_error(&o, &["hf:timm/resnet50.tv_in1k", "HF_HUB_OFFLINE"]);
+    assert!(!run.exists(), "no run folder");
+}

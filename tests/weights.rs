@@ -160,3 +160,62 @@ fn convert_weights_checks_against_a_config_and_writes_safetensors() {
     );
     assert!(!out.exists(), "nothing written after a failed check");
 }
+
+/// The presets for torchvision's weights take their layouts: the v2 preset
+/// loads the v2 file whole, finetune_coco the v1 file with a new class
+/// count (at the fixtures' tiny widths).
+#[test]
+fn the_torchvision_presets_load_their_layouts() {
+    use candle_retinanet::config::Config;
+    let tiny = |fpn: u64| {
+        ["model.backbone.width=2".to_string(), format!("model.fpn.channels={fpn}"), "model.num_classes=3".into()]
+    };
+    let v2 = Config::resolve(Some("torchvision_retinanet_r50_fpn_v2"), &tiny(32)).unwrap();
+    let loaded = build(&v2.model, 3, "retinanet_v2.pth", LoadMode::Exact);
+    assert_eq!(model::state_dict(&loaded.varmap).len(), meta("retinanet_v2.pth")["tensors"].as_object().unwrap().len());
+
+    let coco = Config::resolve(Some("finetune_coco"), &tiny(8)).unwrap();
+    let tensors = read_weights(&fixture("retinanet_v1.pth")).unwrap();
+    assert_eq!(LoadMode::for_pretrained(&tensors), LoadMode::NewClasses);
+    let loaded = build(&coco.model, 2, "retinanet_v1.pth", LoadMode::NewClasses);
+    assert!(loaded.notes.iter().all(|n| n.contains("cls_logits")), "{:?}", loaded.notes);
+    let imagenet = read_weights(&fixture("resnet50.pth")).unwrap();
+    assert_eq!(LoadMode::for_pretrained(&imagenet), LoadMode::Backbone);
+}
+
+/// The finetune preset trains from ImageNet weights given as a PyTorch
+/// file, with data.root and the weights as the only data options (plus the
+/// fixture's tiny widths and a short run).
+#[test]
+fn the_finetune_preset_trains_from_a_pytorch_resnet() {
+    let dir = std::env::temp_dir().join(format!("retinanet-finetune-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    let synth = std::process::Command::new(env!("CARGO_BIN_EXE_retinanet"))
+        .args(["synth", "--out", data.to_str().unwrap(), "--train", "4", "--val", "2", "--size", "64"])
+        .output()
+        .unwrap();
+    assert!(synth.status.success());
+    let weights = format!("model.backbone.weights={}", fixture("resnet50.pth").display());
+    let root = format!("data.root={}", data.display());
+    let run = dir.join("run");
+    let mut args = vec!["train", "--config", "finetune", "--out", run.to_str().unwrap()];
+    for set in [
+        weights.as_str(),
+        root.as_str(),
+        "model.backbone.width=2",
+        "model.fpn.channels=16",
+        "input.min_size=[64]",
+        "input.max_size=64",
+        "train.batch_size=2",
+        "train.max_steps=2",
+        "train.warmup_steps=1",
+    ] {
+        args.extend(["--set", set]);
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_retinanet")).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("fc."), "the ImageNet classifier is left out with a note: {stderr}");
+    assert!(run.join("checkpoints/last/model.safetensors").exists());
+}

@@ -10,6 +10,9 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("bccd", include_str!("../../configs/bccd.toml")),
     ("retinanet_r50_fpn_coco", include_str!("../../configs/retinanet_r50_fpn_coco.toml")),
     ("torchvision_retinanet_r50_fpn", include_str!("../../configs/torchvision_retinanet_r50_fpn.toml")),
+    ("torchvision_retinanet_r50_fpn_v2", include_str!("../../configs/torchvision_retinanet_r50_fpn_v2.toml")),
+    ("finetune", include_str!("../../configs/finetune.toml")),
+    ("finetune_coco", include_str!("../../configs/finetune_coco.toml")),
 ];
 
 /// The preset used when `--config` is not given.

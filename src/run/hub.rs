@@ -46,7 +46,7 @@ pub(super) fn resolve_weights(spec: &str, cache_dir: Option<&Path>) -> Result<Pa
     let Some(hub) = spec.strip_prefix("hf:") else {
         let path = PathBuf::from(spec);
         if !path.is_file() {
-            bail!("weights {spec}: no such file");
+            bail!("weights {spec}: no such file (expected a weights file or hf:<owner>/<repo>[@<revision>][/<file>])");
         }
         return Ok(path);
     };
