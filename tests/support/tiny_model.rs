@@ -3,7 +3,7 @@
 //! binary (`#[path]`-included, so that each takes only this).
 
 /// A tiny RetinaNet at 64x64 input, batch 4, one loader thread.
-pub const TINY_MODEL: &[&str] = &[
+pub(crate) const TINY_MODEL: &[&str] = &[
     "input.min_size=[64]",
     "input.max_size=64",
     "model.backbone.width=8",
