@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(
     name = "retinanet",
     version,
-    about = "Train, evaluate and run RetinaNet object detectors on COCO-format data",
-    long_about = "Train, evaluate and run RetinaNet object detectors on COCO-format data, \
+    about = "Train, evaluate and run RetinaNet object detectors on COCO, Pascal VOC, YOLO or CSV datasets",
+    long_about = "Train, evaluate and run RetinaNet object detectors on COCO, Pascal VOC, YOLO or CSV datasets, \
 on CPU, CUDA or Metal. `retinanet train` with no arguments trains the `shapes` preset \
 on a synthetic dataset it generates on first use."
 )]

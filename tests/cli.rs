@@ -25,7 +25,7 @@ fn assert_one_error_line(o: &Output, needle: &str) {
 
 #[test]
 fn every_command_has_help() {
-    for cmd in ["train", "eval", "predict", "synth", "inspect", "bench", "convert"] {
+    for cmd in ["train", "eval", "predict", "synth", "inspect", "bench", "convert", "convert-weights"] {
         let o = retinanet(&[cmd, "--help"]);
         assert_eq!(o.status.code(), Some(0), "{cmd}");
         assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: retinanet"), "{cmd}");
