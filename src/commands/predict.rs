@@ -90,14 +90,7 @@ fn predict_files(predictor: &Predictor, inputs: &[PathBuf], out: Option<&Path>, 
         let file_name = file.display().to_string();
         coco.extend(coco_dets.into_iter().map(|detection| FileDetection { detection, file_name: file_name.clone() }));
     }
-    if let Some(dir) = out {
-        write_predictions(dir, &coco)?;
-        eprintln!("{} image(s): drawn detections and predictions.json in {}", files.len(), dir.display());
-    }
-    if json {
-        println!("{}", serde_json::to_string(&results)?);
-    }
-    Ok(())
+    finish(out, &coco, &results, json, "drawn detections and predictions.json")
 }
 
 /// A split of the config's dataset: predictions.json with its image ids.
@@ -116,20 +109,22 @@ fn predict_split(predictor: &Predictor, split: &str, out: Option<&Path>, json: b
         results.push(image_result(file_name, (*width, *height), &coco_dets, predictor));
         coco.extend(coco_dets);
     }
-    if let Some(dir) = out {
-        write_predictions(dir, &coco)?;
-        eprintln!("{} image(s): predictions.json in {}", results.len(), dir.display());
-    }
-    if json {
-        println!("{}", serde_json::to_string(&results)?);
-    }
-    Ok(())
+    finish(out, &coco, &results, json, "predictions.json")
 }
 
-fn write_predictions(dir: &Path, predictions: &impl Serialize) -> Result<()> {
-    let path = dir.join("predictions.json");
-    std::fs::write(&path, serde_json::to_string(predictions)?)
-        .with_context(|| format!("cannot write {}", path.display()))
+/// Writes `DIR/predictions.json` (saying what `out` now holds) and prints
+/// the `--json` array.
+fn finish(out: Option<&Path>, coco: &impl Serialize, results: &[ImageResult], json: bool, what: &str) -> Result<()> {
+    if let Some(dir) = out {
+        let path = dir.join("predictions.json");
+        std::fs::write(&path, serde_json::to_string(coco)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("{} image(s): {what} in {}", results.len(), dir.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string(results)?);
+    }
+    Ok(())
 }
 
 /// Files as given, and the images directly inside folders (sorted).
