@@ -44,38 +44,48 @@ pub struct LoadedSplit {
 /// `data.drop_empty`.
 pub fn load_split(cfg: &DataConfig, split: &str) -> Result<LoadedSplit> {
     let root = dataset_root(cfg)?;
-    let (coco, files) = match detect_format(cfg, &root, split)? {
-        DataFormat::Coco => read_coco_split(cfg, &root, split)?,
-        DataFormat::Voc => {
-            let layout = VocLayout::find(&root)
-                .with_context(|| format!("data.root {}: no {}", root.display(), VocLayout::LOOKED_FOR))?;
-            voc::read_split(&root, &layout, split, cfg)?
-        }
-        DataFormat::Yolo => yolo::read_split(&root.join(yolo::DATA_YAML), split)?,
-        DataFormat::Csv => keras_csv::read_split(&root, split)?,
-        DataFormat::Auto => unreachable!("detect_format decides"),
+    let (coco, files) = match find_layout(cfg, &root, split)? {
+        Layout::Coco => read_coco_split(cfg, &root, split)?,
+        Layout::Voc(layout) => voc::read_split(&root, &layout, split, cfg)?,
+        Layout::Yolo => yolo::read_split(&root.join(yolo::DATA_YAML), split)?,
+        Layout::Csv => keras_csv::read_split(&root, split)?,
     };
     let options = LoadOptions { label_mode: cfg.label_mode, drop_empty: cfg.drop_empty && split == "train" };
     let dataset = Dataset::from_coco(&coco, options).with_context(|| files.annotations.display().to_string())?;
     Ok(LoadedSplit { dataset, coco, files })
 }
 
-/// `data.format`, or for `auto` the first layout found under `root`.
-fn detect_format(cfg: &DataConfig, root: &Path, split: &str) -> Result<DataFormat> {
-    if cfg.format != DataFormat::Auto {
-        return Ok(cfg.format);
+/// A dataset folder's format, with what reading it needs.
+enum Layout {
+    Coco,
+    Voc(VocLayout),
+    Yolo,
+    Csv,
+}
+
+/// The layout `data.format` names, or for `auto` the first found under
+/// `root`.
+fn find_layout(cfg: &DataConfig, root: &Path, split: &str) -> Result<Layout> {
+    let voc =
+        || VocLayout::find(root).with_context(|| format!("data.root {}: no {}", root.display(), VocLayout::LOOKED_FOR));
+    match cfg.format {
+        DataFormat::Coco => return Ok(Layout::Coco),
+        DataFormat::Voc => return Ok(Layout::Voc(voc()?)),
+        DataFormat::Yolo => return Ok(Layout::Yolo),
+        DataFormat::Csv => return Ok(Layout::Csv),
+        DataFormat::Auto => {}
     }
     if coco_annotations(cfg, root, split).is_file() || split.ends_with(".json") {
-        return Ok(DataFormat::Coco);
+        return Ok(Layout::Coco);
     }
-    if VocLayout::find(root).is_some() {
-        return Ok(DataFormat::Voc);
+    if let Some(layout) = VocLayout::find(root) {
+        return Ok(Layout::Voc(layout));
     }
     if root.join(yolo::DATA_YAML).is_file() {
-        return Ok(DataFormat::Yolo);
+        return Ok(Layout::Yolo);
     }
     if root.join(keras_csv::CLASSES_CSV).is_file() {
-        return Ok(DataFormat::Csv);
+        return Ok(Layout::Csv);
     }
     bail!(
         "data.root {}: no dataset found; looked for {} (COCO), {}, {} (YOLO) and {} (CSV); \

@@ -37,7 +37,7 @@ impl VocLayout {
         ];
         layouts
             .into_iter()
-            .find(|(annotations, _, _)| !xml_files(annotations).is_empty())
+            .find(|(annotations, _, _)| holds_xml(annotations))
             .map(|(annotations, images, lists)| Self { annotations, images, lists })
     }
 
@@ -187,13 +187,19 @@ fn number(node: Node, tag: &str) -> std::result::Result<f64, String> {
     text.trim().parse().map_err(|_| format!("<{tag}> {:?} is not a number", text.trim()))
 }
 
+fn is_xml(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("xml"))
+}
+
+/// True when `dir` is a folder with an `.xml` file in it (stops at the first).
+fn holds_xml(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.any(|e| e.is_ok_and(|e| is_xml(&e.path()))))
+}
+
 /// The `.xml` files directly in `dir`, sorted (none when it is not a folder).
 fn xml_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("xml")))
-        .collect();
+    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_xml(p)).collect();
     files.sort();
     files
 }
