@@ -168,6 +168,10 @@ pub(crate) struct InspectArgs {
     /// Folder to draw sample images with their boxes into.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// With --out: draw the training images as the model sees them, after
+    /// the augmentations of `input.augment`, flips and resizing.
+    #[arg(long, requires = "out")]
+    pub augmented: bool,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,

@@ -99,13 +99,15 @@ fn bf16_mixed_precision_learns_and_keeps_f32_weights() {
     }
 }
 
-#[test]
-fn sigkill_then_resume_gives_bit_identical_weights() {
-    let steps = ["train.max_steps=40", "train.checkpoint_every=4"];
-    let whole = temp("whole");
+/// Trains 40 steps uninterrupted, and again killed with SIGKILL after its
+/// first checkpoint and resumed; both must end with the same bytes.
+fn assert_resume_is_bit_identical(name: &str, extra: &[&str]) {
+    let steps: Vec<&str> =
+        ["train.max_steps=40", "train.checkpoint_every=4"].into_iter().chain(extra.iter().copied()).collect();
+    let whole = temp(&format!("{name}-whole"));
     run_ok(train_command(&whole, &steps));
 
-    let killed = temp("killed");
+    let killed = temp(&format!("{name}-killed"));
     let mut child = train_command(&killed, &steps).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let state = killed.join("checkpoints/last/state.json");
     let started = Instant::now();
@@ -124,6 +126,88 @@ fn sigkill_then_resume_gives_bit_identical_weights() {
     run_ok(resume);
     assert!(weights(&whole) == weights(&killed), "resumed weights differ from the uninterrupted run");
     assert_eq!(losses(&whole), losses(&killed), "the metrics history differs");
+    let train_weights = |run: &Path| std::fs::read(run.join("checkpoints/last/train_weights.safetensors")).ok();
+    assert!(train_weights(&whole) == train_weights(&killed), "the optimiser's weights differ");
+}
+
+#[test]
+fn sigkill_then_resume_gives_bit_identical_weights() {
+    assert_resume_is_bit_identical("plain", &[]);
+}
+
+/// Every augmentation and the weight average on, with evaluations between
+/// checkpoints: the augmentations are drawn from the image's position, and
+/// the average, its update count and the patience count are restored.
+#[test]
+fn resume_with_augmentations_and_weight_average_is_bit_identical() {
+    assert_resume_is_bit_identical(
+        "augmented",
+        &[
+            "input.augment.photometric.prob=0.5",
+            "input.augment.zoom_out.prob=0.5",
+            "input.augment.iou_crop.prob=0.5",
+            "input.augment.scale_jitter.prob=0.5",
+            "input.augment.min_visible=0.3",
+            "train.ema_decay=0.99",
+            "train.ema_warmup_steps=10",
+            "train.eval_every_steps=10",
+            "train.patience=5",
+        ],
+    );
+}
+
+/// With the weight average, `model.safetensors` holds the average and
+/// `train_weights.safetensors` what the optimiser moved; they differ.
+#[test]
+fn the_weight_average_is_what_the_checkpoint_offers() {
+    let out = temp("ema");
+    run_ok(train_command(&out, &["train.max_steps=8", "train.ema_decay=0.9", "train.ema_warmup_steps=1"]));
+    let load = |file: &str| {
+        candle_core::safetensors::load(out.join("checkpoints/last").join(file), &candle_core::Device::Cpu).unwrap()
+    };
+    let (average, live) = (load("model.safetensors"), load("train_weights.safetensors"));
+    assert_eq!(average.len(), live.len());
+    let name = "head.classification_head.cls_logits.weight";
+    let diff = (&average[name] - &live[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff > 0.0, "the average equals the live weights");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/last/state.json")).unwrap()).unwrap();
+    assert_eq!(state["ema_updates"], 8);
+}
+
+/// With weights that cannot change (learning rate 0, no running
+/// statistics), the val AP never improves: `train.patience = 2` stops the
+/// run at the third evaluation, says so, and the final summary reuses it.
+#[test]
+fn patience_stops_a_run_that_no_longer_improves() {
+    let out = temp("patience");
+    let mut cmd = train_command(
+        &out,
+        &[
+            "train.max_steps=40",
+            "train.lr=0",
+            "model.backbone.norm=gn",
+            "model.backbone.gn_groups=4",
+            "train.eval_every_steps=2",
+            "train.patience=2",
+        ],
+    );
+    let o = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("stopping early at step 6: no better val AP in 2 evaluations"), "{stderr}");
+    let entries: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let eval_steps: Vec<u64> =
+        entries.iter().filter(|e| e["kind"] == "eval").map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(eval_steps, vec![2, 4, 6]);
+    assert_eq!(losses(&out).len(), 6);
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/best/state.json")).unwrap()).unwrap();
+    assert_eq!(best["step"], 2);
 }
 
 /// A trained run folder is used by `eval --weights` and `predict`.

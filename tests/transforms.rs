@@ -85,7 +85,7 @@ fn flip_resize_pad_and_back_is_exact_geometry() {
     let transform = Transform::new(&InputConfig { min_size: vec![50], max_size: 1000, ..InputConfig::default() });
     let image = RgbImage::new(200, 100);
     let input = vec![[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 200.0, 100.0]];
-    let out = transform.apply(&image, &input, Augment { min_size_index: Some(0), hflip: true });
+    let out = transform.apply(&image, &input, Augment { min_size_index: Some(0), hflip: true, seed: None });
     assert_eq!((out.height, out.width), (50, 100));
     assert_eq!(out.boxes, vec![[75.0, 10.0, 95.0, 30.0], [0.0, 0.0, 100.0, 50.0]]);
     assert_eq!(transform.padded_size([(out.height, out.width)]), (64, 128));
@@ -102,8 +102,11 @@ fn flip_mirrors_pixels_and_boxes_together() {
     let image =
         RgbImage::from_fn(40, 20, |x, y| if x < 10 && y < 10 { image::Rgb([255; 3]) } else { image::Rgb([0; 3]) });
     let cfg = InputConfig { min_size: vec![20], max_size: 40, mean: [0.0; 3], std: [1.0; 3], ..InputConfig::default() };
-    let out =
-        Transform::new(&cfg).apply(&image, &[[0.0, 0.0, 10.0, 10.0]], Augment { min_size_index: Some(0), hflip: true });
+    let out = Transform::new(&cfg).apply(
+        &image,
+        &[[0.0, 0.0, 10.0, 10.0]],
+        Augment { min_size_index: Some(0), hflip: true, seed: None },
+    );
     assert_eq!(out.boxes, vec![[30.0, 0.0, 40.0, 10.0]]);
     let [x1, y1, x2, y2] = out.boxes[0].map(|v| v as usize);
     for y in 0..out.height {

@@ -37,8 +37,12 @@ pub(super) fn run(args: InspectArgs) -> Result<()> {
         print_list("problems", &problems);
     }
     if let Some(out) = &args.out {
-        let drawn = inspect::draw_samples(&dataset, &files.images, out, SAMPLES)?;
-        eprintln!("drew {drawn} sample image(s) into {}", out.display());
+        let drawn = match args.augmented {
+            true => inspect::draw_augmented_samples(&config, &dataset, &files.images, out, SAMPLES)?,
+            false => inspect::draw_samples(&dataset, &files.images, out, SAMPLES)?,
+        };
+        let what = if args.augmented { "augmented training" } else { "sample" };
+        eprintln!("drew {drawn} {what} image(s) into {}", out.display());
     }
     if !problems.is_empty() {
         bail!("{}: {} problem(s) that would stop or change training", files.annotations.display(), problems.len());

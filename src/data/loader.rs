@@ -87,6 +87,24 @@ pub struct Shard {
     pub world: usize,
 }
 
+impl LoaderOptions {
+    /// The options a config asks for, for training or for evaluation.
+    pub fn for_config(config: &Config, train: bool) -> Self {
+        let t = &config.train;
+        Self {
+            batch_size: if train { t.batch_size } else { config.eval.batch_size },
+            train,
+            seed: t.seed,
+            hflip_prob: config.input.hflip_prob,
+            drop_last: train,
+            workers: t.workers,
+            prefetch: t.prefetch,
+            skip_bad_images: config.data.skip_bad_images,
+            shard: Shard::WHOLE,
+        }
+    }
+}
+
 impl Shard {
     pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
 }
@@ -114,18 +132,7 @@ impl Loader {
     /// The loader a config asks for: training (shuffled, augmented, last
     /// partial batch dropped) or evaluation (file order, every image).
     pub fn for_split(config: &Config, split: LoadedSplit, train: bool) -> Self {
-        let t = &config.train;
-        let options = LoaderOptions {
-            batch_size: if train { t.batch_size } else { config.eval.batch_size },
-            train,
-            seed: t.seed,
-            hflip_prob: config.input.hflip_prob,
-            drop_last: train,
-            workers: t.workers,
-            prefetch: t.prefetch,
-            skip_bad_images: config.data.skip_bad_images,
-            shard: Shard::WHOLE,
-        };
+        let options = LoaderOptions::for_config(config, train);
         Self::new(split.dataset.images, split.files.images, Transform::new(&config.input), options)
     }
 
@@ -295,8 +302,8 @@ impl BatchProducer {
         let target = Target {
             image_id: entry.id,
             boxes: transformed.boxes.clone(),
-            labels: entry.labels.clone(),
-            crowd: entry.crowd.clone(),
+            labels: transformed.kept.iter().map(|&k| entry.labels[k]).collect(),
+            crowd: transformed.kept.iter().map(|&k| entry.crowd[k]).collect(),
             original_size,
             resized_size: (transformed.height, transformed.width),
         };
@@ -312,6 +319,7 @@ impl BatchProducer {
         Augment {
             min_size_index: Some(rng.random_range(0..self.transform.min_size.len())),
             hflip: rng.random::<f32>() < self.options.hflip_prob,
+            seed: Some(rng.random()),
         }
     }
 }

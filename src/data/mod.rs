@@ -2,7 +2,7 @@
 //! reads COCO (`coco`), Pascal VOC (`voc`), YOLO (`yolo`) and
 //! keras-retinanet's CSV (`keras_csv`) into one form), image decoding
 //! (`image_io`), the model's input transform
-//! (`transforms`), seeded and resumable batches (`loader`), and the
+//! (`transforms`) with the training augmentations (`augment`), seeded and resumable batches (`loader`), and the
 //! synthetic shapes generator (`synthetic`).
 //!
 //! Label semantics: a box's *label* is in `0..num_classes`; [`CategoryMap`]
@@ -10,6 +10,7 @@
 //! kept with `crowd = true`: never foreground, the anchors they cover
 //! ignored in training and in evaluation.
 
+mod augment;
 mod coco;
 mod convert;
 mod image_io;

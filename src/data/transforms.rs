@@ -2,12 +2,18 @@
 //! `GeneralizedRCNNTransform` exactly: normalise with mean/std, resize with
 //! `scale = min(min_size / short, max_size / long)` and torch's bilinear
 //! interpolation, zero-pad the batch to a multiple of `size_divisible`; plus
-//! the training-time horizontal flip, and the map of predicted boxes back to
-//! original pixels.
+//! the training-time augmentations (`input.augment`, see [`super::augment`])
+//! and horizontal flip, and the map of predicted boxes back to original
+//! pixels.
+
+use std::borrow::Cow;
 
 use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
-use crate::config::InputConfig;
+use super::augment::{crop_boxes, crop_chw, iou_crop, photometric, random_window, zoom_out, Sample};
+use crate::config::{AugmentConfig, InputConfig};
 
 /// Random choices for one training image; evaluation uses [`Augment::NONE`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,10 +21,13 @@ pub struct Augment {
     /// Index into `min_size`; `None` takes the last, as torchvision's eval.
     pub min_size_index: Option<usize>,
     pub hflip: bool,
+    /// Seed of the draws of `input.augment` for this image; `None` applies
+    /// none of them.
+    pub seed: Option<u64>,
 }
 
 impl Augment {
-    pub const NONE: Self = Self { min_size_index: None, hflip: false };
+    pub const NONE: Self = Self { min_size_index: None, hflip: false, seed: None };
 }
 
 /// One image after the transform, before batching.
@@ -31,6 +40,9 @@ pub struct TransformedImage {
     pub width: usize,
     /// Boxes `[x1, y1, x2, y2]` in resized pixels.
     pub boxes: Vec<[f32; 4]>,
+    /// For each of `boxes`, its index among the boxes given (crops drop
+    /// some).
+    pub kept: Vec<usize>,
 }
 
 /// Input transform parameters (see [`InputConfig`]).
@@ -41,6 +53,7 @@ pub struct Transform {
     pub size_divisible: u32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    pub augment: AugmentConfig,
 }
 
 impl Transform {
@@ -51,6 +64,7 @@ impl Transform {
             size_divisible: cfg.size_divisible,
             mean: cfg.mean,
             std: cfg.std,
+            augment: cfg.augment.clone(),
         }
     }
 
@@ -63,17 +77,28 @@ impl Transform {
         ((height as f64 * scale).floor() as usize, (width as f64 * scale).floor() as usize)
     }
 
-    /// Flips (if asked), normalises and resizes one image with its boxes
-    /// (`[x1, y1, x2, y2]` in original pixels).
+    /// Augments (as `augment` says), normalises and resizes one image with
+    /// its boxes (`[x1, y1, x2, y2]` in original pixels).
     pub fn apply(&self, image: &RgbImage, boxes: &[[f32; 4]], augment: Augment) -> TransformedImage {
+        let mut rng = augment.seed.map(ChaCha8Rng::seed_from_u64);
+        let (image, mut boxes, kept) = match rng.as_mut() {
+            Some(rng) => {
+                let sample = self.augment_pixels(image, boxes, rng);
+                (Cow::Owned(sample.image), sample.boxes, sample.kept)
+            }
+            None => (Cow::Borrowed(image), boxes.to_vec(), (0..boxes.len()).collect()),
+        };
         let (width, height) = (image.width() as usize, image.height() as usize);
-        let mut boxes = boxes.to_vec();
         let chw = if augment.hflip {
             hflip_boxes(&mut boxes, width as f32);
-            self.normalize(&image::imageops::flip_horizontal(image))
+            self.normalize(&image::imageops::flip_horizontal(image.as_ref()))
         } else {
-            self.normalize(image)
+            self.normalize(&image)
         };
+        let jitter = rng.as_mut().and_then(|rng| self.draw_scale_jitter(rng).map(|scale| (scale, rng)));
+        if let Some((scale, rng)) = jitter {
+            return self.scale_jitter(chw, (height, width), boxes, kept, scale, rng);
+        }
         let min_size = match augment.min_size_index {
             Some(i) => self.min_size[i],
             None => *self.min_size.last().expect("min_size is validated non-empty"),
@@ -81,7 +106,64 @@ impl Transform {
         let (out_h, out_w) = self.resized_size(height, width, min_size);
         let chw = resize_bilinear(&chw, 3, height, width, out_h, out_w);
         scale_boxes(&mut boxes, (height, width), (out_h, out_w));
-        TransformedImage { chw, height: out_h, width: out_w, boxes }
+        TransformedImage { chw, height: out_h, width: out_w, boxes, kept }
+    }
+
+    /// The augmentations on bytes, in their order: photometric distortion,
+    /// zoom-out, minimum-IoU crop. Each draws whether it applies first.
+    fn augment_pixels(&self, image: &RgbImage, boxes: &[[f32; 4]], rng: &mut ChaCha8Rng) -> Sample {
+        let cfg = &self.augment;
+        let mut sample = Sample::new(image.clone(), boxes);
+        if rng.random::<f32>() < cfg.photometric.prob {
+            photometric(&mut sample.image, &cfg.photometric, rng);
+        }
+        if rng.random::<f32>() < cfg.zoom_out.prob {
+            let fill = self.mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8);
+            zoom_out(&mut sample, &cfg.zoom_out, fill, rng);
+        }
+        if rng.random::<f32>() < cfg.iou_crop.prob {
+            iou_crop(&mut sample, &cfg.iou_crop, cfg.min_visible, rng);
+        }
+        sample
+    }
+
+    /// The scale jitter's factor when this image gets it.
+    fn draw_scale_jitter(&self, rng: &mut ChaCha8Rng) -> Option<f32> {
+        let cfg = &self.augment.scale_jitter;
+        let applies = rng.random::<f32>() < cfg.prob;
+        applies.then(|| rng.random_range(cfg.min_scale..=cfg.max_scale))
+    }
+
+    /// The side of the scale jitter's square.
+    fn jitter_size(&self) -> usize {
+        match self.augment.scale_jitter.size {
+            0 => self.max_size as usize,
+            size => size as usize,
+        }
+    }
+
+    /// Large-scale jitter on a normalised `[3, height, width]` image: resize
+    /// to fit the square times `scale` (sides floored, as torchvision's
+    /// `ScaleJitter`), then keep a random window of at most the square.
+    fn scale_jitter(
+        &self,
+        chw: Vec<f32>,
+        (height, width): (usize, usize),
+        mut boxes: Vec<[f32; 4]>,
+        kept: Vec<usize>,
+        scale: f32,
+        rng: &mut ChaCha8Rng,
+    ) -> TransformedImage {
+        let size = self.jitter_size();
+        let fit = (size as f64 / height as f64).min(size as f64 / width as f64) * scale as f64;
+        let out_h = ((height as f64 * fit) as usize).max(1);
+        let out_w = ((width as f64 * fit) as usize).max(1);
+        let resized = resize_bilinear(&chw, 3, height, width, out_h, out_w);
+        scale_boxes(&mut boxes, (height, width), (out_h, out_w));
+        let window = random_window(out_h, out_w, size, rng);
+        let chw = crop_chw(&resized, 3, out_h, out_w, window);
+        let (boxes, kept) = crop_boxes(&boxes, &kept, window, self.augment.min_visible);
+        TransformedImage { chw, height: window.height, width: window.width, boxes, kept }
     }
 
     /// RGB bytes to `[3, h, w]` floats: `(v / 255 - mean) / std`.

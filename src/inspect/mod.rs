@@ -13,7 +13,7 @@ use serde::Serialize;
 pub use coverage::{Coverage, CoverageTable, BUCKETS};
 
 use crate::config::Config;
-use crate::data::{load_rgb, Dataset, ImageEntry, Transform};
+use crate::data::{load_rgb, Dataset, ImageEntry, Loader, LoaderOptions, Transform};
 use crate::viz::draw::{class_colour, draw_labeled_box};
 
 /// What a split holds.
@@ -135,12 +135,60 @@ pub fn draw_samples(dataset: &Dataset, images_dir: &Path, out: &Path, count: usi
             let caption = if crowd { format!("{name} (crowd)") } else { name };
             draw_labeled_box(&mut image, *b, &caption, class_colour(label));
         }
-        let stem = Path::new(&entry.file_name)
-            .file_stem()
-            .map_or_else(|| entry.id.to_string(), |s| s.to_string_lossy().into_owned());
-        let path = out.join(format!("{stem}.jpg"));
+        let path = out.join(format!("{}.jpg", file_stem(entry)));
         image.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
         drawn += 1;
     }
     Ok(drawn)
+}
+
+/// Draws the first `count` training images of epoch 0 as the loader hands
+/// them to the model (augmented, resized, with the boxes that survived the
+/// augmentations) into `out` (`<stem>-augmented.jpg`); returns how many.
+pub fn draw_augmented_samples(
+    config: &Config,
+    dataset: &Dataset,
+    images_dir: &Path,
+    out: &Path,
+    count: usize,
+) -> Result<usize> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let options = LoaderOptions { drop_last: false, ..LoaderOptions::for_config(config, true) };
+    let loader = Loader::new(dataset.images.clone(), images_dir.to_path_buf(), Transform::new(&config.input), options);
+    let stems: std::collections::HashMap<u64, String> = dataset.images.iter().map(|e| (e.id, file_stem(e))).collect();
+    let mut drawn = 0;
+    for batch in loader.epoch(0, 0)? {
+        let batch = batch?;
+        for (n, target) in batch.targets.iter().enumerate() {
+            if drawn == count {
+                return Ok(drawn);
+            }
+            let (height, width) = target.resized_size;
+            let chw = batch.images.get(n)?.narrow(1, 0, height)?.narrow(2, 0, width)?;
+            let mut image = denormalize(&chw.flatten_all()?.to_vec1::<f32>()?, height, width, &config.input);
+            for (b, &label) in target.boxes.iter().zip(&target.labels) {
+                draw_labeled_box(&mut image, *b, &dataset.categories.name_of(label), class_colour(label));
+            }
+            let path = out.join(format!("{}-augmented.jpg", stems[&target.image_id]));
+            image.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
+            drawn += 1;
+        }
+    }
+    Ok(drawn)
+}
+
+/// Normalised `[3, height, width]` floats back to RGB bytes.
+fn denormalize(chw: &[f32], height: usize, width: usize, input: &crate::config::InputConfig) -> image::RgbImage {
+    let plane = height * width;
+    image::RgbImage::from_fn(width as u32, height as u32, |x, y| {
+        let i = y as usize * width + x as usize;
+        image::Rgb(
+            [0, 1, 2]
+                .map(|c| ((chw[c * plane + i] * input.std[c] + input.mean[c]) * 255.0).round().clamp(0.0, 255.0) as u8),
+        )
+    })
+}
+
+fn file_stem(entry: &ImageEntry) -> String {
+    Path::new(&entry.file_name).file_stem().map_or_else(|| entry.id.to_string(), |s| s.to_string_lossy().into_owned())
 }

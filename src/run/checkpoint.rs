@@ -3,6 +3,7 @@
 //! Layout inside a run's `checkpoints/` folder:
 //! ```text
 //! step-00001000/   model.safetensors optimizer.safetensors state.json config.toml
+//!                  [train_weights.safetensors]
 //! last -> step-00001000   (symbolic link)
 //! best -> step-00000500
 //! ```
@@ -25,6 +26,9 @@ use serde::{Deserialize, Serialize};
 /// File names inside a checkpoint folder (the run folder's config has the
 /// same name).
 pub(super) const MODEL_FILE: &str = "model.safetensors";
+/// With `train.ema_decay`: the weights the optimiser updates, while
+/// `model.safetensors` holds their average (what eval and predict use).
+const TRAIN_WEIGHTS_FILE: &str = "train_weights.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.toml";
@@ -70,11 +74,20 @@ pub struct TrainState {
     pub best_ap: Option<f64>,
     pub best_step: Option<usize>,
     pub seed: u64,
+    /// Evaluations since the best one (`train.patience`).
+    #[serde(default)]
+    pub evals_since_best: usize,
+    /// Updates of the weight average (`train.ema_decay`).
+    #[serde(default)]
+    pub ema_updates: u64,
 }
 
 /// What a checkpoint holds.
 pub struct Checkpoint {
+    /// The weights to use: the average with `train.ema_decay`.
     pub model: HashMap<String, Tensor>,
+    /// With `train.ema_decay`: the weights the optimiser updates.
+    pub train_weights: Option<HashMap<String, Tensor>>,
     pub optimizer: HashMap<String, Tensor>,
     pub state: TrainState,
     pub config_toml: String,
@@ -138,7 +151,12 @@ fn write_folder(checkpoints: &Path, folder: &Path, ckpt: &Checkpoint) -> Result<
         candle_core::safetensors::save(&ckpt.optimizer, tmp.join(OPTIMIZER_FILE))?;
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&ckpt.state)?)?;
         std::fs::write(tmp.join(CONFIG_FILE), &ckpt.config_toml)?;
-        for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE] {
+        let mut files = vec![MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE];
+        if let Some(train_weights) = &ckpt.train_weights {
+            candle_core::safetensors::save(train_weights, tmp.join(TRAIN_WEIGHTS_FILE))?;
+            files.push(TRAIN_WEIGHTS_FILE);
+        }
+        for f in files {
             File::open(tmp.join(f))?.sync_all()?;
         }
         Ok(())
@@ -220,8 +238,13 @@ pub fn load_checkpoint(folder: &Path, device: &Device) -> Result<Checkpoint> {
             .with_context(|| format!("{}: not a readable safetensors file", path.display()))
     };
     let config_path = folder.join(CONFIG_FILE);
+    let train_weights = match folder.join(TRAIN_WEIGHTS_FILE).is_file() {
+        true => Some(read_tensors(TRAIN_WEIGHTS_FILE)?),
+        false => None,
+    };
     Ok(Checkpoint {
         model: read_tensors(MODEL_FILE)?,
+        train_weights,
         optimizer: read_tensors(OPTIMIZER_FILE)?,
         state,
         config_toml: std::fs::read_to_string(&config_path)
@@ -237,6 +260,7 @@ mod tests {
         let t = Tensor::new(&[value, value], &Device::Cpu).unwrap();
         Checkpoint {
             model: HashMap::from([("w".to_string(), t.clone())]),
+            train_weights: None,
             optimizer: HashMap::from([("first.w".to_string(), t)]),
             state: TrainState {
                 step,
@@ -247,6 +271,8 @@ mod tests {
                 best_ap: None,
                 best_step: None,
                 seed: 0,
+                evals_since_best: 0,
+                ema_updates: 0,
             },
             config_toml: "name = \"t\"\n".into(),
         }

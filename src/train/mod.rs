@@ -6,6 +6,7 @@
 
 mod bench;
 mod distributed;
+mod ema;
 mod loss;
 mod matcher;
 mod metrics;

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Result};
 use candle_nn::VarMap;
 
 use super::distributed::{average_over_ranks, Collective, SingleProcess};
+use super::ema::WeightEma;
 use super::loss::{retinanet_loss, LossTerms, Normalizer};
 use super::matcher::Matcher;
 use super::optim::Optimizer;
@@ -42,6 +43,8 @@ pub struct StepRunner {
     pub varmap: VarMap,
     pub optimizer: Optimizer,
     pub normalizer: Normalizer,
+    /// The weight average, with `train.ema_decay`.
+    pub ema: Option<WeightEma>,
     matcher: Matcher,
     config: Config,
     num_classes: usize,
@@ -63,11 +66,13 @@ impl StepRunner {
             low_threshold: config.loss.bg_iou_thresh as f32,
             allow_low_quality_matches: config.loss.allow_low_quality_matches,
         };
+        let ema = WeightEma::new(&varmap, &config.train)?;
         Ok(Self {
             num_classes: model.num_classes(),
             model,
             varmap,
             optimizer,
+            ema,
             normalizer: Normalizer::new(config.loss.normalizer),
             matcher,
             config: config.clone(),
@@ -133,6 +138,9 @@ impl StepRunner {
         // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6), at most 1.
         let scale = if max_norm > 0.0 { (max_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
         self.optimizer.step(&grads, lr, scale)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update()?;
+        }
         Ok(StepOutcome::Updated { loss_cls, loss_box, grad_norm })
     }
 }

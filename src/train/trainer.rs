@@ -95,6 +95,8 @@ pub struct Trainer {
     total_steps: usize,
     /// Present on the rank that logs, evaluates and checkpoints.
     files: Option<RunFiles>,
+    /// The latest evaluation and its step, reused when the run ends there.
+    last_eval: Option<(usize, EvalResult)>,
     events: EventSink,
 }
 
@@ -141,7 +143,20 @@ impl Trainer {
             }),
             false => None,
         };
-        Ok(Self { config, device, run, runner, categories, loader, val, state, total_steps, files, events })
+        Ok(Self {
+            config,
+            device,
+            run,
+            runner,
+            categories,
+            loader,
+            val,
+            state,
+            total_steps,
+            files,
+            last_eval: None,
+            events,
+        })
     }
 
     /// Trains until the last step or until `stop` is set (then a checkpoint
@@ -155,7 +170,8 @@ impl Trainer {
         });
         let world = self.runner.collective().shard().world;
         let mut window = Window::start();
-        while self.state.step < self.total_steps {
+        let mut stopped_early = false;
+        while self.state.step < self.total_steps && !stopped_early {
             let epoch = self.state.epoch;
             for batch in self.loader.epoch(epoch, self.state.batch_in_epoch)? {
                 let batch = batch?;
@@ -177,14 +193,23 @@ impl Trainer {
                 if step == self.total_steps {
                     break;
                 }
+                let every_steps = self.config.train.eval_every_steps;
+                if every_steps > 0 && step.is_multiple_of(every_steps) && self.periodic_evaluation()? {
+                    stopped_early = true;
+                    break;
+                }
             }
             let finished_epoch = self.state.batch_in_epoch == 0 && self.state.epoch == epoch + 1;
             let every = self.config.train.eval_every;
-            if finished_epoch && every > 0 && (epoch + 1).is_multiple_of(every) && self.state.step < self.total_steps {
-                self.evaluate()?;
+            let due = finished_epoch && every > 0 && (epoch + 1).is_multiple_of(every);
+            if !stopped_early && due && self.state.step < self.total_steps {
+                stopped_early = self.periodic_evaluation()?;
             }
         }
-        let result = self.evaluate()?;
+        let result = match self.last_eval.take() {
+            Some((step, result)) if step == self.state.step => Some(result),
+            _ => self.evaluate()?,
+        };
         self.save(CheckpointKind::Last)?;
         let skipped = self.loader.skipped_images() + self.val.loader.skipped_images();
         if skipped > 0 {
@@ -192,6 +217,32 @@ impl Trainer {
             (self.events)(TrainEvent::Warning(warning));
         }
         Ok(self.outcome(false, result))
+    }
+
+    /// An evaluation during the run (unless this step was just evaluated);
+    /// true when `train.patience` evaluations in a row found no better AP,
+    /// on any rank (only the logging rank evaluates), so every rank stops.
+    fn periodic_evaluation(&mut self) -> Result<bool> {
+        if self.last_eval.as_ref().is_some_and(|(step, _)| *step == self.state.step) {
+            return Ok(false);
+        }
+        let result = self.evaluate()?;
+        let patience = self.config.train.patience;
+        let out_of_patience = result.is_some() && patience > 0 && self.state.evals_since_best >= patience;
+        if let Some(result) = result {
+            self.last_eval = Some((self.state.step, result));
+        }
+        let stop = any_rank(self.runner.collective(), out_of_patience, &self.device)?;
+        if out_of_patience {
+            let (best, at) = (self.state.best_ap.unwrap_or(0.0), self.state.best_step.unwrap_or(0));
+            let note = format!(
+                "stopping early at step {}: no better val AP in {patience} evaluations (train.patience); \
+                 the best, AP {best:.3} at step {at}, is checkpoints/best",
+                self.state.step
+            );
+            (self.events)(TrainEvent::Note(note));
+        }
+        Ok(stop)
     }
 
     fn outcome(&self, interrupted: bool, final_eval: Option<EvalResult>) -> TrainOutcome {
@@ -215,6 +266,7 @@ impl Trainer {
             StepOutcome::Updated { loss_cls, loss_box, .. } => {
                 self.state.optimizer_steps = self.runner.optimizer.steps();
                 self.state.normalizer_ema = self.runner.normalizer.ema;
+                self.state.ema_updates = self.runner.ema.as_ref().map_or(0, |ema| ema.updates());
                 Ok((loss_cls, loss_box))
             }
             StepOutcome::NonFinite { what, detail } => bail!(self.non_finite(what, batch, &detail)),
@@ -256,9 +308,17 @@ impl Trainer {
         let step = self.state.step;
         (self.events)(TrainEvent::Evaluating { step, images: self.val.loader.len_images() });
         let started = Instant::now();
-        let model = &self.runner.model;
-        let (result, _) =
-            evaluate_split(model, &self.val.loader, &self.val.ground_truth, &self.categories, &self.device)?;
+        let runner = &mut self.runner;
+        // With a weight average, it is what is evaluated (and saved as `best`).
+        if let Some(ema) = &mut runner.ema {
+            ema.swap()?;
+        }
+        let evaluated =
+            evaluate_split(&runner.model, &self.val.loader, &self.val.ground_truth, &self.categories, &self.device);
+        if let Some(ema) = &mut runner.ema {
+            ema.swap()?;
+        }
+        let (result, _) = evaluated?;
         write_eval_json(&self.run.eval_json(), &result, started.elapsed().as_secs_f64())?;
         files.metrics.push(MetricsEntry::Eval { step, epoch: self.state.epoch, stats: result.stats.to_vec() })?;
         write_loss_plot(&self.run.loss_png(), &files.metrics.entries)?;
@@ -267,7 +327,10 @@ impl Trainer {
         if self.state.best_ap.is_none_or(|best| ap > best) {
             self.state.best_ap = Some(ap);
             self.state.best_step = Some(step);
+            self.state.evals_since_best = 0;
             self.save(CheckpointKind::Best)?;
+        } else {
+            self.state.evals_since_best += 1;
         }
         Ok(Some(result))
     }
@@ -278,8 +341,14 @@ impl Trainer {
         let Some(files) = &mut self.files else {
             return Ok(());
         };
+        let weights = model::state_dict(&self.runner.varmap);
+        let (model, train_weights) = match &self.runner.ema {
+            Some(ema) => (ema.state_dict(), Some(weights)),
+            None => (weights, None),
+        };
         let ckpt = Checkpoint {
-            model: model::state_dict(&self.runner.varmap),
+            model,
+            train_weights,
             optimizer: self.runner.optimizer.state_tensors(),
             state: self.state.clone(),
             config_toml: self.config.to_toml(),
@@ -350,7 +419,8 @@ fn build_model(
 ) -> Result<LoadedModel> {
     let (cfg, seed) = (&config.model, config.train.seed);
     if let Some(ckpt) = checkpoint {
-        return model::build(cfg, num_classes, device, seed, Some((&ckpt.model, LoadMode::Exact)));
+        let weights = ckpt.train_weights.as_ref().unwrap_or(&ckpt.model);
+        return model::build(cfg, num_classes, device, seed, Some((weights, LoadMode::Exact)));
     }
     if cfg.backbone.weights.is_empty() {
         return model::build(cfg, num_classes, device, seed, None);
@@ -374,10 +444,17 @@ fn restore(runner: &mut StepRunner, checkpoint: Option<Checkpoint>, seed: u64) -
             best_ap: None,
             best_step: None,
             seed,
+            evals_since_best: 0,
+            ema_updates: 0,
         });
     };
     runner.optimizer.load_state(ckpt.optimizer, ckpt.state.optimizer_steps)?;
     runner.normalizer.ema = ckpt.state.normalizer_ema;
+    // A checkpoint with training weights holds the average in `model`; one
+    // without starts a new average (train.ema_decay set on resuming).
+    if let (Some(ema), Some(_)) = (&mut runner.ema, &ckpt.train_weights) {
+        ema.restore(&ckpt.model, ckpt.state.ema_updates)?;
+    }
     Ok(ckpt.state)
 }
 
