@@ -19,6 +19,23 @@ lacks; this script keeps its per-image one) and 5 epochs of 5,600 images
 instead of 14 of 2,000.
 The `bccd` recipe mirrors configs/bccd.toml likewise. Per-class AP is
 printed after the summary.
+
+The augmentations and the weight average of `input.augment` and
+`train.ema_decay` are recipe keys too, off unless set (the same ranges as
+our config's defaults; `--set photometric=0.5 --set ema_decay=0.99`):
+- `photometric`: probability of `v2.ColorJitter(brightness, contrast,
+  saturation, hue)` with the `jitter_*` ranges;
+- `zoom_out`: `v2.RandomZoomOut(fill=mean, side_range=(1, zoom_max), p)`;
+- `iou_crop`: probability of `v2.RandomIoUCrop()` with its defaults, then
+  `v2.SanitizeBoundingBoxes`;
+- `scale_jitter`: probability of `v2.ScaleJitter((S, S), scale_range)`
+  (no antialiasing, as the model's own resize) and a random window of at
+  most S x S, S = `jitter_size` or `max_size`; such images skip the model's
+  resize, as ours skip the `min_size` one;
+- `min_visible`: a box a crop cuts stays when this share of it is left;
+- `ema_decay`, `ema_warmup`: `torch.optim.swa_utils.AveragedModel` with
+  Ultralytics' ramped decay over weights and BatchNorm buffers, evaluated
+  instead of the model.
 """
 import argparse
 import json
@@ -30,9 +47,17 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch.optim.swa_utils import AveragedModel
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
 from torchvision_bench import build
+
+# Augmentations and the weight average: off unless a --set turns them on.
+AUGMENT = dict(photometric=0.0, brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05,
+               zoom_out=0.0, zoom_max=4.0, iou_crop=0.0, scale_jitter=0.0, jitter_range=[0.1, 2.0],
+               jitter_size=0, min_visible=0.0, ema_decay=0.0, ema_warmup=2000)
 
 RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
@@ -66,6 +91,53 @@ def image_tensor(path):
     return pil_to_tensor(Image.open(path).convert("RGB")).float() / 255.0
 
 
+MEAN = [0.485, 0.456, 0.406]
+
+
+def pixel_augmentations(r):
+    """The v2 pipeline before the resize: photometric, zoom-out, IoU crop, flip."""
+    steps = []
+    if r["photometric"] > 0:
+        jitter = v2.ColorJitter(r["brightness"], r["contrast"], r["saturation"], r["hue"])
+        steps.append(v2.RandomApply([jitter], p=r["photometric"]))
+    if r["zoom_out"] > 0:
+        steps.append(v2.RandomZoomOut(fill={tv_tensors.Image: MEAN, "others": 0},
+                                      side_range=(1.0, r["zoom_max"]), p=r["zoom_out"]))
+    if r["iou_crop"] > 0:
+        steps.append(v2.RandomApply([v2.RandomIoUCrop()], p=r["iou_crop"]))
+    steps.append(v2.RandomHorizontalFlip(0.5))
+    steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))
+    return v2.Compose(steps)
+
+
+def keep_visible(boxes, labels, before_area, min_visible):
+    """Drops boxes a crop left less than `min_visible` of (areas before the crop given)."""
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    keep = (w >= 1) & (h >= 1) & (w * h >= min_visible * before_area)
+    return boxes[keep], labels[keep]
+
+
+def scale_jitter(img, boxes, labels, r, gen):
+    """ScaleJitter to a square of jitter_size, then a random window of at most that square."""
+    size = r["jitter_size"] or r.get("max_size", r["size"])
+    lo, hi = r["jitter_range"]
+    jitter = v2.ScaleJitter((size, size), scale_range=(lo, hi), antialias=False)
+    img, bb = jitter(tv_tensors.Image(img), tv_tensors.BoundingBoxes(boxes, format="XYXY",
+                                                                    canvas_size=img.shape[-2:]))
+    h, w = img.shape[-2:]
+    ch, cw = min(h, size), min(w, size)
+    top = round((h - ch) * torch.rand(1, generator=gen).item())
+    left = round((w - cw) * torch.rand(1, generator=gen).item())
+    area = (bb[:, 2] - bb[:, 0]) * (bb[:, 3] - bb[:, 1])
+    img = img[:, top:top + ch, left:left + cw]
+    boxes = bb.as_subclass(torch.Tensor) - torch.tensor([left, top, left, top], dtype=torch.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, cw)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ch)
+    boxes, labels = keep_visible(boxes, labels, area, r["min_visible"])
+    return img.as_subclass(torch.Tensor), boxes, labels
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
@@ -75,7 +147,7 @@ def main():
                    help="override a recipe entry, e.g. --set lr=0.04 (value parsed as JSON)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
-    r = dict(RECIPES[args.preset])
+    r = dict(RECIPES[args.preset], **AUGMENT)
     if args.epochs:
         r["epochs"] = args.epochs
     for item in args.set:
@@ -96,11 +168,27 @@ def main():
                                     max_size=r.get("max_size", r["size"]),
                                     recipe="scratch", init=r["init"])
     model = build(model_args)
+    # Scale-jittered images are already at their size: skip the model's resize for them.
+    model_resize = model.transform.resize
+
+    def resize(image, target=None):
+        if target is not None and target.get("jittered", False):
+            return image, target
+        return model_resize(image, target)
+
+    model.transform.resize = resize
+    augment = pixel_augmentations(r)
     model.proposal_matcher.high_threshold = r["fg_iou"]
     model.proposal_matcher.low_threshold = r["bg_iou"]
     model.head.regression_head._loss_type = r["box_loss"]  # "l1" or "giou"
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=r["lr"], momentum=0.9, weight_decay=1e-4)
+    ema = None
+    if r["ema_decay"] > 0:
+        def ramped(avg, cur, n):  # Ultralytics' ModelEMA: n updates so far
+            d = r["ema_decay"] * (1 - math.exp(-(int(n) + 1) / r["ema_warmup"]))
+            return d * avg + (1 - d) * cur
+        ema = AveragedModel(model, avg_fn=ramped, use_buffers=True)
     steps_per_epoch = len(train) // r["batch"]
     total = steps_per_epoch * r["epochs"]
 
@@ -119,12 +207,17 @@ def main():
             for i in order[b * r["batch"]:(b + 1) * r["batch"]]:
                 _, path, boxes, labels = train[i]
                 img = image_tensor(path)
-                if torch.rand(1, generator=gen).item() < 0.5:
-                    img = img.flip(-1)
-                    w = img.shape[-1]
-                    boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+                sample = augment(tv_tensors.Image(img),
+                                 {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=img.shape[-2:]),
+                                  "labels": labels})
+                img, target = sample
+                img = img.as_subclass(torch.Tensor)
+                boxes, labels = target["boxes"].as_subclass(torch.Tensor), target["labels"]
+                jittered = r["scale_jitter"] > 0 and torch.rand(1, generator=gen).item() < r["scale_jitter"]
+                if jittered:
+                    img, boxes, labels = scale_jitter(img, boxes, labels, r, gen)
                 images.append(img)
-                targets.append({"boxes": boxes, "labels": labels})
+                targets.append({"boxes": boxes, "labels": labels, "jittered": jittered})
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             losses = model(images, targets)
@@ -132,19 +225,26 @@ def main():
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             if step % 50 == 0:
                 rate = step * r["batch"] / (time.perf_counter() - started)
                 print(f"step {step}/{total} epoch {epoch} loss {loss.item():.4f} {rate:.1f} img/s", flush=True)
     train_seconds = time.perf_counter() - started
-    model.eval()
+    evaluated = model if ema is None else ema.module
+    evaluated.eval()
     results = []
     with torch.no_grad():
         for image_id, path, _, _ in val:
-            out = model([image_tensor(path)])[0]
+            out = evaluated([image_tensor(path)])[0]
             for box, score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
                 results.append({"image_id": image_id, "category_id": cat_ids[label],
                                 "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+    if not results:  # pycocotools' loadRes cannot take an empty list
+        print(json.dumps({"preset": args.preset, "recipe": r, "train_seconds": train_seconds, "ap": 0.0,
+                          "detections": 0}))
+        return
     ev = COCOeval(gt, gt.loadRes(results), "bbox")
     ev.evaluate()
     ev.accumulate()

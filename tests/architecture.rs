@@ -15,7 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("viz", &[]),
     ("config", &[]),
     ("model", &["config", "ops"]),
-    ("data", &["config"]),
+    ("data", &["config", "ops"]),
     ("run", &["config"]),
     ("eval", &["data", "viz"]),
     ("infer", &["config", "data", "eval", "model", "run", "viz"]),

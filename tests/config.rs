@@ -78,6 +78,13 @@ fn wrong_types_name_the_key_and_the_expected_type() {
         ("train.seed=true", "config key train.seed: expected an integer, got a boolean"),
         ("model.backbone.norm=fancy", "config key model.backbone.norm: unknown variant `fancy`"),
         ("model.backbone.depth=19", "model.backbone.depth: expected 18, 34, 50 or 101"),
+        ("input.augment.zoom_out.prob=1.5", "config key input.augment.zoom_out.prob: expected a probability"),
+        ("input.augment.zoom_out.max_ratio=0.5", "config key input.augment.zoom_out.max_ratio: expected at least 1"),
+        ("input.augment.iou_crop.min_ious=[]", "config key input.augment.iou_crop.min_ious"),
+        ("input.augment.photometric.hue=0.7", "config key input.augment.photometric.hue"),
+        ("input.augment.scale_jitter.min_scale=3.0", "config key input.augment.scale_jitter.min_scale"),
+        ("input.augment.blur.prob=0.5", "unknown config key input.augment.blur"),
+        ("train.ema_decay=1.0", "config key train.ema_decay: expected a decay in [0, 1)"),
     ];
     for (item, expected) in cases {
         let err = format!("{:#}", Config::resolve(None, &set(&[item])).unwrap_err());

@@ -1,5 +1,5 @@
 //! Configuration: what to train and run, and where. Every key has a serde
-//! default (`schema`), presets are compiled in (`presets`), a config file
+//! default (`schema`; the augmentations of `input.augment` in `augment`), presets are compiled in (`presets`), a config file
 //! may inherit a `base` and `--set a.b=VALUE` overrides any key
 //! (`resolve`); `--device` names the Candle device (`device`).
 //!
@@ -16,11 +16,13 @@
 //! # }
 //! ```
 
+mod augment;
 mod device;
 mod presets;
 mod resolve;
 mod schema;
 
+pub use augment::*;
 pub use device::parse_device;
 pub use presets::{assets_dir, ASSETS_ENV, DEFAULT_PRESET, PRESETS};
 pub use schema::*;

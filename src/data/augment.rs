@@ -266,11 +266,11 @@ mod tests {
     #[test]
     fn crop_boxes_clips_and_drops_by_visible_fraction() {
         let window = Window { left: 10, top: 10, width: 20, height: 20 };
-        let boxes = [[12.0, 12.0, 18.0, 18.0], [0.0, 0.0, 14.0, 30.0], [0.0, 0.0, 5.0, 5.0], [25.0, 25.0, 35.0, 35.0]];
+        let boxes = [[12.0, 12.0, 18.0, 18.0], [0.0, 12.0, 14.0, 28.0], [0.0, 0.0, 5.0, 5.0], [25.0, 25.0, 35.0, 35.0]];
         let (out, kept) = crop_boxes(&boxes, &[0, 1, 2, 3], window, 0.2);
-        // Box 1 keeps 4 of 14 columns (0.29); box 3 keeps a quarter; box 2 leaves.
+        // Box 1 keeps 4 of its 14 columns (0.29); box 3 a quarter; box 2 leaves.
         assert_eq!(kept, vec![0, 1, 3]);
-        assert_eq!(out, vec![[2.0, 2.0, 8.0, 8.0], [0.0, 0.0, 4.0, 20.0], [15.0, 15.0, 20.0, 20.0]]);
+        assert_eq!(out, vec![[2.0, 2.0, 8.0, 8.0], [0.0, 2.0, 4.0, 18.0], [15.0, 15.0, 20.0, 20.0]]);
         let (_, kept) = crop_boxes(&boxes, &[0, 1, 2, 3], window, 0.3);
         assert_eq!(kept, vec![0]);
     }

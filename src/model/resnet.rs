@@ -178,6 +178,12 @@ impl Block {
         } else {
             (vec![spec(c_in, planes, 3, stride), spec(planes, planes, 3, 1)], planes)
         };
+        if cfg.zero_init_residual {
+            // Created here with a zero scale, the norm below finds it and
+            // keeps it; a loaded tensor is already there and wins.
+            let last_norm = vb.pp(format!("bn{}", specs.len()));
+            last_norm.get_with_hints(c_out, "weight", Init::Const(0.0))?;
+        }
         let convs = specs
             .into_iter()
             .enumerate()

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::step::{compute_dtype, StepOutcome, StepRunner};
-use crate::config::Config;
+use crate::config::{BackboneNorm, Config};
 use crate::data::{Batch, Target, Transform};
 use crate::infer::detect_batch;
 use crate::model;
@@ -60,6 +60,13 @@ pub fn run(
 ) -> Result<BenchReport> {
     if size < 32 || width < 32 || batch == 0 || steps == 0 {
         bail!("bench needs --size and --width >= 32, --batch >= 1 and --steps >= 1");
+    }
+    // The bench loads no weights. Random weights through frozen BatchNorm
+    // (the identity) grow without bound over 50 layers and overflow;
+    // starting each residual block as the identity keeps every value finite
+    // at the same cost per step.
+    if config.model.backbone.norm == BackboneNorm::FrozenBn {
+        config.model.backbone.zero_init_residual = true;
     }
     if config.model.num_classes == 0 {
         config.model.num_classes =

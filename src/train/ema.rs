@@ -34,7 +34,7 @@ impl WeightEma {
         let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut entries: Vec<(String, Var, Tensor)> = data
             .iter()
-            .map(|(name, var)| Ok((name.clone(), var.clone(), var.as_tensor().copy()?)))
+            .map(|(name, var)| Ok((name.clone(), var.clone(), var.as_tensor().detach().copy()?)))
             .collect::<Result<_>>()?;
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Some(Self { decay: cfg.ema_decay, warmup_steps: cfg.ema_warmup_steps as f64, updates: 0, entries }))
@@ -49,11 +49,13 @@ impl WeightEma {
         self.decay * (1.0 - (-((self.updates + 1) as f64) / self.warmup_steps).exp())
     }
 
-    /// Moves the average towards the model's current weights.
+    /// Moves the average towards the model's current weights. The average
+    /// is detached: computed from a variable, it would otherwise keep a
+    /// graph holding every earlier average alive.
     pub fn update(&mut self) -> Result<()> {
         let d = self.next_decay();
         for (_, var, average) in &mut self.entries {
-            *average = ((&*average * d)? + (var.as_tensor() * (1.0 - d))?)?;
+            *average = ((&*average * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
         }
         self.updates += 1;
         Ok(())
@@ -64,7 +66,7 @@ impl WeightEma {
     /// were.
     pub fn swap(&mut self) -> Result<()> {
         for (_, var, average) in &mut self.entries {
-            let live = var.as_tensor().copy()?;
+            let live = var.as_tensor().detach().copy()?;
             var.set(average)?;
             *average = live;
         }
@@ -125,6 +127,8 @@ mod tests {
         ema.update().unwrap();
         let want = (1.0 * expected + 3.0 * (1.0 - expected)) as f32;
         assert!((value(&ema.state_dict()["w"]) - want).abs() < 1e-6);
+        // No graph: a tracked average would keep every earlier one alive.
+        assert!(!ema.state_dict()["w"].track_op(), "the average holds a graph");
     }
 
     #[test]
@@ -139,6 +143,7 @@ mod tests {
         ema.swap().unwrap();
         assert_eq!(value(var.as_tensor()), average);
         ema.swap().unwrap();
+        assert!(!ema.state_dict()["w"].track_op(), "the swapped-out weights hold a graph");
         assert_eq!(value(var.as_tensor()), 4.0);
         assert_eq!(value(&ema.state_dict()["w"]), average);
     }
