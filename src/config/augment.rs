@@ -116,6 +116,11 @@ impl Default for ScaleJitterConfig {
 }
 
 impl AugmentConfig {
+    /// Whether any augmentation can apply (a `prob` above 0).
+    pub fn any(&self) -> bool {
+        [self.photometric.prob, self.zoom_out.prob, self.iou_crop.prob, self.scale_jitter.prob].iter().any(|&p| p > 0.0)
+    }
+
     /// Checks each augmentation's ranges, naming the key.
     pub fn validate(&self) -> Result<()> {
         let probability = |key: &str, p: f32| -> Result<()> {

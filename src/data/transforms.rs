@@ -80,7 +80,8 @@ impl Transform {
     /// Augments (as `augment` says), normalises and resizes one image with
     /// its boxes (`[x1, y1, x2, y2]` in original pixels).
     pub fn apply(&self, image: &RgbImage, boxes: &[[f32; 4]], augment: Augment) -> TransformedImage {
-        let mut rng = augment.seed.map(ChaCha8Rng::seed_from_u64);
+        // Without any augmentation on, the image is not copied for them.
+        let mut rng = augment.seed.filter(|_| self.augment.any()).map(ChaCha8Rng::seed_from_u64);
         let (image, mut boxes, kept) = match rng.as_mut() {
             Some(rng) => {
                 let sample = self.augment_pixels(image, boxes, rng);
