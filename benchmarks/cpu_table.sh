@@ -19,20 +19,32 @@ ours() { # depth recipe mode size width batch
         --batch "$6" --set model.num_classes=80 --set model.backbone.depth="$1" \
         --set model.backbone.norm=$norm --set model.backbone.freeze_at=$freeze
 }
-row() { # label depth recipe mode size width batch
-    local a b
-    a=$(ours "$2" "$3" "$4" "$5" "$6" "$7")
-    b=$($tv --depth "$2" --recipe "$3" --mode "$4" --size "$5" --image-width "$6" --batch "$7")
-    python3 - "$1" "$a" "$b" <<'PY'
+print_row() { # label ours-json torchvision-json
+    python3 - "$1" "$2" "$3" <<'PY'
 import json, sys
 label, a, b = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 ratio = a["images_per_second"] / b["images_per_second"]
 print(f"| {label} | {a['images_per_second']:.2f} | {b['images_per_second']:.2f} | {ratio:.2f}x "
+      f"| {a['peak_rss_model_mib']:.0f} | {b['peak_rss_model_mib']:.0f} "
       f"| {a['peak_rss_mib']:.0f} | {b['peak_rss_mib']:.0f} |")
 PY
 }
-echo "| configuration | ours img/s | torchvision img/s | ratio | ours peak MiB | torchvision peak MiB |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+row() { # label depth recipe mode size width batch
+    print_row "$1" "$(ours "$2" "$3" "$4" "$5" "$6" "$7")" \
+        "$($tv --depth "$2" --recipe "$3" --mode "$4" --size "$5" --image-width "$6" --batch "$7")"
+}
+shapes_row() { # label mode (the shapes preset's model, 128x128, its batch of 8)
+    print_row "$1" "$($bin bench --config shapes --json --steps "$steps" --mode "$2" --size 128 --batch 8 --set model.num_classes=3)" \
+        "$($tv --preset shapes --classes 3 --mode "$2")"
+}
+flags=$(grep -o -w 'avx512f\|avx2\|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')
+echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads, flags: ${flags:-unknown}; $(date -u +%F)"
+echo
+echo "Memory: the peak resident memory less the process's before the model was built"
+echo "(the interpreter and torch's libraries on one side), then the raw peaks."
+echo
+echo "| configuration | ours img/s | torchvision img/s | ratio | ours MiB | torchvision MiB | ours raw peak | torchvision raw peak |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 row "(a) R18-FPN 512x512 b2 train, fine-tune recipe" 18 finetune train 512 512 2
 row "(a) R18-FPN 512x512 b2 train, from scratch" 18 scratch train 512 512 2
 row "(b) R50-FPN 512x512 b2 train, fine-tune recipe" 50 finetune train 512 512 2
@@ -40,3 +52,5 @@ row "(b) R50-FPN 512x512 b2 train, from scratch" 50 scratch train 512 512 2
 row "(c) R18-FPN 512x512 b1 inference" 18 finetune infer 512 512 1
 row "(c) R50-FPN 512x512 b1 inference" 50 finetune infer 512 512 1
 row "(d) R50-FPN 800x1333 b1 inference" 50 finetune infer 800 1333 1
+shapes_row "(e) shapes model 128x128 b8 train" train
+shapes_row "(e) shapes model 128x128 b8 inference" infer

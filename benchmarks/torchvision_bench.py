@@ -40,7 +40,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 PRESETS = {
     # configs/shapes.toml
-    "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128, batch=16,
+    "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128, batch=8,
                    classes=3, sizes=[8, 16, 32, 64, 128], ratios=[1.0], min_size=128, max_size=128),
 }
 
@@ -97,6 +97,20 @@ def build(args):
                      max_size=args.max_size or max(args.size, width))
 
 
+def rss_mib(field):
+    """A memory line of /proc/self/status in MiB (0 where there is none), as
+    `retinanet bench` reads it: VmRSS before the model is built is the
+    interpreter and its libraries, which the peak less it leaves out."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def random_batch(args, gen):
     width = args.image_width or args.size
     images = [torch.randn(3, args.size, width, generator=gen) for _ in range(args.batch)]
@@ -134,13 +148,13 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    # A preset sets defaults; flags given on the command line win.
+    p.set_defaults(**PRESETS.get(p.parse_known_args()[0].preset, {}))
     args = p.parse_args()
-    if args.preset:
-        for k, v in PRESETS[args.preset].items():
-            setattr(args, k, v)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    start_rss = rss_mib("VmRSS")
     model = build(args).to(device)
     gen = torch.Generator().manual_seed(0)
     images, targets = random_batch(args, gen)
@@ -171,7 +185,8 @@ def main():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     report = {"mode": args.mode, "size": args.size, "batch": args.batch, "steps": args.steps,
               "seconds_per_step_median": median, "images_per_second": args.batch / median,
-              "peak_rss_mib": peak, "torch": torch.__version__, "threads": args.threads,
+              "peak_rss_mib": peak, "peak_rss_model_mib": peak - start_rss,
+              "torch": torch.__version__, "threads": args.threads,
               "device": str(device), "precision": args.precision}
     if device.type == "cuda":
         report["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -96,7 +96,7 @@ type Params = Vec<(String, Vec<f32>)>;
 fn runner(rank: Option<ThreadRank>) -> Result<StepRunner> {
     let cfg = config()?;
     let loaded = build(&cfg.model, 3, &Device::Cpu, 7, None)?;
-    let runner = StepRunner::new(loaded.model, loaded.varmap, &cfg, &Device::Cpu)?;
+    let runner = StepRunner::new(loaded, &cfg, &Device::Cpu)?;
     Ok(match rank {
         Some(rank) => runner.with_collective(Box::new(rank)),
         None => runner,

@@ -18,7 +18,10 @@
 //! at the first step (checksums and 64 sampled entries) and every tensor,
 //! BatchNorm running statistics included, after the last step; and the loss
 //! terms and final tensors once more with the GIoU box loss
-//! (`model.head.regression_head._loss_type = "giou"`).
+//! (`model.head.regression_head._loss_type = "giou"`), and once in the
+//! fine-tuning recipe (`train_step_frozen.json`: FrozenBatchNorm2d, stem and
+//! layer1 frozen), where each step must see the last one's update of the
+//! convolutions under the frozen norms.
 
 use std::collections::BTreeMap;
 
@@ -60,6 +63,14 @@ struct Run {
     final_checksums: BTreeMap<String, [f64; 2]>,
 }
 
+/// `train_step_frozen.json`.
+#[derive(Deserialize)]
+struct FrozenRun {
+    keys: Vec<(String, Vec<usize>)>,
+    #[serde(flatten)]
+    run: Run,
+}
+
 fn config(meta: &Meta, box_loss: &str) -> Result<Config> {
     let set = [
         format!("loss.fg_iou_thresh={}", meta.fg_iou),
@@ -94,11 +105,15 @@ fn batch(meta: &Meta, images: Tensor) -> Batch {
 
 /// The shapes model with the fixture's weights and its SGD, ready to step.
 fn runner(meta: &Meta, box_loss: &str) -> Result<StepRunner> {
+    runner_with(config(meta, box_loss)?, &meta.keys)
+}
+
+/// `cfg`'s model with the hashed weights of `keys` and its SGD.
+fn runner_with(cfg: Config, keys: &[(String, Vec<usize>)]) -> Result<StepRunner> {
     let dev = test_device()?;
-    let cfg = config(meta, box_loss)?;
-    let tensors = hashed_weights(&meta.keys)?;
+    let tensors = hashed_weights(keys)?;
     let loaded = build(&cfg.model, 3, &dev, 0, Some((&tensors, LoadMode::Exact)))?;
-    Ok(StepRunner::new(loaded.model, loaded.varmap, &cfg, &dev)?)
+    Ok(StepRunner::new(loaded, &cfg, &dev)?)
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -144,7 +159,16 @@ fn shapes_model_trains_like_torchvision() -> Result<()> {
     // start again: the forward above moved the BatchNorm statistics.
     let l1 = Run { losses: meta.losses.clone(), final_checksums: meta.final_checksums.clone() };
     check_training(&mut self::runner(&meta, "l1")?, &batch, meta.lr, &l1, "l1")?;
-    check_training(&mut self::runner(&meta, "giou")?, &batch, meta.lr, &meta.giou, "giou")
+    check_training(&mut self::runner(&meta, "giou")?, &batch, meta.lr, &meta.giou, "giou")?;
+
+    // torchvision's fine-tuning recipe: FrozenBatchNorm2d (eps 1e-5), stem
+    // and layer1 frozen.
+    let frozen: FrozenRun = serde_json::from_str(&std::fs::read_to_string(dir.join("train_step_frozen.json"))?)?;
+    let mut cfg = config(&meta, "l1")?;
+    cfg.model.backbone.norm = candle_retinanet::config::BackboneNorm::FrozenBn;
+    cfg.model.backbone.norm_eps = 1e-5;
+    cfg.model.backbone.freeze_at = 2;
+    check_training(&mut runner_with(cfg, &frozen.keys)?, &batch, meta.lr, &frozen.run, "frozen")
 }
 
 /// Steps `runner` through `expected`'s loss terms, then compares every tensor.

@@ -19,7 +19,7 @@ pub(super) fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{:?} {}x{} batch {}: {:.4} s/step (median of {}), {:.2} images/s, peak RSS {:.0} MiB",
+            "{:?} {}x{} batch {}: {:.4} s/step (median of {}), {:.2} images/s, peak RSS {:.0} MiB ({:.0} above the start)",
             report.mode,
             report.size,
             report.width,
@@ -27,7 +27,8 @@ pub(super) fn run(args: BenchArgs) -> Result<()> {
             report.seconds_per_step_median,
             report.steps,
             report.images_per_second,
-            report.peak_rss_mib
+            report.peak_rss_mib,
+            report.peak_rss_model_mib
         );
     }
     Ok(())

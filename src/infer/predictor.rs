@@ -35,7 +35,7 @@ impl Predictor {
                 .with_context(|| format!("weights {}", source.model_file.display()))?;
         Ok(Self {
             transform: Transform::new(&config.input),
-            model: loaded.model,
+            model: loaded.inference,
             categories,
             config,
             device: device.clone(),

@@ -13,9 +13,10 @@
 //! let loaded = model::build(&cfg, 91, &device, seed, Some((&tensors, LoadMode::Exact)))?;
 //! // images: normalised, padded [n, 3, h, w]; `true` in training.
 //! let images = candle_core::Tensor::zeros((1, 3, 800, 1088), candle_core::DType::F32, &device)?;
-//! let out = loaded.model.forward(&images, false)?;
+//! // Inference: `inference` shares the weights and keeps no graph.
+//! let out = loaded.inference.forward(&images, false)?;
 //! // out.cls_logits [n, A, K], out.bbox_regression [n, A, 4], out.anchors (A boxes).
-//! let detections = loaded.model.postprocess(&out, &[(800, 1066)])?;
+//! let detections = loaded.inference.postprocess(&out, &[(800, 1066)])?;
 //! // Training: optimise `model::trainable_vars(&loaded.varmap, &cfg)`;
 //! // `model::state_dict(&loaded.varmap)` is what a checkpoint stores.
 //! # let _ = detections;

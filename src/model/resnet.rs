@@ -137,8 +137,9 @@ impl ConvNorm {
 
 /// FrozenBatchNorm2d folded into the preceding convolution:
 /// `w * gamma / sqrt(var + eps)` and bias `beta - mean * gamma / sqrt(var + eps)`.
-/// Norm tensors are read as plain values (never trained); the weight stays
-/// trainable unless the whole stage is frozen.
+/// Norm tensors are read as plain values (never trained). A frozen stage's
+/// weight is folded once; a trainable one at every forward, so that the
+/// forward sees each optimiser step.
 fn fold_frozen_bn(weight: Tensor, frozen: bool, spec: ConvSpec, eps: f64, vb: VarBuilder) -> Result<ConvNorm> {
     let c = spec.c_out;
     let gamma = vb.get_with_hints(c, "weight", Init::Const(1.0))?.detach();
@@ -147,9 +148,13 @@ fn fold_frozen_bn(weight: Tensor, frozen: bool, spec: ConvSpec, eps: f64, vb: Va
     let var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?.detach();
     let scale = (gamma / (var + eps)?.sqrt()?)?;
     let bias = (beta - (mean * &scale)?)?;
-    let weight = if frozen { weight.detach() } else { weight };
-    let weight = weight.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
-    Ok(ConvNorm { conv: Conv2d::new(weight, Some(bias), spec.padding, spec.stride), norm: Norm::Folded })
+    let scale = scale.reshape((c, 1, 1, 1))?;
+    let conv = if frozen {
+        Conv2d::new(weight.detach().broadcast_mul(&scale)?, Some(bias), spec.padding, spec.stride)
+    } else {
+        Conv2d::new(weight, Some(bias), spec.padding, spec.stride).with_channel_scale(scale)
+    };
+    Ok(ConvNorm { conv, norm: Norm::Folded })
 }
 
 /// BasicBlock (expansion 1) or Bottleneck (expansion 4).

@@ -30,8 +30,10 @@ pub(crate) struct BatchNorm {
     weight: Tensor,
     /// [channels]
     bias: Tensor,
-    running_mean: Var,
-    running_var: Var,
+    /// [channels]: a variable, or a detached view of one in an inference
+    /// model (which never trains).
+    running_mean: Tensor,
+    running_var: Tensor,
     eps: f64,
     momentum: f64,
     fallback: candle_nn::BatchNorm,
@@ -42,14 +44,14 @@ pub(crate) struct BatchNorm {
 pub(crate) fn batch_norm(channels: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<BatchNorm> {
     let get = |name, init| vb.get_with_hints(channels, name, Init::Const(init));
     let (weight, bias) = (get("weight", 1.0)?, get("bias", 0.0)?);
-    // Var::from_tensor on a VarMap variable shares its storage.
-    let running_mean = Var::from_tensor(&get("running_mean", 0.0)?)?;
-    let running_var = Var::from_tensor(&get("running_var", 1.0)?)?;
+    let (running_mean, running_var) = (get("running_mean", 0.0)?, get("running_var", 1.0)?);
     let cfg = BatchNormConfig { eps, momentum, ..Default::default() };
+    // Only for training off the fused path: it updates the statistics
+    // through `Var::from_tensor`, which shares a variable's storage.
     let fallback = candle_nn::BatchNorm::new_with_momentum(
         channels,
-        running_mean.as_tensor().clone(),
-        running_var.as_tensor().clone(),
+        running_mean.clone(),
+        running_var.clone(),
         weight.clone(),
         bias.clone(),
         cfg.eps,
@@ -78,8 +80,11 @@ impl BatchNorm {
             let y = self.forward_maybe_relu(&x.to_dtype(self.weight.dtype())?, train, with_relu)?;
             return y.to_dtype(x.dtype());
         }
-        let fused = train
-            && x.device().is_cpu()
+        if !train {
+            let y = self.normalize_with_running_stats(x)?;
+            return if with_relu { relu(&y) } else { Ok(y) };
+        }
+        let fused = x.device().is_cpu()
             && x.rank() == 4
             && [x.dtype(), self.weight.dtype(), self.bias.dtype()] == [DType::F32; 3]
             && x.dim(1)? == self.weight.dim(0)?;
@@ -100,12 +105,27 @@ impl BatchNorm {
         x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, BatchNormOp { mean, rstd, with_relu })
     }
 
+    /// Evaluation: `x * scale + shift` per channel, with `scale = gamma /
+    /// sqrt(running_var + eps)` and `shift = beta - running_mean * scale`.
+    /// Read from the tensors at each call (Candle's `BatchNorm` keeps its
+    /// own copy of detached statistics, which an inference model's are).
+    fn normalize_with_running_stats(&self, x: &Tensor) -> Result<Tensor> {
+        let scale = (&self.weight / (&self.running_var + self.eps)?.sqrt()?)?;
+        let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+        let per_channel = (1, scale.dim(0)?, 1, 1);
+        x.broadcast_mul(&scale.reshape(per_channel)?)?.broadcast_add(&shift.reshape(per_channel)?)
+    }
+
     /// `running = (1 - momentum) * running + momentum * batch`, with the
     /// unbiased batch variance.
     fn update_running(&self, mean: &[f64], var: &[f64], count: usize) -> Result<()> {
         let m = self.momentum;
         let unbias = count as f64 / (count - 1) as f64;
-        let blend = |running: &Var, batch: Vec<f32>| -> Result<()> {
+        let blend = |running: &Tensor, batch: Vec<f32>| -> Result<()> {
+            if !running.is_variable() {
+                candle_core::bail!("batch norm: an inference model (detached statistics) cannot train");
+            }
+            let running = Var::from_tensor(running)?; // shares the variable's storage
             let batch = Tensor::from_vec(batch, running.dims(), running.device())?;
             running.set(&((running.as_tensor() * (1.0 - m))? + (batch * m)?)?)
         };
@@ -365,7 +385,7 @@ mod tests {
             let what = format!("{n}x{c}x{h}x{w} relu {with_relu}");
             assert!(max_diff(&y, &reference)? < 1e-4, "forward {what}");
             for (a, b) in [(&ours.running_mean, &theirs.running_mean), (&ours.running_var, &theirs.running_var)] {
-                assert!(max_diff(a.as_tensor(), b.as_tensor())? < 1e-5, "running statistics {what}");
+                assert!(max_diff(a, b)? < 1e-5, "running statistics {what}");
             }
             let (a, b) = probed_gradients(&y, &reference)?;
             for (ta, tb, name) in [

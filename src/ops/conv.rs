@@ -43,18 +43,37 @@ pub(crate) struct Conv2d {
     weight: Tensor,
     /// [c_out]
     bias: Option<Tensor>,
+    /// [c_out, 1, 1, 1]: multiplies the weight at every forward.
+    channel_scale: Option<Tensor>,
     padding: usize,
     stride: usize,
 }
 
 impl Conv2d {
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Self {
-        Self { weight, bias, padding, stride }
+        Self { weight, bias, channel_scale: None, padding, stride }
+    }
+
+    /// The same convolution with each output channel's kernel multiplied by
+    /// `scale` ([c_out, 1, 1, 1]) at every forward: a frozen BatchNorm folded
+    /// into a convolution whose weight trains in place, so each forward sees
+    /// the optimiser's last update (a product taken once would not).
+    pub(crate) fn with_channel_scale(self, scale: Tensor) -> Self {
+        Self { channel_scale: Some(scale), ..self }
+    }
+
+    /// The weight the product uses, in `dtype`.
+    fn weight_as(&self, dtype: DType) -> Result<Tensor> {
+        let weight = match &self.channel_scale {
+            Some(scale) => self.weight.broadcast_mul(scale)?,
+            None => self.weight.clone(),
+        };
+        weight.to_dtype(dtype)
     }
 
     /// `relu(forward(x))`, the bias and the ReLU in one op.
     pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight.to_dtype(x.dtype())?, self.padding, self.stride)?;
+        let y = conv2d(x, &self.weight_as(x.dtype())?, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => add_channel_bias_relu(&y, &b.to_dtype(x.dtype())?),
             None => relu(&y),
@@ -67,8 +86,7 @@ impl Module for Conv2d {
     /// computed in `x`'s dtype: under mixed precision the f32 parameters are
     /// cast (differentiably) to bf16 for the product.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.weight.to_dtype(x.dtype())?;
-        let y = conv2d(x, &weight, self.padding, self.stride)?;
+        let y = conv2d(x, &self.weight_as(x.dtype())?, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => add_channel_bias(&y, &b.to_dtype(x.dtype())?),
             None => Ok(y),

@@ -12,7 +12,7 @@ use super::optim::Optimizer;
 use super::targets::build_targets;
 use crate::config::{Config, Precision};
 use crate::data::Batch;
-use crate::model::{self, RetinaNet};
+use crate::model::{self, LoadedModel, RetinaNet};
 
 /// What a step produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +38,11 @@ pub(super) fn compute_dtype(precision: Precision) -> Result<DType> {
 
 /// The model with everything a step updates.
 pub struct StepRunner {
+    /// Trained: built on the variables.
     pub model: RetinaNet,
+    /// Evaluated: the same weights without gradient tracking
+    /// ([`LoadedModel::inference`]).
+    pub inference: RetinaNet,
     /// Every parameter and buffer, by state-dict name.
     pub varmap: VarMap,
     pub optimizer: Optimizer,
@@ -58,7 +62,8 @@ pub struct StepRunner {
 
 impl StepRunner {
     /// `config.model.num_classes` must already be resolved.
-    pub fn new(model: RetinaNet, varmap: VarMap, config: &Config, device: &Device) -> Result<Self> {
+    pub fn new(loaded: LoadedModel, config: &Config, device: &Device) -> Result<Self> {
+        let LoadedModel { model, inference, varmap, .. } = loaded;
         let compute_dtype = compute_dtype(config.train.precision)?;
         let optimizer = Optimizer::new(model::trainable_vars(&varmap, &config.model), &config.train);
         let matcher = Matcher {
@@ -70,6 +75,7 @@ impl StepRunner {
         Ok(Self {
             num_classes: model.num_classes(),
             model,
+            inference,
             varmap,
             optimizer,
             ema,

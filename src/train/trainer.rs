@@ -128,7 +128,7 @@ impl Trainer {
         if leader {
             run.create(&config.to_toml())?;
         }
-        let mut runner = StepRunner::new(loaded.model, loaded.varmap, &config, &device)?.with_collective(collective);
+        let mut runner = StepRunner::new(loaded, &config, &device)?.with_collective(collective);
         let resumed = checkpoint.is_some();
         let state = restore(&mut runner, checkpoint, config.train.seed)?;
         let (loader, val) = start_loaders(&config, splits, shard);
@@ -314,7 +314,7 @@ impl Trainer {
             ema.swap()?;
         }
         let evaluated =
-            evaluate_split(&runner.model, &self.val.loader, &self.val.ground_truth, &self.categories, &self.device);
+            evaluate_split(&runner.inference, &self.val.loader, &self.val.ground_truth, &self.categories, &self.device);
         if let Some(ema) = &mut runner.ema {
             ema.swap()?;
         }
