@@ -2,7 +2,8 @@
 //! Candle's own, on the shapes RetinaNet uses. Compare with
 //! `python3 benchmarks/conv_torch.py` (same shapes, torch, same threads).
 //!
-//! `cargo bench --bench conv`
+//! `cargo bench --bench conv [-- FILTER]` (only the cases whose name
+//! contains FILTER)
 
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_retinanet::ops::conv2d;
 
 /// (name, n, c_in, c_out, size, kernel, stride)
-const CASES: [(&str, usize, usize, usize, usize, usize, usize); 13] = [
+const CASES: [(&str, usize, usize, usize, usize, usize, usize); 22] = [
     ("3x3 256->256 64x64 n2", 2, 256, 256, 64, 3, 1),
     ("3x3 64->64 24x24 n16", 16, 64, 64, 24, 3, 1),
     ("3x3 16->16 48x48 n16", 16, 16, 16, 48, 3, 1),
@@ -24,6 +25,15 @@ const CASES: [(&str, usize, usize, usize, usize, usize, usize); 13] = [
     ("3x3 256->720 64x64 n2", 2, 256, 720, 64, 3, 1),
     ("3x3 256->256 32x32 n2", 2, 256, 256, 32, 3, 1),
     ("3x3 256->256 16x16 n2", 2, 256, 256, 16, 3, 1),
+    ("3x3 64->64 16x16 n8", 8, 64, 64, 16, 3, 1),
+    ("3x3 64->64 8x8 n8", 8, 64, 64, 8, 3, 1),
+    ("7x7/2 3->16 128x128 n8", 8, 3, 16, 128, 7, 2),
+    ("3x3 16->16 32x32 n8", 8, 16, 16, 32, 3, 1),
+    ("3x3 64->64 32x32 n8", 8, 64, 64, 32, 3, 1),
+    ("3x3 64->64 64x64 n8", 8, 64, 64, 64, 3, 1),
+    ("3x3 64->64 48x48 n4", 4, 64, 64, 48, 3, 1),
+    ("3x3 128->128 8x8 n8", 8, 128, 128, 8, 3, 1),
+    ("3x3 32->32 32x32 n8", 8, 32, 32, 32, 3, 1),
 ];
 
 fn median_seconds(mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
@@ -40,8 +50,9 @@ fn median_seconds(mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_default();
     println!("{:<26} {:>12} {:>12} {:>12} {:>12}", "case", "ours fwd", "ours f+b", "candle fwd", "candle f+b");
-    for (name, n, c, co, size, k, s) in CASES {
+    for (name, n, c, co, size, k, s) in CASES.into_iter().filter(|case| case.0.contains(&filter)) {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, size, size), &dev)?)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (co, c, k, k), &dev)?)?;
         let p = k / 2;

@@ -8,7 +8,8 @@
 //! from the input there, so `index_select`'s backward routes the gradient the
 //! same way.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::f32_data;
 
@@ -24,41 +25,34 @@ fn out_size(n: usize) -> usize {
 /// (batch, channels, height, width).
 type Dims4 = (usize, usize, usize, usize);
 
-/// Flat input index of each output's window maximum, for a contiguous
-/// [n, c, h, w] input. Returns the indices and the output shape.
+/// Index within its plane of each output's window maximum, for a
+/// contiguous [n, c, h, w] input, planes in parallel. Returns the indices
+/// and the output shape.
 fn argmax_indices(x: &[f32], (n, c, h, w): Dims4) -> (Vec<u32>, Shape) {
     let (oh, ow) = (out_size(h), out_size(w));
-    let mut idx = Vec::with_capacity(n * c * oh * ow);
-    for plane in 0..n * c {
-        let base = plane * h * w;
-        for oy in 0..oh {
+    let mut idx = vec![0u32; n * c * oh * ow];
+    idx.par_chunks_mut(oh * ow).zip(x.par_chunks((h * w).max(1))).for_each(|(idx, plane)| {
+        for (oy, idx_row) in idx.chunks_mut(ow).enumerate() {
             let y0 = (oy * STRIDE).saturating_sub(PADDING);
             let y1 = (oy * STRIDE + KERNEL - PADDING).min(h);
-            for ox in 0..ow {
+            for (ox, best_index) in idx_row.iter_mut().enumerate() {
                 let x0 = (ox * STRIDE).saturating_sub(PADDING);
                 let x1 = (ox * STRIDE + KERNEL - PADDING).min(w);
-                let mut best = base + y0 * w + x0;
+                let mut best = y0 * w + x0;
                 for y in y0..y1 {
                     for xx in x0..x1 {
-                        let i = base + y * w + xx;
+                        let i = y * w + xx;
                         // NaN propagates like PyTorch's `val > max || isnan(val)`.
-                        if x[i] > x[best] || x[i].is_nan() && !x[best].is_nan() {
+                        if plane[i] > plane[best] || plane[i].is_nan() && !plane[best].is_nan() {
                             best = i;
                         }
                     }
                 }
-                idx.push(best as u32);
+                *best_index = best as u32;
             }
         }
-    }
+    });
     (idx, Shape::from((n, c, oh, ow)))
-}
-
-/// The input as a contiguous f32 CPU vector with its 4 dimensions.
-fn cpu_values(x: &Tensor) -> Result<(Vec<f32>, Dims4)> {
-    let dims = x.dims4()?;
-    let values = x.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok((values, dims))
 }
 
 /// The CPU custom op.
@@ -71,21 +65,44 @@ impl CustomOp1 for MaxPool3x3S2P1 {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_data(storage, layout, "max-pool input")?;
-        let (idx, shape) = argmax_indices(x, layout.shape().dims4()?);
-        let out = idx.iter().map(|&i| x[i as usize]).collect();
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let (idx, shape) = argmax_indices(x, (n, c, h, w));
+        let out_plane = shape.elem_count() / (n * c).max(1);
+        let mut out = vec![0f32; idx.len()];
+        out.par_chunks_mut(out_plane.max(1))
+            .zip(idx.par_chunks(out_plane.max(1)))
+            .zip(x.par_chunks((h * w).max(1)))
+            .for_each(|((out, idx), plane)| out.iter_mut().zip(idx).for_each(|(o, &i)| *o = plane[i as usize]));
         Ok((CpuStorage::F32(out), shape))
     }
 
-    /// Scatters each output gradient to its window's argmax.
+    /// Scatters each output gradient to its window's argmax (on the CPU,
+    /// the only device this op runs on).
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (x, dims) = cpu_values(arg)?;
-        let (idx, _) = argmax_indices(&x, dims);
-        let grad = grad_res.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; x.len()];
-        for (&i, g) in idx.iter().zip(grad) {
-            out[i as usize] += g;
-        }
-        Ok(Some(Tensor::from_vec(out, arg.shape(), &candle_core::Device::Cpu)?.to_device(arg.device())?))
+        Ok(Some(arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPoolGrad)?))
+    }
+}
+
+/// The pool's input gradient from arguments `x [n, c, h, w]` (to find the
+/// argmaxes again) and the output gradient, read in place.
+struct MaxPoolGrad;
+
+impl CustomOp2 for MaxPoolGrad {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2-p1-grad"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, grad) = (f32_data(xs, xl, "max-pool input")?, f32_data(gs, gl, "max-pool gradient")?);
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let (idx, shape) = argmax_indices(x, (n, c, h, w));
+        let out_plane = (shape.elem_count() / (n * c).max(1)).max(1);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut((h * w).max(1))
+            .zip(idx.par_chunks(out_plane))
+            .zip(grad.par_chunks(out_plane))
+            .for_each(|((dx, idx), grad)| idx.iter().zip(grad).for_each(|(&i, &g)| dx[i as usize] += g));
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
 
