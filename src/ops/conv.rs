@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::elementwise::{add_channel_bias, add_channel_bias_relu, relu};
+use super::elementwise::{add_channel_bias_to_fresh, relu};
 use super::f32_data;
 
 mod winograd;
@@ -75,7 +75,7 @@ impl Conv2d {
     pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
         let y = conv2d(x, &self.weight_as(x.dtype())?, self.padding, self.stride)?;
         match &self.bias {
-            Some(b) => add_channel_bias_relu(&y, &b.to_dtype(x.dtype())?),
+            Some(b) => add_channel_bias_to_fresh(y, &b.to_dtype(x.dtype())?, true),
             None => relu(&y),
         }
     }
@@ -88,7 +88,7 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = conv2d(x, &self.weight_as(x.dtype())?, self.padding, self.stride)?;
         match &self.bias {
-            Some(b) => add_channel_bias(&y, &b.to_dtype(x.dtype())?),
+            Some(b) => add_channel_bias_to_fresh(y, &b.to_dtype(x.dtype())?, false),
             None => Ok(y),
         }
     }

@@ -7,7 +7,7 @@
 //! training step. Each op here is one parallel pass forward and one
 //! backward. Other devices and dtypes use Candle's ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::f32_data;
@@ -51,6 +51,28 @@ pub(crate) fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor>
         return relu(&add_channel_bias(x, bias)?);
     }
     x.contiguous()?.apply_op2(&bias.contiguous()?, ChannelBias { with_relu: true })
+}
+
+/// [`add_channel_bias`] (or [`add_channel_bias_relu`] when `with_relu`) on
+/// `fresh`, an output no one else holds (a convolution's, just made).
+/// Without a graph (inference) the bias goes into `fresh`'s own buffer: one
+/// activation-sized buffer less per convolution (69 MB for a ResNet-50
+/// layer1 output at 800x1333).
+pub(crate) fn add_channel_bias_to_fresh(fresh: Tensor, bias: &Tensor, with_relu: bool) -> Result<Tensor> {
+    let in_place = is_cpu_f32(&[&fresh, bias])
+        && !fresh.track_op()
+        && !bias.track_op()
+        && fresh.is_contiguous()
+        && fresh.rank() == 4
+        && bias.dims() == [fresh.dim(1)?];
+    match (in_place, with_relu) {
+        (true, _) => {
+            fresh.inplace_op2(&bias.contiguous()?, &ChannelBias { with_relu })?;
+            Ok(fresh)
+        }
+        (false, false) => add_channel_bias(&fresh, bias),
+        (false, true) => add_channel_bias_relu(&fresh, bias),
+    }
 }
 
 fn is_cpu_f32(xs: &[&Tensor]) -> bool {
@@ -155,7 +177,7 @@ impl CustomOp2 for ChannelBias {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, bias) = (f32_data(s1, l1, ARG)?, f32_data(s2, l2, ARG)?);
         let plane = l1.shape().dims()[2..].iter().product::<usize>().max(1);
-        let floor = if self.with_relu { 0.0 } else { f32::NEG_INFINITY };
+        let floor = self.floor();
         let mut out = vec![0f32; x.len()];
         for_each_chunk(&mut out, plane, x.len(), |i, o| {
             let b = bias[i % bias.len()];
@@ -168,6 +190,39 @@ impl CustomOp2 for ChannelBias {
         let grad = if self.with_relu { relu_grad(grad, y)? } else { grad.clone() };
         let dbias = bias.track_op().then(|| grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)).transpose()?;
         Ok((Some(grad), dbias))
+    }
+}
+
+impl ChannelBias {
+    /// The least output value: 0 after a ReLU.
+    fn floor(&self) -> f32 {
+        if self.with_relu {
+            0.0
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+}
+
+/// The same op in the first argument's buffer (no backward: inference).
+impl InplaceOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "channel-bias-in-place"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let bias = f32_data(s2, l2, ARG)?;
+        let plane = l1.shape().dims()[2..].iter().product::<usize>().max(1);
+        let floor = self.floor();
+        let CpuStorage::F32(data) = s1 else { candle_core::bail!("{ARG}: expected f32") };
+        let Some((start, end)) = l1.contiguous_offsets() else { candle_core::bail!("{ARG}: not contiguous") };
+        let x = &mut data[start..end];
+        let len = x.len();
+        for_each_chunk(x, plane, len, |i, o| {
+            let b = bias[i % bias.len()];
+            o.iter_mut().for_each(|o| *o = (*o + b).max(floor));
+        });
+        Ok(())
     }
 }
 
@@ -232,6 +287,28 @@ mod tests {
                     _ => panic!("op {i}: a gradient on one side only"),
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Without a graph, the bias (and ReLU) go into the output's own buffer,
+    /// with the same values; with one, the op keeps its backward.
+    #[test]
+    fn bias_in_place_without_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let bias = Tensor::randn(0f32, 1., 3, &dev)?;
+        for with_relu in [false, true] {
+            let fresh = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?;
+            let expected = fresh.broadcast_add(&bias.reshape((1, 3, 1, 1))?)?;
+            let expected = if with_relu { expected.relu()? } else { expected };
+            let y = add_channel_bias_to_fresh(fresh.clone(), &bias, with_relu)?;
+            assert_eq!(max_diff(&y, &expected)?, 0.0);
+            assert_eq!(max_diff(&fresh, &expected)?, 0.0, "not in place");
+            let tracked = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?)?;
+            let before = tracked.as_tensor().copy()?;
+            let y = add_channel_bias_to_fresh(tracked.as_tensor().clone(), &bias, with_relu)?;
+            assert!(y.track_op());
+            assert_eq!(max_diff(tracked.as_tensor(), &before)?, 0.0, "a graph's tensor changed");
         }
         Ok(())
     }
