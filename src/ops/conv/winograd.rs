@@ -29,34 +29,30 @@ use super::{for_each_image, matmul, sum_over_image_runs, with_columns, Geometry,
 /// Values per tile: the 4x4 transformed tile.
 const TAPS: usize = 16;
 
-/// Narrowest layers that take this path: below, the 16 products of `c`
-/// terms each save less than writing and re-reading them costs (16
-/// channels, 48x48 n16: 27 ms against 20 with im2col; 32 channels, 32x32
-/// n8: 10.4 against 12.3).
-const MIN_CHANNELS: usize = 32;
-
-/// Layers narrower than this take the path only on planes of at most
-/// [`NARROW_MAX_PLANE`] outputs. With 64 channels (`cargo bench --bench
-/// conv`, 2 threads, AVX2, forward + backward): 16x16 n8 8.6 ms against
-/// 9.9 with im2col, 32x32 n8 26 against 37, 48x48 n4 30 against 46, but
-/// 64x64 n8 169 against 146 and 128x128 n4 365 against 303, where the
-/// im2col GEMM runs near its peak.
-const WIDE_CHANNELS: usize = 128;
-const NARROW_MAX_PLANE: usize = 48 * 48;
+/// Narrowest layers that take this path. Each of the 16 products sums only
+/// `c` terms, so for narrow layers writing and re-reading them costs more
+/// than the multiplications saved: at 64 channels a 128x128 convolution
+/// ran at half its im2col speed, at 128 and more every case of
+/// `cargo bench --bench conv` ran faster.
+///
+/// On small planes narrow layers do gain (2026-12-02, AVX2, forward +
+/// backward: 64 channels 16x16 n8 8.6 ms against 9.9, 32x32 n8 26 against
+/// 37), and taking them made the `shapes` training step about 15% faster.
+/// But the quickstart then ended at AP 0.632 / AP50 0.890 against 0.654 /
+/// 0.914 (one run each, BENCHMARKS.md); until several seeds show that this
+/// is chance and not the transform's rounding, they stay on im2col.
+const MIN_CHANNELS: usize = 128;
 
 /// Smallest output planes that take this path: a few tiles per image make
 /// 16 thin GEMMs, and transforming the weights costs more than the
-/// products save (the `shapes` model's 4x4 last stage ran slower). From
-/// 8x8 on they pay: 128 channels 8x8 n8 7.2 ms against 10.0.
-const MIN_PLANE: usize = 8 * 8;
+/// products save (the `shapes` model's 4x4 last stage ran slower).
+const MIN_PLANE: usize = 16 * 16;
 
 /// Whether [`forward`] computes this convolution: 3x3, stride 1, padding at
 /// most 2 (so its input gradient is one too), wide and large enough.
 pub(super) fn applies(g: &Geometry) -> bool {
     let shape = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding <= 2;
-    let (channels, plane) = (g.c_in.min(g.c_out), g.out_plane());
-    let pays = channels >= WIDE_CHANNELS || plane <= NARROW_MAX_PLANE;
-    shape && channels >= MIN_CHANNELS && plane >= MIN_PLANE && pays
+    shape && g.c_in.min(g.c_out) >= MIN_CHANNELS && g.out_plane() >= MIN_PLANE
 }
 
 /// `out [n, co, out_h, out_w] = conv(x, w)` for a convolution that
