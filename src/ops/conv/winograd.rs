@@ -39,8 +39,8 @@ const TAPS: usize = 16;
 /// backward: 64 channels 16x16 n8 8.6 ms against 9.9, 32x32 n8 26 against
 /// 37), and taking them made the `shapes` training step about 15% faster.
 /// But the quickstart then ended at AP 0.632 / AP50 0.890 against 0.654 /
-/// 0.914 (one run each, BENCHMARKS.md); until several seeds show that this
-/// is chance and not the transform's rounding, they stay on im2col.
+/// 0.914, and with `train.seed = 1` at 0.627 / 0.891 against 0.641 / 0.900
+/// (BENCHMARKS.md): lower with both seeds, so narrow layers stay on im2col.
 const MIN_CHANNELS: usize = 128;
 
 /// Smallest output planes that take this path: a few tiles per image make
