@@ -67,10 +67,10 @@ impl CustomOp1 for MaxPool3x3S2P1 {
         let x = f32_data(storage, layout, "max-pool input")?;
         let (n, c, h, w) = layout.shape().dims4()?;
         let (idx, shape) = argmax_indices(x, (n, c, h, w));
-        let out_plane = shape.elem_count() / (n * c).max(1);
+        let out_plane = (out_size(h) * out_size(w)).max(1);
         let mut out = vec![0f32; idx.len()];
-        out.par_chunks_mut(out_plane.max(1))
-            .zip(idx.par_chunks(out_plane.max(1)))
+        out.par_chunks_mut(out_plane)
+            .zip(idx.par_chunks(out_plane))
             .zip(x.par_chunks((h * w).max(1)))
             .for_each(|((out, idx), plane)| out.iter_mut().zip(idx).for_each(|(o, &i)| *o = plane[i as usize]));
         Ok((CpuStorage::F32(out), shape))
@@ -95,8 +95,8 @@ impl CustomOp2 for MaxPoolGrad {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, grad) = (f32_data(xs, xl, "max-pool input")?, f32_data(gs, gl, "max-pool gradient")?);
         let (n, c, h, w) = xl.shape().dims4()?;
-        let (idx, shape) = argmax_indices(x, (n, c, h, w));
-        let out_plane = (shape.elem_count() / (n * c).max(1)).max(1);
+        let (idx, _) = argmax_indices(x, (n, c, h, w));
+        let out_plane = (out_size(h) * out_size(w)).max(1);
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut((h * w).max(1))
             .zip(idx.par_chunks(out_plane))
