@@ -59,10 +59,32 @@ fn gpu_list_errors_are_one_line() {
     assert_one_error_line(&train("0,0"), "--gpus 0,0: GPU 0 is listed twice");
     assert_one_error_line(&train("0,one"), "`one` is not a GPU number");
     if !cfg!(feature = "nccl") {
-        assert_one_error_line(&train("0"), "--gpus: this binary was built without NCCL");
+        assert_one_error_line(&train("0"), "this binary was built without NCCL");
     }
     assert!(!out.exists(), "nothing written");
     assert_eq!(retinanet(&["train", "--gpus", "0", "--device", "cpu"]).status.code(), Some(2), "one or the other");
+}
+
+/// A process that torchrun or srun started as a rank reads its place from
+/// the environment; a missing or wrong variable is named before anything
+/// is written.
+#[test]
+fn rank_environment_errors_are_one_line() {
+    let out = std::env::temp_dir().join(format!("retinanet-cli-rank-{}", std::process::id()));
+    let train = |vars: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_retinanet"));
+        command.args(["train", "--out", out.to_str().unwrap()]).envs(vars.iter().copied());
+        command.output().unwrap()
+    };
+    let torchrun = [("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")];
+    assert_one_error_line(&train(&torchrun), "WORLD_SIZE is set, but MASTER_ADDR is not");
+    let slurm = [("SLURM_PROCID", "3"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0")];
+    assert_one_error_line(&train(&slurm), "SLURM_PROCID: rank 3 of a world of 2");
+    if !cfg!(feature = "nccl") {
+        let all = [torchrun.as_slice(), &[("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")]].concat();
+        assert_one_error_line(&train(&all), "this binary was built without NCCL");
+    }
+    assert!(!out.exists(), "nothing written");
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! `retinanet train --gpus 0,1,...`: starts one copy of this program per GPU
 //! (a rank), each with the same arguments and its place in the environment
-//! (`RANK_ENV` and the others of `candle_retinanet::train`), like torchrun;
-//! then waits for them. When a rank fails, the others are stopped (they
-//! would wait for it forever in their next all-reduce) and the run fails.
+//! under torchrun's names (`candle_retinanet::train::Place`), with rank 0
+//! listening on a free port of 127.0.0.1; then waits for them. When a rank
+//! fails, the others are stopped (they would wait for it forever in their
+//! next all-reduce) and the run fails.
 
 use std::path::Path;
 use std::process::{Child, Command};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use candle_retinanet::train::{NCCL_ID_ENV, RANK_ENV, WORLD_SIZE_ENV};
+use candle_retinanet::train::{Master, Place};
 
 /// The GPU ordinals of `--gpus`: a comma-separated list of distinct numbers.
 pub(super) fn parse_gpus(list: &str) -> Result<Vec<usize>> {
@@ -25,22 +26,11 @@ pub(super) fn parse_gpus(list: &str) -> Result<Vec<usize>> {
     Ok(gpus)
 }
 
-/// A group id for the ranks to meet by.
-#[cfg(feature = "nccl")]
-fn group_id() -> Result<String> {
-    candle_retinanet::train::new_group_id()
-}
-
-#[cfg(not(feature = "nccl"))]
-fn group_id() -> Result<String> {
-    bail!("--gpus: this binary was built without NCCL (rebuild with `--features nccl`)")
-}
-
 /// Starts a rank per GPU into the run folder `out` and waits for all of
 /// them. A Ctrl-C reaches every rank from the terminal; they agree on a
 /// step to stop at and rank 0 saves a checkpoint, so this process only waits.
 pub(super) fn launch(gpus: &[usize], out: &Path) -> Result<()> {
-    let id = group_id()?;
+    let master = Master { host: "127.0.0.1".into(), port: free_port()? };
     let program = std::env::current_exe().context("cannot find this program to start the ranks")?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let names_folder = |a: &std::ffi::OsString| {
@@ -53,12 +43,7 @@ pub(super) fn launch(gpus: &[usize], out: &Path) -> Result<()> {
     ctrlc::set_handler(|| {}).context("cannot install the Ctrl-C handler")?;
     let mut ranks: Vec<(usize, Child)> = Vec::with_capacity(gpus.len());
     for (rank, &gpu) in gpus.iter().enumerate() {
-        let child = Command::new(&program)
-            .args(&args)
-            .env(RANK_ENV, rank.to_string())
-            .env(WORLD_SIZE_ENV, gpus.len().to_string())
-            .env(NCCL_ID_ENV, &id)
-            .spawn();
+        let child = Command::new(&program).args(&args).envs(Place::local_vars(rank, gpus.len(), &master)).spawn();
         match child {
             Ok(child) => ranks.push((gpu, child)),
             Err(err) => {
@@ -68,6 +53,13 @@ pub(super) fn launch(gpus: &[usize], out: &Path) -> Result<()> {
         }
     }
     wait_all(ranks)
+}
+
+/// A port that was free a moment ago, for rank 0 to listen on (torchrun's
+/// `--standalone` picks its port the same way).
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port for the ranks")?;
+    Ok(listener.local_addr()?.port())
 }
 
 /// Waits until every rank has ended; the first to fail stops the rest.

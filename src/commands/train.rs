@@ -10,9 +10,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use candle_retinanet::config::{parse_device, Config};
-use candle_retinanet::data::Shard;
 use candle_retinanet::run::{ResumePoint, RunFolder};
-use candle_retinanet::train::{rank_from_env, Collective, SingleProcess, Start, TrainEvent, Trainer, RANK_ENV};
+use candle_retinanet::train::{Collective, Place, SingleProcess, Start, TrainEvent, Trainer};
 
 use super::launch::{launch, parse_gpus};
 use super::print_eval_summary;
@@ -31,21 +30,21 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
         None => Config::resolve(args.config.config.as_deref(), &args.config.overrides)?,
     };
     let gpus = args.gpus.as_deref().map(parse_gpus).transpose()?;
-    let (device, collective): (Device, Box<dyn Collective>) = match (gpus, rank_from_env()?) {
+    let place = Place::from_env()?;
+    if (gpus.is_some() || place.is_some()) && !cfg!(feature = "nccl") {
+        bail!("{}", NO_NCCL);
+    }
+    let (device, collective): (Device, Box<dyn Collective>) = match (gpus, place) {
         (None, None) => (parse_device(&args.device.spec)?, Box::new(SingleProcess)),
         (Some(gpus), None) => {
             let out = args.out.clone().map_or_else(|| RunFolder::unused(&config.name), RunFolder::at);
             return launch(&gpus, out.root());
         }
-        (Some(gpus), Some((shard, group_id))) => {
-            if gpus.len() != shard.world {
-                bail!("{RANK_ENV}: a world of {} ranks, but --gpus lists {} GPUs", shard.world, gpus.len());
-            }
-            let device = parse_device(&format!("cuda:{}", gpus[shard.rank]))?;
-            let group = join_group(&device, shard, &group_id)?;
+        (gpus, Some(place)) => {
+            let device = rank_device(gpus.as_deref(), &args.device.spec, &place)?;
+            let group = join_group(&device, &place, &config.to_toml())?;
             (device, group)
         }
-        (None, Some(_)) => bail!("{RANK_ENV} is set, but ranks are started by `retinanet train --gpus LIST`"),
     };
     // Rank 0 shows the run; the other ranks of a data-parallel run are quiet.
     let leader = collective.shard().rank == 0;
@@ -92,13 +91,35 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// This rank's place in the NCCL group of a `--gpus` run.
+const NO_NCCL: &str = "--gpus, or a rank started by torchrun or srun: this binary was built without NCCL \
+                       (rebuild with `--features nccl`)";
+
+/// The GPU of a rank: its local rank's entry in `--gpus`, else the GPU
+/// numbered by its local rank (torchrun's and srun's convention).
+fn rank_device(gpus: Option<&[usize]>, device_spec: &str, place: &Place) -> Result<Device> {
+    if device_spec != "auto" {
+        bail!(
+            "--device {device_spec}: a rank of a run of several processes uses GPU LOCAL_RANK; choose GPUs with --gpus"
+        );
+    }
+    let local = place.local_rank;
+    let gpu = match gpus {
+        Some(list) => {
+            *list.get(local).with_context(|| format!("local rank {local}: --gpus lists {} GPUs", list.len()))?
+        }
+        None => local,
+    };
+    parse_device(&format!("cuda:{gpu}"))
+}
+
+/// Meets the other ranks and joins their NCCL group.
 #[cfg(feature = "nccl")]
-fn join_group(device: &Device, shard: Shard, group_id: &str) -> Result<Box<dyn Collective>> {
-    Ok(Box::new(candle_retinanet::train::NcclGroup::join(device, shard, group_id)?))
+fn join_group(device: &Device, place: &Place, config: &str) -> Result<Box<dyn Collective>> {
+    let id = candle_retinanet::train::meet(place, config, candle_retinanet::train::new_group_id)?;
+    Ok(Box::new(candle_retinanet::train::NcclGroup::join(device, place.shard, &id)?))
 }
 
 #[cfg(not(feature = "nccl"))]
-fn join_group(_: &Device, _: Shard, _: &str) -> Result<Box<dyn Collective>> {
-    bail!("--gpus: this binary was built without NCCL (rebuild with `--features nccl`)")
+fn join_group(_: &Device, _: &Place, _: &str) -> Result<Box<dyn Collective>> {
+    bail!("{}", NO_NCCL)
 }

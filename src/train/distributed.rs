@@ -9,21 +9,15 @@
 //! BatchNorm running statistics are not averaged (DDP broadcasts rank 0's);
 //! only rank 0 evaluates and checkpoints, so only its statistics are used.
 //!
-//! `retinanet train --gpus 0,1,...` (`commands::train`) starts the ranks and
-//! hands each its place through the environment variables below; the ranks
-//! talk over NCCL (`--features nccl`).
+//! `retinanet train --gpus 0,1,...` (`commands::launch`), torchrun or SLURM's
+//! srun start the ranks; each learns its place and the NCCL group's id in
+//! `rendezvous`, and the ranks talk over NCCL (`--features nccl`).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
 use super::optim::Param;
 use crate::data::Shard;
-
-/// Environment variables the launcher sets for each rank.
-pub const RANK_ENV: &str = "RETINANET_RANK";
-pub const WORLD_SIZE_ENV: &str = "RETINANET_WORLD_SIZE";
-/// The NCCL group's id, 128 bytes as 256 hex digits.
-pub const NCCL_ID_ENV: &str = "RETINANET_NCCL_ID";
 
 /// How the ranks of a run combine numbers.
 pub trait Collective {
@@ -103,25 +97,6 @@ pub fn any_rank(collective: &dyn Collective, mine: bool, device: &candle_core::D
     Ok(collective.all_reduce_mean(&flag)?.get(0)?.to_scalar::<f32>()? > 0.0)
 }
 
-/// This process's place in a launched run, from the launcher's environment
-/// variables; `None` when it was not launched as a rank.
-pub fn rank_from_env() -> anyhow::Result<Option<(Shard, String)>> {
-    let Ok(rank) = std::env::var(RANK_ENV) else {
-        return Ok(None);
-    };
-    let number = |name: &str, value: &str| -> anyhow::Result<usize> {
-        value.parse().map_err(|_| anyhow::anyhow!("environment variable {name}: `{value}` is not a number"))
-    };
-    let world =
-        std::env::var(WORLD_SIZE_ENV).map_err(|_| anyhow::anyhow!("{RANK_ENV} is set but {WORLD_SIZE_ENV} is not"))?;
-    let shard = Shard { rank: number(RANK_ENV, &rank)?, world: number(WORLD_SIZE_ENV, &world)? };
-    if shard.rank >= shard.world {
-        anyhow::bail!("environment variable {RANK_ENV}: rank {} of a world of {}", shard.rank, shard.world);
-    }
-    let id = std::env::var(NCCL_ID_ENV).map_err(|_| anyhow::anyhow!("{RANK_ENV} is set but {NCCL_ID_ENV} is not"))?;
-    Ok(Some((shard, id)))
-}
-
 #[cfg(feature = "nccl")]
 pub use nccl::{new_group_id, NcclGroup};
 
@@ -140,14 +115,14 @@ mod nccl {
     /// Length of an `ncclUniqueId`.
     const ID_BYTES: usize = 128;
 
-    /// A new group id for the launcher to hand to every rank, as hex.
+    /// A new group id for rank 0 to hand to every rank, as hex.
     pub fn new_group_id() -> anyhow::Result<String> {
         let id = Id::new().map_err(|e| anyhow::anyhow!("NCCL: cannot create a group id: {e:?}"))?;
         Ok(id.internal().iter().map(|&b| format!("{:02x}", b as u8)).collect())
     }
 
     fn parse_id(hex: &str) -> Result<Id> {
-        let bad = || candle_core::Error::Msg(format!("{}: not {ID_BYTES} bytes of hex", super::NCCL_ID_ENV));
+        let bad = || candle_core::Error::Msg(format!("the NCCL group id from rank 0: not {ID_BYTES} bytes of hex"));
         if hex.len() != 2 * ID_BYTES {
             return Err(bad());
         }
