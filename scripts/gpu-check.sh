@@ -36,7 +36,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
     cargo build --release --features cudnn,nccl
     tests=$(cargo test --release --features cudnn,nccl --no-run --message-format=json \
-        --test model_parity --test train_parity \
+        --test model_parity --test train_parity --test cuda_ops \
         | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -70,7 +70,7 @@ unpack() {
         cp "$BINARIES/$1" "$work/$1"
     fi && chmod +x "$work/$1"
 }
-for bin in retinanet model_parity train_parity; do
+for bin in retinanet model_parity train_parity cuda_ops; do
     unpack "$bin" 2>/dev/null || { echo "error: no $BINARIES/$bin[.xz]; run --prepare first" >&2; exit 1; }
 done
 # run-cuda-binary.sh finds the CUDA and NCCL libraries and execs the binary.
@@ -98,9 +98,13 @@ step() {
 echo "| step | result | time |" > "$work/steps.md"
 echo "| --- | --- | --- |" >> "$work/steps.md"
 
-# 1. Parity with torchvision on identical weights: the CPU tests' fixtures
-#    and tolerances, on the GPU (bf16 within 1.25x of torch.autocast's error).
+# 1. This project's CUDA ops (cuDNN convolution and its backward) and
+#    Candle's stock ones against the CPU, f32 with and without TF32 and bf16;
+#    then parity with torchvision on identical weights: the CPU tests'
+#    fixtures and tolerances, on the GPU (bf16 within 1.25x of
+#    torch.autocast's error).
 export CARGO_MANIFEST_DIR=$PWD RETINANET_TEST_DEVICE=$DEVICE RETINANET_CACHE=$work/cache
+step cuda_ops 120 "$work/cuda_ops" --nocapture
 step model_parity 240 "$work/model_parity" --nocapture
 step train_parity 240 "$work/train_parity" --nocapture
 
@@ -123,16 +127,16 @@ sys.exit(0 if last < 0.7 * first else 1)
 PY
 
 # 3. Throughput: ResNet-50-FPN, fine-tune recipe, ours and torchvision.
-bench_row() { # mode precision HxW
-    local h=${3%x*} w=${3#*x} a b
+bench_row() { # mode precision HxW [kernels: fused (default) or stock]
+    local h=${3%x*} w=${3#*x} kernels=${4:-fused} a b
     a=$(run 90 "$work/retinanet" bench --device "$DEVICE" --config torchvision_retinanet_r50_fpn --json \
         --mode "$1" --size "$h" --width "$w" --batch "$BATCH" --steps "$STEPS" \
         --set model.num_classes=80 --set model.backbone.norm=frozen_bn --set model.backbone.freeze_at=2 \
-        --set train.precision="$2" 2>> "$out/bench.log" | tail -1)
+        --set train.precision="$2" --set runtime.cuda_kernels="$kernels" 2>> "$out/bench.log" | tail -1)
     b=$(timeout 90 python3 benchmarks/torchvision_bench.py --device "$DEVICE" --precision "$2" --depth 50 \
         --recipe finetune --classes 80 --mode "$1" --size "$h" --image-width "$w" --batch "$BATCH" \
         --steps "$STEPS" 2>> "$out/bench.log" | tail -1)
-    python3 - "$1 $2 ${h}x${w} b$BATCH" "$a" "$b" <<'PY'
+    python3 - "$1 $2 ${h}x${w} b$BATCH $kernels" "$a" "$b" <<'PY'
 import json, sys
 label = sys.argv[1]
 def parse(s):
@@ -156,17 +160,25 @@ PY
 # Rows that would start past BUDGET seconds are skipped, to stay inside the
 # lent machine's time (each row may take up to 3 minutes when stuck).
 BUDGET=${BUDGET:-420}
+# The stock ops (runtime.cuda_kernels = "stock") once per mode, at the first
+# size in f32, beside the fused rows.
+rows=()
 for precision in f32 bf16; do
     for size in $SIZES; do
         for mode in train infer; do
-            if (( SECONDS > BUDGET )); then
-                echo "| $mode $precision $size b$BATCH | skipped: past ${BUDGET} s | | | |" >> "$report"
-                failed=1
-                continue
-            fi
-            bench_row "$mode" "$precision" "$size" >> "$report" || failed=1
+            rows+=("$mode $precision $size fused")
+            [[ $precision == f32 && $size == "${SIZES%% *}" ]] && rows+=("$mode $precision $size stock")
         done
     done
+done
+for row in "${rows[@]}"; do
+    read -r mode precision size kernels <<<"$row"
+    if (( SECONDS > BUDGET )); then
+        echo "| $mode $precision $size b$BATCH $kernels | skipped: past ${BUDGET} s | | | |" >> "$report"
+        failed=1
+        continue
+    fi
+    bench_row "$mode" "$precision" "$size" "$kernels" >> "$report" || failed=1
 done
 
 { echo; cat "$work/steps.md"; } >> "$report"

@@ -1,14 +1,14 @@
 //! `retinanet bench`: times a training step or inference on random data.
 
 use anyhow::Result;
-use candle_retinanet::config::{parse_device, Config};
+use candle_retinanet::config::Config;
 use candle_retinanet::train::{self, BenchMode};
 
 use crate::cli::{BenchArgs, BenchModeArg};
 
 pub(super) fn run(args: BenchArgs) -> Result<()> {
     let config = Config::resolve(args.config.config.as_deref(), &args.config.overrides)?;
-    let device = parse_device(&args.device.spec)?;
+    let device = super::device_for(&config, &args.device.spec)?;
     let mode = match args.mode {
         BenchModeArg::Train => BenchMode::Train,
         BenchModeArg::Infer => BenchMode::Infer,

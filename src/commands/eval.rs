@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use candle_retinanet::config::parse_device;
 use candle_retinanet::data::{load_split, read_coco_json, Loader};
 use candle_retinanet::eval::{
     evaluate, read_results, write_eval_json, write_pr_plots, EvalParams, EvalReport, EvalResult,
@@ -36,7 +35,7 @@ pub(super) fn run(args: &EvalArgs) -> Result<()> {
 fn evaluate_model(args: &EvalArgs, weights: &Path) -> Result<()> {
     let source = WeightsSource::locate(weights)?;
     let config = source.config(args.config.config.as_deref(), &args.config.overrides)?;
-    let device = parse_device(&args.device.spec)?;
+    let device = super::device_for(&config, &args.device.spec)?;
     let predictor = Predictor::load(&source, config, &device)?;
     let split = load_split(&predictor.config.data, &args.split)?;
     predictor.check_split(&split)?;

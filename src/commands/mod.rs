@@ -3,6 +3,8 @@
 //! the library imports it.
 
 use anyhow::Result;
+use candle_core::Device;
+use candle_retinanet::config::{parse_device, Config, CudaKernels};
 use candle_retinanet::eval::EvalResult;
 
 use crate::cli::Command;
@@ -34,6 +36,19 @@ pub(crate) fn run(command: Command) -> Result<()> {
 
 /// Prints pycocotools' 12-line summary, a blank line and the per-class AP
 /// table on stdout.
+/// The device `spec` names, with the config's kernel choices
+/// (`runtime.cuda_kernels`, `runtime.tf32`) in force.
+fn device_for(config: &Config, spec: &str) -> Result<Device> {
+    apply_runtime(config);
+    parse_device(spec)
+}
+
+/// Makes the config's kernel choices the process's, before any tensor work.
+fn apply_runtime(config: &Config) {
+    let runtime = &config.runtime;
+    candle_retinanet::ops::set_cuda_kernels(runtime.cuda_kernels == CudaKernels::Stock, runtime.tf32);
+}
+
 fn print_eval_summary(result: &EvalResult) {
     for line in result.summary_lines() {
         println!("{line}");

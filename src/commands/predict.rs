@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use candle_retinanet::config::parse_device;
 use candle_retinanet::data::{image_files, load_rgb, load_split, Loader};
 use candle_retinanet::eval::Detection;
 use candle_retinanet::infer::{detect_split, draw_detections, to_coco_results, Predictor};
@@ -54,7 +53,7 @@ pub(super) fn run(args: PredictArgs) -> Result<()> {
         }
         config.model.postprocess.score_thresh = thresh as f64;
     }
-    let device = parse_device(&args.device.spec)?;
+    let device = super::device_for(&config, &args.device.spec)?;
     let predictor = Predictor::load(&source, config, &device)?;
     let out = match (&args.out, args.json) {
         (Some(dir), _) => Some(dir.clone()),

@@ -35,12 +35,13 @@ pub(super) fn run(args: TrainArgs) -> Result<()> {
         bail!("{}", NO_NCCL);
     }
     let (device, collective): (Device, Box<dyn Collective>) = match (gpus, place) {
-        (None, None) => (parse_device(&args.device.spec)?, Box::new(SingleProcess)),
+        (None, None) => (super::device_for(&config, &args.device.spec)?, Box::new(SingleProcess)),
         (Some(gpus), None) => {
             let out = args.out.clone().map_or_else(|| RunFolder::unused(&config.name), RunFolder::at);
             return launch(&gpus, out.root());
         }
         (gpus, Some(place)) => {
+            super::apply_runtime(&config);
             let device = rank_device(gpus.as_deref(), &args.device.spec, &place)?;
             let group = join_group(&device, &place, &config.to_toml())?;
             (device, group)

@@ -21,6 +21,7 @@ pub struct Config {
     pub loss: LossConfig,
     pub train: TrainConfig,
     pub eval: EvalConfig,
+    pub runtime: RuntimeConfig,
 }
 
 impl Default for Config {
@@ -34,6 +35,7 @@ impl Default for Config {
             loss: LossConfig::default(),
             train: TrainConfig::default(),
             eval: EvalConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -561,6 +563,32 @@ impl Default for EvalConfig {
     fn default() -> Self {
         Self { batch_size: 8, max_dets: vec![1, 10, 100] }
     }
+}
+
+/// Which kernels the process runs; the model and the recipe do not change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// On CUDA: "fused" runs this project's ops (cuDNN convolutions with
+    /// their own backward, in a `cudnn` build), "stock" Candle's ops
+    /// everywhere, to fall back while the fused path is unproven.
+    pub cuda_kernels: CudaKernels,
+    /// f32 convolutions on CUDA may use TF32 tensor cores (PyTorch's
+    /// default for convolutions, `torch.backends.cudnn.allow_tf32`).
+    pub tf32: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { cuda_kernels: CudaKernels::Fused, tf32: true }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CudaKernels {
+    Fused,
+    Stock,
 }
 
 impl Config {

@@ -27,9 +27,12 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::cuda_kernels::{conv_kernel, ConvKernel};
 use super::elementwise::{add_channel_bias_to_fresh, relu};
 use super::f32_data;
 
+#[cfg(feature = "cudnn")]
+mod cudnn;
 mod winograd;
 
 /// Most f32 values of one band's im2col columns (4 MiB, well inside this
@@ -96,20 +99,31 @@ impl Module for Conv2d {
 }
 
 /// Convolution without bias: the GEMM custom op for f32 (and bf16) on the
-/// CPU, Candle's `conv2d` elsewhere (see [`candle_conv2d`]).
+/// CPU, cuDNN on CUDA, Candle's `conv2d` elsewhere (see [`candle_conv2d`]
+/// and `cuda_kernels::conv_kernel`).
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::BF16 && weight.dtype() == DType::BF16 {
-        // No bf16 GEMM on the CPU (Candle widens its bf16 matmul too): bf16
-        // inputs and weights, f32 products and sums, a bf16 result, which is
-        // what a GPU's bf16 convolution computes.
-        let y = conv2d(&x.to_dtype(DType::F32)?, &weight.to_dtype(DType::F32)?, padding, stride)?;
-        return y.to_dtype(DType::BF16);
-    }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+    if x.dtype() != weight.dtype() {
         return candle_conv2d(x, weight, padding, stride);
     }
-    let geometry = Geometry::new(x.dims4()?, weight.dims4()?, padding, stride)?;
-    x.contiguous()?.apply_op2(&weight.contiguous()?, ConvForward(geometry))
+    match conv_kernel(x.device(), x.dtype()) {
+        ConvKernel::CpuGemm if x.dtype() == DType::BF16 => {
+            // No bf16 GEMM on the CPU (Candle widens its bf16 matmul too):
+            // bf16 inputs and weights, f32 products and sums, a bf16 result,
+            // which is what a GPU's bf16 convolution computes.
+            let y = conv2d(&x.to_dtype(DType::F32)?, &weight.to_dtype(DType::F32)?, padding, stride)?;
+            y.to_dtype(DType::BF16)
+        }
+        ConvKernel::CpuGemm => {
+            let geometry = Geometry::new(x.dims4()?, weight.dims4()?, padding, stride)?;
+            x.contiguous()?.apply_op2(&weight.contiguous()?, ConvForward(geometry))
+        }
+        #[cfg(feature = "cudnn")]
+        ConvKernel::Cudnn => {
+            let geometry = Geometry::new(x.dims4()?, weight.dims4()?, padding, stride)?;
+            x.contiguous()?.apply_op2(&weight.contiguous()?, cudnn::CudnnForward(geometry))
+        }
+        _ => candle_conv2d(x, weight, padding, stride),
+    }
 }
 
 /// Candle's convolution, made differentiable for every size: its backward
@@ -135,7 +149,7 @@ pub(crate) fn candle_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride:
 }
 
 /// Sizes of one convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Geometry {
     n: usize,
     c_in: usize,

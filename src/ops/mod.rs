@@ -7,6 +7,7 @@
 pub(crate) mod batch_norm;
 pub(crate) mod boxes;
 pub(crate) mod conv;
+pub(crate) mod cuda_kernels;
 pub(crate) mod elementwise;
 pub(crate) mod focal;
 pub(crate) mod group_norm;
@@ -14,6 +15,7 @@ pub(crate) mod maxpool;
 
 pub use boxes::BoxXyxy;
 pub use conv::conv2d;
+pub use cuda_kernels::set_cuda_kernels;
 pub use focal::{sigmoid_focal_loss, weighted_focal_loss_sum};
 
 use candle_core::backend::BackendStorage;

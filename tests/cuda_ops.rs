@@ -1,0 +1,94 @@
+//! On a GPU, in a `cudnn` build (scripts/gpu-check.sh runs it): this
+//! project's CUDA convolution (`runtime.cuda_kernels = "fused"`) and
+//! Candle's stock one against the CPU's f32 convolution (itself checked
+//! against Candle's in src/ops/conv.rs), forward and both gradients, in f32
+//! with and without TF32 and in bf16. Without the `cudnn` feature this file
+//! holds no test.
+#![cfg(feature = "cudnn")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_retinanet::ops::{conv2d, set_cuda_kernels};
+
+/// (n, c_in, h, w, c_out, k, padding, stride): the CPU test's shapes, then
+/// ResNet-50-FPN's own (stem, a strided 3x3, a strided 1x1 shortcut, an FPN
+/// output and a head layer).
+const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 10] = [
+    (2, 3, 9, 12, 4, 3, 1, 1),
+    (2, 3, 9, 12, 4, 3, 1, 2),
+    (3, 5, 6, 7, 2, 1, 0, 1),
+    (1, 3, 17, 13, 5, 7, 3, 2),
+    (2, 2, 2, 3, 3, 3, 1, 2),
+    (2, 3, 200, 336, 64, 7, 3, 2),
+    (2, 128, 50, 84, 128, 3, 1, 2),
+    (2, 256, 50, 84, 512, 1, 0, 2),
+    (2, 256, 25, 42, 256, 3, 1, 1),
+    (2, 256, 7, 11, 256, 3, 1, 1),
+];
+
+/// The convolution's output and its gradients for `x`, `w`, weighted by
+/// `probe`, all returned as f32 on the CPU.
+fn run(
+    x: &Tensor,
+    w: &Tensor,
+    probe: &Tensor,
+    case: (usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> Result<[Tensor; 3]> {
+    let (padding, stride) = case;
+    let xv = Var::from_tensor(&x.to_device(device)?.to_dtype(dtype)?)?;
+    let wv = Var::from_tensor(&w.to_device(device)?.to_dtype(dtype)?)?;
+    let y = conv2d(xv.as_tensor(), wv.as_tensor(), padding, stride)?.to_dtype(DType::F32)?;
+    let grads = (&y * probe.to_device(device)?)?.sum_all()?.backward()?;
+    let back = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+    let dx = grads.get(xv.as_tensor()).expect("an input gradient");
+    let dw = grads.get(wv.as_tensor()).expect("a weight gradient");
+    Ok([back(&y)?, back(dx)?, back(dw)?])
+}
+
+/// The largest difference relative to the reference's largest magnitude.
+fn relative_error(ours: &Tensor, reference: &Tensor) -> Result<f32> {
+    let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(diff / reference.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12))
+}
+
+#[test]
+fn cuda_convolutions_match_the_cpu() -> Result<()> {
+    let device = Device::new_cuda(0)?;
+    // (kernels, dtype, TF32, tolerance relative to the largest value)
+    let settings = [
+        ("fused", DType::F32, false, 1e-4),
+        ("fused", DType::F32, true, 1e-2),
+        ("fused", DType::BF16, false, 3e-2),
+        ("stock", DType::F32, false, 1e-2),
+        ("stock", DType::BF16, false, 3e-2),
+    ];
+    let mut failures = Vec::new();
+    for (n, c, h, w, co, k, padding, stride) in CASES {
+        let x = Tensor::randn(0f32, 1., (n, c, h, w), &Device::Cpu)?;
+        let weight = (Tensor::randn(0f32, 1., (co, c, k, k), &Device::Cpu)? / ((c * k * k) as f64).sqrt())?;
+        let out_h = (h + 2 * padding - k) / stride + 1;
+        let out_w = (w + 2 * padding - k) / stride + 1;
+        let probe = Tensor::randn(0f32, 1., (n, co, out_h, out_w), &Device::Cpu)?;
+        let reference = run(&x, &weight, &probe, (padding, stride), DType::F32, &Device::Cpu)?;
+        for (kernels, dtype, tf32, tolerance) in settings {
+            set_cuda_kernels(kernels == "stock", tf32);
+            let ours = run(&x, &weight, &probe, (padding, stride), dtype, &device)?;
+            for (name, (a, b)) in
+                ["output", "input gradient", "weight gradient"].iter().zip(ours.iter().zip(&reference))
+            {
+                let error = relative_error(a, b)?;
+                let line = format!(
+                    "{kernels} {dtype:?} tf32={tf32} n{n} c{c} {h}x{w} -> c{co} k{k} p{padding} s{stride}: {name} error {error:.2e}"
+                );
+                println!("{line}");
+                if error > tolerance {
+                    failures.push(line);
+                }
+            }
+        }
+    }
+    set_cuda_kernels(false, true);
+    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
+    Ok(())
+}
