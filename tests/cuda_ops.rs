@@ -1,13 +1,18 @@
 //! On a GPU, in a `cudnn` build (scripts/gpu-check.sh runs it): this
-//! project's CUDA convolution (`runtime.cuda_kernels = "fused"`) and
-//! Candle's stock one against the CPU's f32 convolution (itself checked
-//! against Candle's in src/ops/conv.rs), forward and both gradients, in f32
-//! with and without TF32 and in bf16. Without the `cudnn` feature this file
+//! project's CUDA ops (`runtime.cuda_kernels = "fused"`) and Candle's stock
+//! ones against the CPU's (themselves checked against Candle's in src/ops),
+//! forward and every gradient: the convolution in f32 with and without TF32
+//! and in bf16, GroupNorm in f32. Without the `cudnn` feature this file
 //! holds no test.
 #![cfg(feature = "cudnn")]
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_retinanet::ops::{conv2d, set_cuda_kernels};
+use candle_retinanet::ops::{conv2d, group_norm_2d, set_cuda_kernels};
+
+/// The kernel choice is process-wide: one test at a time switches it.
+static SWITCH: Mutex<()> = Mutex::new(());
 
 /// (n, c_in, h, w, c_out, k, padding, stride): the CPU test's shapes, then
 /// ResNet-50-FPN's own (stem, a strided 3x3, a strided 1x1 shortcut, an FPN
@@ -54,6 +59,7 @@ fn relative_error(ours: &Tensor, reference: &Tensor) -> Result<f32> {
 
 #[test]
 fn cuda_convolutions_match_the_cpu() -> Result<()> {
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::new_cuda(0)?;
     // (kernels, dtype, TF32, tolerance relative to the largest value)
     let settings = [
@@ -83,6 +89,51 @@ fn cuda_convolutions_match_the_cpu() -> Result<()> {
                 );
                 println!("{line}");
                 if error > tolerance {
+                    failures.push(line);
+                }
+            }
+        }
+    }
+    set_cuda_kernels(false, true);
+    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
+    Ok(())
+}
+
+/// GroupNorm's output and its three gradients for `probe`, as f32 on the CPU.
+fn group_norm_run(inputs: [&Tensor; 3], groups: usize, probe: &Tensor, device: &Device) -> Result<[Tensor; 4]> {
+    let x = Var::from_tensor(&inputs[0].to_device(device)?)?;
+    let gamma = Var::from_tensor(&inputs[1].to_device(device)?)?;
+    let beta = Var::from_tensor(&inputs[2].to_device(device)?)?;
+    let y = group_norm_2d(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), groups, 1e-5)?;
+    let grads = (&y * probe.to_device(device)?)?.sum_all()?.backward()?;
+    let grad = |v: &Var| grads.get(v.as_tensor()).expect("a gradient").to_device(&Device::Cpu);
+    Ok([y.to_device(&Device::Cpu)?, grad(&x)?, grad(&gamma)?, grad(&beta)?])
+}
+
+#[test]
+fn cuda_group_norm_matches_the_cpu() -> Result<()> {
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::new_cuda(0)?;
+    let mut failures = Vec::new();
+    // The CPU test's shapes, then the head's (32 groups of 256 channels) at
+    // P3 and P7 of an 800x1333 batch of 2.
+    for (n, c, h, w, groups) in
+        [(2, 8, 5, 7, 4), (3, 6, 4, 4, 6), (1, 4, 3, 2, 1), (2, 256, 100, 168, 32), (2, 256, 7, 11, 32)]
+    {
+        let x = (Tensor::randn(0f32, 2., (n, c, h, w), &Device::Cpu)? + 3.0)?;
+        let gamma = Tensor::randn(1f32, 0.5, c, &Device::Cpu)?;
+        let beta = Tensor::randn(0f32, 0.5, c, &Device::Cpu)?;
+        let probe = Tensor::randn(0f32, 1., (n, c, h, w), &Device::Cpu)?;
+        let reference = group_norm_run([&x, &gamma, &beta], groups, &probe, &Device::Cpu)?;
+        for kernels in ["fused", "stock"] {
+            set_cuda_kernels(kernels == "stock", true);
+            let ours = group_norm_run([&x, &gamma, &beta], groups, &probe, &device)?;
+            let names = ["output", "input gradient", "weight gradient", "bias gradient"];
+            for (name, (a, b)) in names.iter().zip(ours.iter().zip(&reference)) {
+                let error = relative_error(a, b)?;
+                let line = format!("group norm {kernels} n{n} c{c} {h}x{w} g{groups}: {name} error {error:.2e}");
+                println!("{line}");
+                if error > 1e-4 {
                     failures.push(line);
                 }
             }

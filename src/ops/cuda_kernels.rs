@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device};
 
+#[cfg(feature = "cuda")]
+pub(crate) use nvrtc::KernelSource;
+
 static STOCK: AtomicBool = AtomicBool::new(false);
 static TF32: AtomicBool = AtomicBool::new(true);
 
@@ -36,6 +39,17 @@ pub(crate) enum ConvKernel {
     Cudnn,
     /// Candle's `conv2d` (its naive CUDA kernels, Metal, other dtypes).
     Stock,
+}
+
+/// Whether an op with its own f32 kernels on the CPU and on CUDA (GroupNorm)
+/// runs them for tensors of `dtype` on `device`, rather than Candle's ops.
+pub(crate) fn own_f32_kernel(device: &Device, dtype: DType) -> bool {
+    dtype == DType::F32
+        && match device {
+            Device::Cpu => true,
+            Device::Cuda(_) => cfg!(feature = "cuda") && !STOCK.load(Ordering::Relaxed),
+            Device::Metal(_) => false,
+        }
 }
 
 /// The convolution kernel for tensors of `dtype` on `device`.
@@ -63,6 +77,45 @@ fn choose_conv(place: Place, dtype: DType, stock: bool, cudnn_built: bool) -> Co
         Place::Cpu if float => ConvKernel::CpuGemm,
         Place::Cuda if float && cudnn_built && !stock => ConvKernel::Cudnn,
         _ => ConvKernel::Stock,
+    }
+}
+
+/// CUDA C++ kernels compiled with NVRTC when first used, for the GPU at
+/// hand (as PyTorch's jiterator does): the build needs no second nvcc step
+/// beside Candle's, and the PTX targets the device it runs on.
+#[cfg(feature = "cuda")]
+mod nvrtc {
+    use std::sync::OnceLock;
+
+    use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+    use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::Result;
+
+    /// One module of kernels: its name and source, compiled once per process.
+    pub(crate) struct KernelSource {
+        name: &'static str,
+        source: &'static str,
+        ptx: OnceLock<std::result::Result<String, String>>,
+    }
+
+    impl KernelSource {
+        pub(crate) const fn new(name: &'static str, source: &'static str) -> Self {
+            Self { name, source, ptx: OnceLock::new() }
+        }
+
+        /// The module's PTX; a compile error names the module and quotes NVRTC's log.
+        pub(crate) fn ptx(&self) -> Result<&str> {
+            let compiled = self.ptx.get_or_init(|| {
+                compile_ptx(self.source).map(|ptx| ptx.to_src()).map_err(|e| format!("NVRTC, {}: {e:?}", self.name))
+            });
+            compiled.as_deref().map_err(|e| candle_core::Error::Msg(e.clone()))
+        }
+
+        /// Kernel `function` of this module on `device` (loaded once per device).
+        pub(crate) fn function(&self, device: &CudaDevice, function: &str) -> Result<CudaFunction> {
+            Ok(device.get_or_load_custom_func(function, self.name, self.ptx()?)?.into_cuda_function())
+        }
     }
 }
 

@@ -9,13 +9,18 @@
 //! - `dx = rstd * (dy*g - mean(dy*g) - xhat * mean(dy*g * xhat))` per group,
 //! - `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)` per channel.
 //!
-//! Other devices and dtypes use Candle's `GroupNorm`.
+//! On CUDA the same op runs three kernels (`cuda`). Other devices and
+//! dtypes, and `runtime.cuda_kernels = "stock"`, use Candle's `GroupNorm`.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
+use super::cuda_kernels::own_f32_kernel;
 use super::f32_data;
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 #[derive(Debug, Clone)]
 pub(crate) struct GroupNorm {
@@ -36,6 +41,13 @@ pub(crate) fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilde
     Ok(GroupNorm { weight, bias, groups, eps, fallback })
 }
 
+/// GroupNorm of `x [n, c, h, w]` by `weight` and `bias` ([c]) in `groups`
+/// groups, as the layer computes it (for callers without a VarBuilder).
+pub fn group_norm_2d(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let fallback = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), weight.dim(0)?, groups, eps)?;
+    GroupNorm { weight: weight.clone(), bias: bias.clone(), groups, eps, fallback }.forward(x)
+}
+
 impl Module for GroupNorm {
     /// [n, c, h, w] -> [n, c, h, w]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -43,7 +55,7 @@ impl Module for GroupNorm {
             // Mixed precision: normalise in f32, as torch.autocast does.
             return self.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
         }
-        let fused = x.device().is_cpu()
+        let fused = own_f32_kernel(x.device(), x.dtype())
             && x.rank() == 4
             && [x.dtype(), self.weight.dtype(), self.bias.dtype()] == [DType::F32; 3]
             && x.dim(1)? == self.weight.dim(0)?;
@@ -69,13 +81,6 @@ fn stats(values: &[f32], eps: f64) -> (f32, f32) {
     let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
     let var = values.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-}
-
-impl GroupNormOp {
-    /// (channels per group, h * w) for input dims [n, c, h, w].
-    fn group_shape(&self, dims: &[usize]) -> (usize, usize) {
-        (dims[1] / self.groups, dims[2] * dims[3])
-    }
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -117,12 +122,63 @@ impl CustomOp3 for GroupNormOp {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self.groups, self.eps, (xs, xl), (ws, wl), (bs, bl))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
         _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if x.device().is_cuda() {
+            return self.packed_backward(x, gamma, beta, grad);
+        }
+        self.cpu_backward(x, gamma, beta, grad)
+    }
+}
+
+impl GroupNormOp {
+    /// (channels per group, h * w) for input dims [n, c, h, w].
+    fn group_shape(&self, dims: &[usize]) -> (usize, usize) {
+        (dims[1] / self.groups, dims[2] * dims[3])
+    }
+
+    /// The three gradients from one op whose output packs them (the CUDA
+    /// kernels), each kept only where the graph needs it.
+    fn packed_backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = GroupNormGrad { groups: self.groups, eps: self.eps };
+        let packed = grad.contiguous()?.apply_op3_no_bwd(x, gamma, &op)?;
+        let (len, c) = (x.elem_count(), gamma.elem_count());
+        let dx = x.track_op().then(|| packed.narrow(0, 0, len)?.reshape(x.shape())).transpose()?;
+        let dgamma = gamma.track_op().then(|| packed.narrow(0, len, c)).transpose()?;
+        let dbeta = beta.track_op().then(|| packed.narrow(0, len + c, c)).transpose()?;
+        Ok((dx, dgamma, dbeta))
+    }
+
+    fn cpu_backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = x.dims().to_vec();
@@ -180,6 +236,45 @@ impl CustomOp3 for GroupNormOp {
         let dgamma = gamma.track_op().then(|| to_tensor(dgamma)).transpose()?;
         let dbeta = beta.track_op().then(|| to_tensor(dbeta)).transpose()?;
         Ok((dx, dgamma, dbeta))
+    }
+}
+
+/// `[dx, dgamma, dbeta]` packed in one f32 vector, from arguments `dy`, `x`
+/// and `gamma` (on CUDA).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GroupNormGrad {
+    groups: usize,
+    eps: f64,
+}
+
+impl CustomOp3 for GroupNormGrad {
+    fn name(&self) -> &'static str {
+        "group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the packed group norm gradient runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(self.groups, self.eps, (gs, gl), (xs, xl), (ws, wl))
     }
 }
 
