@@ -2,14 +2,14 @@
 //! project's CUDA ops (`runtime.cuda_kernels = "fused"`) and Candle's stock
 //! ones against the CPU's (themselves checked against Candle's in src/ops),
 //! forward and every gradient: the convolution in f32 with and without TF32
-//! and in bf16, GroupNorm in f32. Without the `cudnn` feature this file
+//! and in bf16, GroupNorm and the stem's max-pool in f32. Without the `cudnn` feature this file
 //! holds no test.
 #![cfg(feature = "cudnn")]
 
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_retinanet::ops::{conv2d, group_norm_2d, set_cuda_kernels};
+use candle_retinanet::ops::{conv2d, group_norm_2d, max_pool_3x3_s2_p1, set_cuda_kernels};
 
 /// The kernel choice is process-wide: one test at a time switches it.
 static SWITCH: Mutex<()> = Mutex::new(());
@@ -134,6 +134,45 @@ fn cuda_group_norm_matches_the_cpu() -> Result<()> {
                 let line = format!("group norm {kernels} n{n} c{c} {h}x{w} g{groups}: {name} error {error:.2e}");
                 println!("{line}");
                 if error > 1e-4 {
+                    failures.push(line);
+                }
+            }
+        }
+    }
+    set_cuda_kernels(false, true);
+    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
+    Ok(())
+}
+
+/// The pool's output and input gradient for `probe`, as f32 on the CPU.
+fn max_pool_run(x: &Tensor, probe: &Tensor, device: &Device) -> Result<[Tensor; 2]> {
+    let x = Var::from_tensor(&x.to_device(device)?)?;
+    let y = max_pool_3x3_s2_p1(x.as_tensor())?;
+    let grads = (&y * probe.to_device(device)?)?.sum_all()?.backward()?;
+    let dx = grads.get(x.as_tensor()).expect("a gradient").to_device(&Device::Cpu)?;
+    Ok([y.to_device(&Device::Cpu)?, dx])
+}
+
+#[test]
+fn cuda_max_pool_matches_the_cpu() -> Result<()> {
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::new_cuda(0)?;
+    let mut failures = Vec::new();
+    // Odd and even sides, a 1x1 plane, and the stem's output at 800x1333.
+    for (n, c, h, w) in [(2, 3, 7, 8), (1, 2, 1, 1), (2, 4, 6, 5), (2, 64, 400, 667)] {
+        // Few distinct values, so windows hold ties: the first maximum must win.
+        let x = (Tensor::randn(0f32, 2., (n, c, h, w), &Device::Cpu)?.round()? * 0.5)?;
+        let probe = Tensor::randn(0f32, 1., (n, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1), &Device::Cpu)?;
+        let reference = max_pool_run(&x, &probe, &Device::Cpu)?;
+        // Same argmax, same order of addition: the fused kernels match exactly.
+        for (kernels, tolerance) in [("fused", 0.0), ("stock", 1e-6)] {
+            set_cuda_kernels(kernels == "stock", true);
+            let ours = max_pool_run(&x, &probe, &device)?;
+            for (name, (a, b)) in ["output", "input gradient"].iter().zip(ours.iter().zip(&reference)) {
+                let error = relative_error(a, b)?;
+                let line = format!("max pool {kernels} n{n} c{c} {h}x{w}: {name} error {error:.2e}");
+                println!("{line}");
+                if error > tolerance {
                     failures.push(line);
                 }
             }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device};
 
 #[cfg(feature = "cuda")]
-pub(crate) use nvrtc::KernelSource;
+pub(crate) use nvrtc::{f32_view, launch_over, KernelSource};
 
 static STOCK: AtomicBool = AtomicBool::new(false);
 static TF32: AtomicBool = AtomicBool::new(true);
@@ -87,10 +87,10 @@ fn choose_conv(place: Place, dtype: DType, stock: bool, cudnn_built: bool) -> Co
 mod nvrtc {
     use std::sync::OnceLock;
 
-    use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
     use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
     use candle_core::cuda_backend::CudaDevice;
-    use candle_core::Result;
+    use candle_core::{CudaStorage, Layout, Result};
 
     /// One module of kernels: its name and source, compiled once per process.
     pub(crate) struct KernelSource {
@@ -116,6 +116,20 @@ mod nvrtc {
         pub(crate) fn function(&self, device: &CudaDevice, function: &str) -> Result<CudaFunction> {
             Ok(device.get_or_load_custom_func(function, self.name, self.ptx()?)?.into_cuda_function())
         }
+    }
+
+    /// A custom op argument's contiguous f32 elements (`what` names it in
+    /// the error).
+    pub(crate) fn f32_view<'a>(storage: &'a CudaStorage, layout: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{what} must be contiguous");
+        };
+        Ok(storage.as_cuda_slice::<f32>()?.slice(start..end))
+    }
+
+    /// One thread per element of `len`, in blocks of 256.
+    pub(crate) fn launch_over(len: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (len.div_ceil(256).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 }
 

@@ -3,15 +3,20 @@
 //!
 //! The gradient of each output goes to its window's argmax; the first
 //! maximum in row-major window order wins, as in PyTorch (padding never
-//! wins). On the CPU this is a `CustomOp1`; on other devices the argmax is
-//! found with tensor ops on the device and the pooled values are gathered
-//! from the input there, so `index_select`'s backward routes the gradient the
-//! same way.
+//! wins). On the CPU and CUDA (`cuda`) this is a `CustomOp1`; on other
+//! devices, and with `runtime.cuda_kernels = "stock"`, the argmax is found
+//! with tensor ops on the device and the pooled values are gathered from the
+//! input there, so `index_select`'s backward routes the gradient the same
+//! way.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cuda_kernels::own_f32_kernel;
 use super::f32_data;
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 const KERNEL: usize = 3;
 const STRIDE: usize = 2;
@@ -55,7 +60,7 @@ fn argmax_indices(x: &[f32], (n, c, h, w): Dims4) -> (Vec<u32>, Shape) {
     (idx, Shape::from((n, c, oh, ow)))
 }
 
-/// The CPU custom op.
+/// The custom op (CPU and CUDA).
 struct MaxPool3x3S2P1;
 
 impl CustomOp1 for MaxPool3x3S2P1 {
@@ -76,8 +81,16 @@ impl CustomOp1 for MaxPool3x3S2P1 {
         Ok((CpuStorage::F32(out), shape))
     }
 
-    /// Scatters each output gradient to its window's argmax (on the CPU,
-    /// the only device this op runs on).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(storage, layout)
+    }
+
+    /// Sends each output gradient to its window's argmax.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPoolGrad)?))
     }
@@ -104,12 +117,23 @@ impl CustomOp2 for MaxPoolGrad {
             .for_each(|((dx, idx), grad)| idx.iter().zip(grad).for_each(|(&i, &g)| dx[i as usize] += g));
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(xs, xl, gs, gl)
+    }
 }
 
 /// Max-pool 3x3, stride 2, padding 1: [n, c, h, w] -> [n, c, (h-1)/2+1, (w-1)/2+1].
 /// Differentiable on every device.
-pub(crate) fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    match (x.device().is_cpu(), x.dtype()) {
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    match (own_f32_kernel(x.device(), DType::F32), x.dtype()) {
         (true, DType::F32) => x.contiguous()?.apply_op1(MaxPool3x3S2P1),
         // The maximum commutes with widening, so this is exact.
         (true, dtype) => max_pool_3x3_s2_p1(&x.to_dtype(DType::F32)?)?.to_dtype(dtype),

@@ -18,6 +18,7 @@ pub use conv::conv2d;
 pub use cuda_kernels::set_cuda_kernels;
 pub use focal::{sigmoid_focal_loss, weighted_focal_loss_sum};
 pub use group_norm::group_norm_2d;
+pub use maxpool::max_pool_3x3_s2_p1;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};

@@ -19,7 +19,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
-use crate::ops::cuda_kernels::KernelSource;
+use crate::ops::cuda_kernels::{f32_view, KernelSource};
 
 static SOURCE: KernelSource = KernelSource::new("retinanet_group_norm", include_str!("group_norm.cu"));
 
@@ -51,18 +51,6 @@ impl Groups {
     fn blocks(blocks: usize) -> LaunchConfig {
         LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
-}
-
-/// The contiguous f32 elements of an argument.
-fn f32_view<'a>(
-    storage: &'a CudaStorage,
-    layout: &Layout,
-    what: &str,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{what} must be contiguous");
-    };
-    Ok(storage.as_cuda_slice::<f32>()?.slice(start..end))
 }
 
 /// `y` from `x [n, c, h, w]`, `gamma [c]`, `beta [c]`.
