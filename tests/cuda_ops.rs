@@ -2,14 +2,15 @@
 //! project's CUDA ops (`runtime.cuda_kernels = "fused"`) and Candle's stock
 //! ones against the CPU's (themselves checked against Candle's in src/ops),
 //! forward and every gradient: the convolution in f32 with and without TF32
-//! and in bf16, GroupNorm and the stem's max-pool in f32. Without the `cudnn` feature this file
+//! and in bf16, GroupNorm, the stem's max-pool and the weighted focal loss
+//! in f32. Without the `cudnn` feature this file
 //! holds no test.
 #![cfg(feature = "cudnn")]
 
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_retinanet::ops::{conv2d, group_norm_2d, max_pool_3x3_s2_p1, set_cuda_kernels};
+use candle_retinanet::ops::{conv2d, group_norm_2d, max_pool_3x3_s2_p1, set_cuda_kernels, weighted_focal_loss_sum};
 
 /// The kernel choice is process-wide: one test at a time switches it.
 static SWITCH: Mutex<()> = Mutex::new(());
@@ -174,6 +175,50 @@ fn cuda_max_pool_matches_the_cpu() -> Result<()> {
                 println!("{line}");
                 if error > tolerance {
                     failures.push(line);
+                }
+            }
+        }
+    }
+    set_cuda_kernels(false, true);
+    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
+    Ok(())
+}
+
+/// The weighted focal loss sum and the logits' gradient, as f32 on the CPU.
+fn focal_run(inputs: [&Tensor; 3], alpha: f64, gamma: f64, device: &Device) -> Result<[Tensor; 2]> {
+    let logits = Var::from_tensor(&inputs[0].to_device(device)?)?;
+    let (targets, weights) = (inputs[1].to_device(device)?, inputs[2].to_device(device)?);
+    let loss = weighted_focal_loss_sum(logits.as_tensor(), &targets, &weights, alpha, gamma)?;
+    let grads = (&loss * 0.5)?.backward()?;
+    let grad = grads.get(logits.as_tensor()).expect("a gradient").to_device(&Device::Cpu)?;
+    Ok([loss.to_device(&Device::Cpu)?.reshape(1)?, grad])
+}
+
+#[test]
+fn cuda_focal_loss_matches_the_cpu() -> Result<()> {
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::new_cuda(0)?;
+    let mut failures = Vec::new();
+    // A small case, and a large one: 2 images of 179,523 anchors, 80 classes.
+    for (n, anchors, classes) in [(2, 37, 3), (2, 179_523, 80)] {
+        let logits = (Tensor::randn(0f32, 3., (n, anchors, classes), &Device::Cpu)? - 2.0)?;
+        let targets = Tensor::rand(0f32, 1., (n, anchors, classes), &Device::Cpu)?.ge(0.97)?.to_dtype(DType::F32)?;
+        // Weights 0 (ignored), 1 and 2, as the trainer's normaliser gives.
+        let weights = Tensor::rand(0f32, 3., (n, anchors, 1), &Device::Cpu)?.floor()?;
+        for (alpha, gamma) in [(0.25, 2.0), (-1.0, 0.0), (0.5, 1.5)] {
+            let reference = focal_run([&logits, &targets, &weights], alpha, gamma, &Device::Cpu)?;
+            for (kernels, tolerance) in [("fused", 1e-5), ("stock", 1e-4)] {
+                set_cuda_kernels(kernels == "stock", true);
+                let ours = focal_run([&logits, &targets, &weights], alpha, gamma, &device)?;
+                for (name, (a, b)) in ["loss", "gradient"].iter().zip(ours.iter().zip(&reference)) {
+                    let error = relative_error(a, b)?;
+                    let line = format!(
+                        "focal {kernels} {n}x{anchors}x{classes} alpha {alpha} gamma {gamma}: {name} error {error:.2e}"
+                    );
+                    println!("{line}");
+                    if error > tolerance {
+                        failures.push(line);
+                    }
                 }
             }
         }

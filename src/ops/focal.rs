@@ -9,14 +9,19 @@
 //! that backward, each materialised and each on one thread: at 512x512 with
 //! 80 classes every pass covers 7.9 M elements. Here the forward reads the
 //! logits, targets and weights once and returns the scalar, and the
-//! backward writes the logits' gradient in one pass. Other devices and
-//! dtypes use the composed ops.
+//! backward writes the logits' gradient in one pass. CUDA runs the same op
+//! as kernels of its own (`cuda`); other devices and dtypes, and
+//! `runtime.cuda_kernels = "stock"`, use the composed ops.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cuda_kernels::own_f32_kernel;
 use super::elementwise::{for_each_chunk, CHUNK};
 use super::f32_data;
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 /// Element-wise sigmoid focal loss, as torchvision's `sigmoid_focal_loss`
 /// with `reduction="none"`:
@@ -62,9 +67,9 @@ pub fn weighted_focal_loss_sum(
     alpha: f64,
     gamma: f64,
 ) -> Result<Tensor> {
-    let on_cpu_f32 = [logits, targets, weights].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    let own = [logits, targets, weights].iter().all(|t| own_f32_kernel(t.device(), t.dtype()));
     let (n, a, _) = logits.dims3()?;
-    if !on_cpu_f32 || targets.dims() != logits.dims() || weights.dims() != [n, a, 1] {
+    if !own || targets.dims() != logits.dims() || weights.dims() != [n, a, 1] {
         let focal = sigmoid_focal_loss(logits, targets, alpha, gamma)?;
         return focal.broadcast_mul(weights)?.sum_all();
     }
@@ -203,6 +208,19 @@ impl CustomOp3 for FocalSum {
         Ok((CpuStorage::F32(vec![sums.iter().sum::<f64>() as f32]), Shape::from(())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::sum(self.0, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -254,6 +272,19 @@ impl CustomOp3 for FocalGrad {
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::grad(self.focal, self.scale, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 

@@ -21,7 +21,8 @@ use candle_core::{CudaStorage, Layout, Result, Shape};
 
 use crate::ops::cuda_kernels::{f32_view, KernelSource};
 
-static SOURCE: KernelSource = KernelSource::new("retinanet_group_norm", include_str!("group_norm.cu"));
+static SOURCE: KernelSource =
+    KernelSource::new("retinanet_group_norm", concat!(include_str!("../block_sum.cuh"), include_str!("group_norm.cu")));
 
 /// Threads per block: a multiple of the warp, as the reduction assumes.
 const THREADS: u32 = 256;
