@@ -52,6 +52,34 @@ fn run(
     Ok([back(&y)?, back(dx)?, back(dw)?])
 }
 
+/// Prints each tensor's error against the reference as `label: name error
+/// E`, and keeps the lines over `tolerance` in `failures`.
+fn compare(
+    label: &str,
+    names: &[&str],
+    ours: &[Tensor],
+    reference: &[Tensor],
+    tolerance: f32,
+    failures: &mut Vec<String>,
+) -> Result<()> {
+    for ((name, a), b) in names.iter().zip(ours).zip(reference) {
+        let error = relative_error(a, b)?;
+        let line = format!("{label}: {name} error {error:.2e}");
+        println!("{line}");
+        if error > tolerance {
+            failures.push(line);
+        }
+    }
+    Ok(())
+}
+
+/// Restores the default kernels and fails on any line over tolerance.
+fn finish(failures: &[String]) -> Result<()> {
+    set_cuda_kernels(false, true);
+    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
+    Ok(())
+}
+
 /// The largest difference relative to the reference's largest magnitude.
 fn relative_error(ours: &Tensor, reference: &Tensor) -> Result<f32> {
     let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -81,23 +109,13 @@ fn cuda_convolutions_match_the_cpu() -> Result<()> {
         for (kernels, dtype, tf32, tolerance) in settings {
             set_cuda_kernels(kernels == "stock", tf32);
             let ours = run(&x, &weight, &probe, (padding, stride), dtype, &device)?;
-            for (name, (a, b)) in
-                ["output", "input gradient", "weight gradient"].iter().zip(ours.iter().zip(&reference))
-            {
-                let error = relative_error(a, b)?;
-                let line = format!(
-                    "{kernels} {dtype:?} tf32={tf32} n{n} c{c} {h}x{w} -> c{co} k{k} p{padding} s{stride}: {name} error {error:.2e}"
-                );
-                println!("{line}");
-                if error > tolerance {
-                    failures.push(line);
-                }
-            }
+            let label =
+                format!("conv {kernels} {dtype:?} tf32={tf32} n{n} c{c} {h}x{w} -> c{co} k{k} p{padding} s{stride}");
+            let names = ["output", "input gradient", "weight gradient"];
+            compare(&label, &names, &ours, &reference, tolerance, &mut failures)?;
         }
     }
-    set_cuda_kernels(false, true);
-    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
-    Ok(())
+    finish(&failures)
 }
 
 /// GroupNorm's output and its three gradients for `probe`, as f32 on the CPU.
@@ -129,20 +147,12 @@ fn cuda_group_norm_matches_the_cpu() -> Result<()> {
         for kernels in ["fused", "stock"] {
             set_cuda_kernels(kernels == "stock", true);
             let ours = group_norm_run([&x, &gamma, &beta], groups, &probe, &device)?;
+            let label = format!("group norm {kernels} n{n} c{c} {h}x{w} g{groups}");
             let names = ["output", "input gradient", "weight gradient", "bias gradient"];
-            for (name, (a, b)) in names.iter().zip(ours.iter().zip(&reference)) {
-                let error = relative_error(a, b)?;
-                let line = format!("group norm {kernels} n{n} c{c} {h}x{w} g{groups}: {name} error {error:.2e}");
-                println!("{line}");
-                if error > 1e-4 {
-                    failures.push(line);
-                }
-            }
+            compare(&label, &names, &ours, &reference, 1e-4, &mut failures)?;
         }
     }
-    set_cuda_kernels(false, true);
-    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
-    Ok(())
+    finish(&failures)
 }
 
 /// The pool's output and input gradient for `probe`, as f32 on the CPU.
@@ -169,19 +179,11 @@ fn cuda_max_pool_matches_the_cpu() -> Result<()> {
         for (kernels, tolerance) in [("fused", 0.0), ("stock", 1e-6)] {
             set_cuda_kernels(kernels == "stock", true);
             let ours = max_pool_run(&x, &probe, &device)?;
-            for (name, (a, b)) in ["output", "input gradient"].iter().zip(ours.iter().zip(&reference)) {
-                let error = relative_error(a, b)?;
-                let line = format!("max pool {kernels} n{n} c{c} {h}x{w}: {name} error {error:.2e}");
-                println!("{line}");
-                if error > tolerance {
-                    failures.push(line);
-                }
-            }
+            let label = format!("max pool {kernels} n{n} c{c} {h}x{w}");
+            compare(&label, &["output", "input gradient"], &ours, &reference, tolerance, &mut failures)?;
         }
     }
-    set_cuda_kernels(false, true);
-    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
-    Ok(())
+    finish(&failures)
 }
 
 /// The weighted focal loss sum and the logits' gradient, as f32 on the CPU.
@@ -210,20 +212,10 @@ fn cuda_focal_loss_matches_the_cpu() -> Result<()> {
             for (kernels, tolerance) in [("fused", 1e-5), ("stock", 1e-4)] {
                 set_cuda_kernels(kernels == "stock", true);
                 let ours = focal_run([&logits, &targets, &weights], alpha, gamma, &device)?;
-                for (name, (a, b)) in ["loss", "gradient"].iter().zip(ours.iter().zip(&reference)) {
-                    let error = relative_error(a, b)?;
-                    let line = format!(
-                        "focal {kernels} {n}x{anchors}x{classes} alpha {alpha} gamma {gamma}: {name} error {error:.2e}"
-                    );
-                    println!("{line}");
-                    if error > tolerance {
-                        failures.push(line);
-                    }
-                }
+                let label = format!("focal {kernels} {n}x{anchors}x{classes} alpha {alpha} gamma {gamma}");
+                compare(&label, &["loss", "gradient"], &ours, &reference, tolerance, &mut failures)?;
             }
         }
     }
-    set_cuda_kernels(false, true);
-    assert!(failures.is_empty(), "over tolerance:\n{}", failures.join("\n"));
-    Ok(())
+    finish(&failures)
 }
