@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device};
 
 #[cfg(feature = "cuda")]
-pub(crate) use nvrtc::{f32_view, launch_over, KernelSource};
+pub(crate) use nvrtc::{cuda_view, launch_over, KernelSource};
 
 static STOCK: AtomicBool = AtomicBool::new(false);
 static TF32: AtomicBool = AtomicBool::new(true);
@@ -89,7 +89,7 @@ mod nvrtc {
 
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
     use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
-    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::{CudaStorage, Layout, Result};
 
     /// One module of kernels: its name and source, compiled once per process.
@@ -118,13 +118,17 @@ mod nvrtc {
         }
     }
 
-    /// A custom op argument's contiguous f32 elements (`what` names it in
-    /// the error).
-    pub(crate) fn f32_view<'a>(storage: &'a CudaStorage, layout: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+    /// A custom op argument's contiguous elements of type `T` (`what` names
+    /// it in the error).
+    pub(crate) fn cuda_view<'a, T: CudaDType>(
+        storage: &'a CudaStorage,
+        layout: &Layout,
+        what: &str,
+    ) -> Result<CudaView<'a, T>> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("{what} must be contiguous");
         };
-        Ok(storage.as_cuda_slice::<f32>()?.slice(start..end))
+        Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
     }
 
     /// One thread per element of `len`, in blocks of 256.

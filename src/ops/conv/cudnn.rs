@@ -16,6 +16,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -28,7 +29,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::super::cuda_kernels::tf32_allowed;
+use super::super::cuda_kernels::{cuda_view, tf32_allowed};
 use super::Geometry;
 
 /// `y = conv(x, w)` from arguments `x [n, c, h, w]` and `w [co, c, kh, kw]`.
@@ -120,8 +121,9 @@ where
     T: WithDType + CudaDType + DeviceRepr + CudnnDataType,
 {
     let device = a.0.device().clone();
-    let a = contiguous_view::<T>(a)?;
-    let b = contiguous_view::<T>(b)?;
+    // The plan's descriptors take both as contiguous NCHW.
+    let a = cuda_view::<T>(a.0, a.1, "a cuDNN convolution operand")?;
+    let b = cuda_view::<T>(b.0, b.1, "a cuDNN convolution operand")?;
     // SAFETY: every element is written by cuDNN (beta = 0) before it is read.
     let mut out = unsafe { device.alloc::<T>(len)? };
     let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
@@ -163,17 +165,6 @@ where
         }
     })?;
     Ok(CudaStorage::wrap_cuda_slice(out, device))
-}
-
-/// An operand's elements, which the plan's descriptors take as contiguous
-/// NCHW.
-fn contiguous_view<T: CudaDType>(
-    (storage, layout): Operand<'_>,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("the cuDNN convolution takes contiguous operands");
-    };
-    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
 }
 
 /// An algorithm with its workspace size, or why there is none (kept, so a
@@ -279,12 +270,11 @@ fn with_plan<T: CudnnDataType + WithDType + 'static, R>(
             }
         };
         let tf32 = tf32_allowed();
-        let key = PlanKey { device: id, dtype: T::DTYPE, geometry: *g, tf32 };
-        if !plans.contains_key(&key) {
-            let plan = Plan::<T>::new(&cudnn, g, T::DTYPE, tf32)?;
-            plans.insert(PlanKey { device: id, dtype: T::DTYPE, geometry: *g, tf32 }, Box::new(plan));
-        }
-        let plan = plans.get_mut(&key).and_then(|p| p.downcast_mut::<Plan<T>>()).expect("a plan of this dtype");
+        let plan = match plans.entry(PlanKey { device: id, dtype: T::DTYPE, geometry: *g, tf32 }) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(Box::new(Plan::<T>::new(&cudnn, g, T::DTYPE, tf32)?)),
+        };
+        let plan = plan.downcast_mut::<Plan<T>>().expect("a plan of this dtype");
         let mut workspace = workspaces.remove(&id);
         let result = f(plan, &mut workspace);
         if let Some(workspace) = workspace {

@@ -12,7 +12,7 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
 use super::Focal;
-use crate::ops::cuda_kernels::{f32_view, launch_over, KernelSource};
+use crate::ops::cuda_kernels::{cuda_view, launch_over, KernelSource};
 
 static SOURCE: KernelSource =
     KernelSource::new("retinanet_focal_loss", concat!(include_str!("../block_sum.cuh"), include_str!("focal.cu")));
@@ -83,9 +83,9 @@ type Views<'a> = (
 fn views<'a>(logits: Operand<'a>, targets: Operand<'a>, weights: Operand<'a>) -> Result<Views<'a>> {
     let k = logits.1.dims().last().copied().unwrap_or(1).max(1);
     Ok((
-        f32_view(logits.0, logits.1, "focal loss logits")?,
-        f32_view(targets.0, targets.1, "focal loss targets")?,
-        f32_view(weights.0, weights.1, "focal loss weights")?,
+        cuda_view::<f32>(logits.0, logits.1, "focal loss logits")?,
+        cuda_view::<f32>(targets.0, targets.1, "focal loss targets")?,
+        cuda_view::<f32>(weights.0, weights.1, "focal loss weights")?,
         k,
     ))
 }

@@ -19,7 +19,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
-use crate::ops::cuda_kernels::{f32_view, KernelSource};
+use crate::ops::cuda_kernels::{cuda_view, KernelSource};
 
 static SOURCE: KernelSource =
     KernelSource::new("retinanet_group_norm", concat!(include_str!("../block_sum.cuh"), include_str!("group_norm.cu")));
@@ -65,9 +65,9 @@ pub(super) fn forward(
     let g = Groups::of(xl, groups)?;
     let device: CudaDevice = xs.device().clone();
     let (x, gamma, beta) = (
-        f32_view(xs, xl, "group norm input")?,
-        f32_view(ws, wl, "group norm weight")?,
-        f32_view(bs, bl, "group norm bias")?,
+        cuda_view::<f32>(xs, xl, "group norm input")?,
+        cuda_view::<f32>(ws, wl, "group norm weight")?,
+        cuda_view::<f32>(bs, bl, "group norm bias")?,
     );
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { device.alloc::<f32>(x.len())? };
@@ -93,9 +93,9 @@ pub(super) fn backward(
     let g = Groups::of(xl, groups)?;
     let device: CudaDevice = xs.device().clone();
     let (dy, x, gamma) = (
-        f32_view(gs, gl, "group norm gradient")?,
-        f32_view(xs, xl, "group norm input")?,
-        f32_view(ws, wl, "group norm weight")?,
+        cuda_view::<f32>(gs, gl, "group norm gradient")?,
+        cuda_view::<f32>(xs, xl, "group norm input")?,
+        cuda_view::<f32>(ws, wl, "group norm weight")?,
     );
     let len = x.len();
     // SAFETY: the two kernels write every element of both buffers.

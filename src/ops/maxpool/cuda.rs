@@ -13,7 +13,7 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
 use super::out_size;
-use crate::ops::cuda_kernels::{f32_view, launch_over, KernelSource};
+use crate::ops::cuda_kernels::{cuda_view, launch_over, KernelSource};
 
 static SOURCE: KernelSource = KernelSource::new("retinanet_max_pool", include_str!("maxpool.cu"));
 
@@ -22,7 +22,7 @@ pub(super) fn forward(xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Sha
     let (n, c, h, w) = xl.shape().dims4()?;
     let (oh, ow) = (out_size(h), out_size(w));
     let device: CudaDevice = xs.device().clone();
-    let x = f32_view(xs, xl, "max-pool input")?;
+    let x = cuda_view::<f32>(xs, xl, "max-pool input")?;
     let len = n * c * oh * ow;
     // SAFETY: the kernel writes every element.
     let mut y = unsafe { device.alloc::<f32>(len)? };
@@ -41,7 +41,7 @@ pub(super) fn backward(xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Lay
     let (n, c, h, w) = xl.shape().dims4()?;
     let (oh, ow) = (out_size(h), out_size(w));
     let device: CudaDevice = xs.device().clone();
-    let (x, grad) = (f32_view(xs, xl, "max-pool input")?, f32_view(gs, gl, "max-pool gradient")?);
+    let (x, grad) = (cuda_view::<f32>(xs, xl, "max-pool input")?, cuda_view::<f32>(gs, gl, "max-pool gradient")?);
     let len = x.len();
     // SAFETY: the kernel writes every element.
     let mut dx = unsafe { device.alloc::<f32>(len)? };
