@@ -16,7 +16,9 @@
 //! reads them back while they are still in cache, and memory stays bounded
 //! for large images. With at least as many images as threads, each thread
 //! takes whole images and runs single-threaded GEMMs; otherwise the GEMMs
-//! use every thread.
+//! use every thread. 3x3 stride-1 convolutions skip the columns: wide ones
+//! through Winograd (`conv/winograd.rs`), narrow ones on small planes
+//! through a direct AVX2 kernel (`conv/direct.rs`).
 //! Other devices and dtypes use Candle's own convolution.
 
 use std::cell::RefCell;
@@ -33,6 +35,7 @@ use super::f32_data;
 
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod direct;
 mod winograd;
 
 /// Most f32 values of one band's im2col columns (4 MiB, well inside this
@@ -462,6 +465,9 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
     if winograd::applies(g) {
         return winograd::forward(g, x, w, out);
     }
+    if direct::applies(g) {
+        return direct::forward(g, x, w, out);
+    }
     let parallelism = g.gemm_parallelism();
     let weights = (w, (g.patch(), 1));
     for_each_image(g, out, out_image, x, in_image, |dst, image| {
@@ -487,6 +493,9 @@ fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
     if winograd::applies(g) {
         return winograd::input_grad(g, grad, w, dx);
     }
+    if direct::applies_to_input_grad(g) {
+        return direct::input_grad(g, grad, w, dx);
+    }
     let parallelism = g.gemm_parallelism();
     let weights_t = (w, (1, g.patch())); // W is [co, patch] row-major.
     for_each_image(g, dx, in_image, grad, out_image, |dst, grad| {
@@ -510,6 +519,9 @@ fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
 fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     if winograd::applies(g) {
         return winograd::weight_grad(g, x, grad);
+    }
+    if direct::applies(g) {
+        return direct::weight_grad(g, x, grad);
     }
     let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
     let parallelism = g.gemm_parallelism();
@@ -691,6 +703,36 @@ mod tests {
         for (n, c, h, w, co, p) in cases {
             let g = Geometry::new((n, c, h, w), (co, c, 3, 3), p, 1)?;
             assert!(winograd::applies(&g), "{g:?}");
+            check_against_candle((n, c, h, w), (co, c, 3, 3), p, 1)?;
+        }
+        Ok(())
+    }
+
+    /// The direct path (3x3, stride 1, output rows of whole vectors) against
+    /// Candle's convolution: channel counts that leave a partial block,
+    /// padding 0, 1 and 2 (the last two with a forward only: their input
+    /// rows are not whole vectors), one image (channel groups on every
+    /// thread) and several, odd heights, and a plane tall enough for
+    /// several bands.
+    #[test]
+    fn direct_matches_candle_forward_and_gradients() -> Result<()> {
+        let cases = [
+            (2, 5, 16, 16, 7, 1, true),
+            (1, 64, 64, 64, 4, 1, true),
+            (3, 3, 9, 24, 5, 1, true),
+            (1, 16, 8, 8, 1, 1, true),
+            (2, 4, 10, 10, 3, 0, false),
+            (1, 4, 7, 6, 2, 2, false),
+        ];
+        if !direct::has_avx2_fma() {
+            eprintln!("skipped: this CPU lacks AVX2 or FMA");
+            return Ok(());
+        }
+        for (n, c, h, w, co, p, backward_too) in cases {
+            let g = Geometry::new((n, c, h, w), (co, c, 3, 3), p, 1)?;
+            assert!(direct::applies(&g), "{g:?}");
+            assert_eq!(direct::applies_to_input_grad(&g), backward_too, "{g:?}");
+            assert!(!winograd::applies(&g));
             check_against_candle((n, c, h, w), (co, c, 3, 3), p, 1)?;
         }
         Ok(())
