@@ -708,32 +708,37 @@ mod tests {
         Ok(())
     }
 
-    /// The direct path (3x3, stride 1, output rows of whole vectors) against
-    /// Candle's convolution: channel counts that leave a partial block,
-    /// padding 0, 1 and 2 (the last two with a forward only: their input
-    /// rows are not whole vectors), one image (channel groups on every
-    /// thread) and several, odd heights, and a plane tall enough for
-    /// several bands.
+    /// The direct path against Candle's convolution: channel counts that
+    /// leave a partial block, 3x3 with padding 0, 1 and 2 (the input
+    /// gradient only where the input rows are whole vectors), 5x5, the
+    /// stem's 7x7/2 and a 3x3/2 (forward and weight gradient; their input
+    /// gradient is im2col's), one image (channel groups on every thread)
+    /// and several, odd heights, and a plane tall enough for several bands.
     #[test]
     fn direct_matches_candle_forward_and_gradients() -> Result<()> {
         let cases = [
-            (2, 5, 16, 16, 7, 1, true),
-            (1, 64, 64, 64, 4, 1, true),
-            (3, 3, 9, 24, 5, 1, true),
-            (1, 16, 8, 8, 1, 1, true),
-            (2, 4, 10, 10, 3, 0, false),
-            (1, 4, 7, 6, 2, 2, false),
+            ((2, 5, 16, 16), (7, 3, 1, 1), true),
+            ((1, 64, 64, 64), (4, 3, 1, 1), true),
+            ((3, 3, 9, 24), (5, 3, 1, 1), true),
+            ((1, 16, 8, 8), (1, 3, 1, 1), true),
+            ((2, 4, 10, 10), (3, 3, 0, 1), false),
+            ((1, 4, 7, 6), (2, 3, 2, 1), false),
+            ((2, 3, 8, 8), (4, 5, 2, 1), false),
+            ((2, 3, 16, 16), (5, 7, 3, 2), false),
+            ((3, 3, 33, 32), (16, 7, 3, 2), false),
+            ((2, 6, 15, 16), (4, 3, 1, 2), false),
+            ((1, 5, 17, 17), (2, 3, 0, 2), false),
         ];
         if !direct::has_avx2_fma() {
             eprintln!("skipped: this CPU lacks AVX2 or FMA");
             return Ok(());
         }
-        for (n, c, h, w, co, p, backward_too) in cases {
-            let g = Geometry::new((n, c, h, w), (co, c, 3, 3), p, 1)?;
+        for ((n, c, h, w), (co, k, p, s), backward_too) in cases {
+            let g = Geometry::new((n, c, h, w), (co, c, k, k), p, s)?;
             assert!(direct::applies(&g), "{g:?}");
             assert_eq!(direct::applies_to_input_grad(&g), backward_too, "{g:?}");
             assert!(!winograd::applies(&g));
-            check_against_candle((n, c, h, w), (co, c, 3, 3), p, 1)?;
+            check_against_candle((n, c, h, w), (co, c, k, k), p, s)?;
         }
         Ok(())
     }
