@@ -16,9 +16,10 @@
 //! reads them back while they are still in cache, and memory stays bounded
 //! for large images. With at least as many images as threads, each thread
 //! takes whole images and runs single-threaded GEMMs; otherwise the GEMMs
-//! use every thread. 3x3 stride-1 convolutions skip the columns: wide ones
-//! through Winograd (`conv/winograd.rs`), narrow ones on small planes
-//! through a direct AVX2 kernel (`conv/direct.rs`).
+//! use every thread. Some convolutions skip the columns: wide 3x3 stride-1
+//! ones through Winograd (`conv/winograd.rs`), narrow ones on small planes
+//! (3x3 to 7x7, stride 1 or 2, the stem's included) through a direct AVX2
+//! kernel (`conv/direct.rs`).
 //! Other devices and dtypes use Candle's own convolution.
 
 use std::cell::RefCell;
