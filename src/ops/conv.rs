@@ -376,16 +376,16 @@ fn split_phases(g: &Geometry, image: &[f32], band: Band, phases: &mut [f32]) {
     let plane = g.h * g.w;
     for (src, dst) in image.chunks(plane).zip(phases.chunks_mut(plane)) {
         for y in first..end {
-            let (src_row, dst_row) = (&src[y * g.w..][..g.w], &mut dst[y * g.w..][..g.w]);
-            let mut at = 0;
-            for phase in 0..g.stride.min(g.w) {
-                for &value in src_row[phase..].iter().step_by(g.stride) {
-                    dst_row[at] = value;
-                    at += 1;
-                }
-            }
+            split_row(&src[y * g.w..][..g.w], g.stride, &mut dst[y * g.w..][..g.w]);
         }
     }
+}
+
+/// `row` into `dst` split into `stride` phases: its columns `x % stride ==
+/// 0` first, then `== 1`, ... (each column where [`phase_index`] puts it).
+fn split_row(row: &[f32], stride: usize, dst: &mut [f32]) {
+    let phases = (0..stride.min(row.len())).flat_map(|phase| row[phase..].iter().step_by(stride));
+    dst.iter_mut().zip(phases).for_each(|(d, &value)| *d = value);
 }
 
 /// Row `row` (one channel and kernel tap) of [`im2col`]'s columns, from

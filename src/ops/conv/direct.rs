@@ -27,7 +27,7 @@
 
 use rayon::prelude::*;
 
-use super::{phase_index, threads, Geometry};
+use super::{phase_index, split_row, threads, Geometry};
 
 /// Output channels per micro-tile.
 const CHANNELS: usize = 3;
@@ -139,10 +139,8 @@ fn prepare(g: &Geometry, x: &[f32]) -> Vec<f32> {
                 dst[g.padding..][..g.w].copy_from_slice(row);
                 continue;
             }
-            // The padded row, then its phases one after another.
             row_buffer[g.padding..][..g.w].copy_from_slice(row);
-            let phases = (0..g.stride).flat_map(|phase| row_buffer[phase..].iter().step_by(g.stride));
-            dst.iter_mut().zip(phases).for_each(|(d, &value)| *d = value);
+            split_row(&row_buffer, g.stride, dst);
         }
     });
     padded
