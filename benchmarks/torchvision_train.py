@@ -36,6 +36,12 @@ our config's defaults; `--set photometric=0.5 --set ema_decay=0.99`):
 - `ema_decay`, `ema_warmup`: `torch.optim.swa_utils.AveragedModel` with
   Ultralytics' ramped decay over weights and BatchNorm buffers, evaluated
   instead of the model.
+
+Two loss keys mirror `loss.box_weight` and `loss.matcher`:
+- `box_weight`: the box-regression loss is multiplied by it (default 1);
+- `matcher`: "max_iou" (torchvision's `Matcher`) or "atss", mmdetection's
+  `ATSSAssigner(topk=atss_topk)` (see `atss_match`), which torchvision
+  lacks.
 """
 import argparse
 import json
@@ -49,6 +55,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.optim.swa_utils import AveragedModel
 from torchvision import tv_tensors
+from torchvision.ops import boxes as box_ops
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -58,6 +65,8 @@ from torchvision_bench import build
 AUGMENT = dict(photometric=0.0, brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05,
                zoom_out=0.0, zoom_max=4.0, iou_crop=0.0, scale_jitter=0.0, jitter_range=[0.1, 2.0],
                jitter_size=0, min_visible=0.0, ema_decay=0.0, ema_warmup=2000)
+# Loss keys (ours: loss.box_weight, loss.matcher, loss.atss_topk).
+LOSS = dict(box_weight=1.0, matcher="max_iou", atss_topk=9)
 
 RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
@@ -138,6 +147,59 @@ def scale_jitter(img, boxes, labels, r, gen):
     return img.as_subclass(torch.Tensor), boxes, labels
 
 
+def atss_match(gt_boxes, anchors, level_sizes, topk):
+    """mmdetection's ATSSAssigner: per box, the `topk` anchors per level with
+    the nearest centres are candidates; foreground where IoU >= their mean +
+    std and the anchor centre lies inside the box; the higher IoU wins an
+    anchor claimed twice. Returns torchvision's matched_idxs (-1 background)."""
+    iou = box_ops.box_iou(anchors, gt_boxes)  # [A, G]
+    anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    gt_centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    distances = torch.cdist(anchor_centres, gt_centres)  # [A, G]
+    candidates, start = [], 0
+    for size in level_sizes:
+        k = min(topk, size)
+        candidates.append(distances[start:start + size].topk(k, dim=0, largest=False).indices + start)
+        start += size
+    candidates = torch.cat(candidates)  # [C, G]
+    cols = torch.arange(gt_boxes.shape[0])
+    cand_iou = iou[candidates, cols]
+    threshold = cand_iou.mean(0) + cand_iou.std(0)
+    cx, cy = anchor_centres[candidates, 0], anchor_centres[candidates, 1]
+    inside = torch.stack([cx - gt_boxes[:, 0], cy - gt_boxes[:, 1], gt_boxes[:, 2] - cx,
+                          gt_boxes[:, 3] - cy]).amin(0) > 0.01
+    positive = (cand_iou >= threshold) & inside
+    claimed = torch.full_like(iou, -1.0)
+    rows, gts = candidates[positive], cols.expand_as(candidates)[positive]
+    claimed[rows, gts] = iou[rows, gts]
+    best, best_gt = claimed.max(1)
+    return torch.where(best >= 0, best_gt, torch.full_like(best_gt, -1))
+
+
+def use_atss(model, topk):
+    """Replaces the model's matching by `atss_match`; the anchor generator
+    records each level's anchor count, which the matcher needs."""
+    level_sizes = []
+    generate = model.anchor_generator.forward
+
+    def recording(image_list, features):
+        per_location = model.anchor_generator.num_anchors_per_location()[0]
+        level_sizes[:] = [f.shape[-2] * f.shape[-1] * per_location for f in features]
+        return generate(image_list, features)
+
+    def compute_loss(targets, head_outputs, anchors):
+        matched = []
+        for anchors_per_image, t in zip(anchors, targets):
+            if t["boxes"].numel() == 0:
+                matched.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64))
+            else:
+                matched.append(atss_match(t["boxes"], anchors_per_image, level_sizes, topk))
+        return model.head.compute_loss(targets, head_outputs, anchors, matched)
+
+    model.anchor_generator.forward = recording
+    model.compute_loss = compute_loss
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
@@ -147,7 +209,7 @@ def main():
                    help="override a recipe entry, e.g. --set lr=0.04 (value parsed as JSON)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
-    r = dict(RECIPES[args.preset], **AUGMENT)
+    r = dict(RECIPES[args.preset], **AUGMENT, **LOSS)
     if args.epochs:
         r["epochs"] = args.epochs
     for item in args.set:
@@ -181,6 +243,10 @@ def main():
     model.proposal_matcher.high_threshold = r["fg_iou"]
     model.proposal_matcher.low_threshold = r["bg_iou"]
     model.head.regression_head._loss_type = r["box_loss"]  # "l1" or "giou"
+    if r["matcher"] == "atss":
+        use_atss(model, r["atss_topk"])
+    elif r["matcher"] != "max_iou":
+        p.error(f"unknown matcher {r['matcher']}; known: max_iou, atss")
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=r["lr"], momentum=0.9, weight_decay=1e-4)
     ema = None
@@ -221,7 +287,7 @@ def main():
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             losses = model(images, targets)
-            loss = sum(losses.values())
+            loss = losses["classification"] + r["box_weight"] * losses["bbox_regression"]
             opt.zero_grad()
             loss.backward()
             opt.step()

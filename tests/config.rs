@@ -85,6 +85,9 @@ fn wrong_types_name_the_key_and_the_expected_type() {
         ("input.augment.scale_jitter.min_scale=3.0", "config key input.augment.scale_jitter.min_scale"),
         ("input.augment.blur.prob=0.5", "unknown config key input.augment.blur"),
         ("train.ema_decay=1.0", "config key train.ema_decay: expected a decay in [0, 1)"),
+        ("loss.box_weight=0", "config key loss.box_weight: expected a finite weight > 0"),
+        ("loss.focal_alpha=1.5", "config key loss.focal_alpha"),
+        ("loss.bg_iou_thresh=0.6", "config key loss.fg_iou_thresh / bg_iou_thresh"),
     ];
     for (item, expected) in cases {
         let err = format!("{:#}", Config::resolve(None, &set(&[item])).unwrap_err());

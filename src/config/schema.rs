@@ -399,6 +399,20 @@ pub enum BoxLoss {
     Giou,
 }
 
+/// Which rule makes anchors foreground (`loss.matcher`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatcherKind {
+    /// torchvision and detectron2: IoU >= `fg_iou_thresh` is foreground,
+    /// below `bg_iou_thresh` background, in between ignored.
+    MaxIou,
+    /// ATSS (mmdetection's `ATSSAssigner`): per box, the `atss_topk` anchors
+    /// nearest its centre on each level, foreground at IoU >= their mean +
+    /// std with the centre inside the box; no ignored band. The IoU
+    /// thresholds are unused.
+    Atss,
+}
+
 /// How the summed losses are normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -417,7 +431,14 @@ pub struct LossConfig {
     pub box_loss: BoxLoss,
     /// Beta of the smooth L1 loss.
     pub smooth_l1_beta: f64,
+    /// Weight of the box-regression term in the total loss (torchvision and
+    /// detectron2: 1; mmdetection's GIoU-trained heads such as ATSS and GFL: 2).
+    pub box_weight: f64,
     pub normalizer: LossNormalizer,
+    /// How anchors are matched to boxes.
+    pub matcher: MatcherKind,
+    /// ATSS candidates per pyramid level and box (`matcher = "atss"`).
+    pub atss_topk: usize,
     /// Anchors with IoU >= this are foreground.
     pub fg_iou_thresh: f64,
     /// Anchors with IoU < this are background; between the two, ignored.
@@ -433,6 +454,9 @@ impl Default for LossConfig {
             focal_gamma: 2.0,
             box_loss: BoxLoss::L1,
             smooth_l1_beta: 0.1,
+            box_weight: 1.0,
+            matcher: MatcherKind::MaxIou,
+            atss_topk: 9,
             normalizer: LossNormalizer::PerImage,
             fg_iou_thresh: 0.5,
             bg_iou_thresh: 0.4,
@@ -609,11 +633,38 @@ impl Config {
             bail!("config key input.hflip_prob: expected a probability in [0, 1]");
         }
         self.input.augment.validate()?;
+        self.loss.validate()?;
         if !(0.0..1.0).contains(&self.train.ema_decay) {
             bail!("config key train.ema_decay: expected a decay in [0, 1), got {}", self.train.ema_decay);
         }
         if self.train.ema_decay > 0.0 && self.train.ema_warmup_steps == 0 {
             bail!("config key train.ema_warmup_steps: expected a positive number of steps");
+        }
+        Ok(())
+    }
+}
+
+impl LossConfig {
+    /// Checks each key's range, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.focal_alpha) {
+            bail!("config key loss.focal_alpha: expected a weight in [0, 1], got {}", self.focal_alpha);
+        }
+        if !(self.focal_gamma >= 0.0 && self.focal_gamma.is_finite()) {
+            bail!("config key loss.focal_gamma: expected a finite value >= 0, got {}", self.focal_gamma);
+        }
+        if !(self.box_weight > 0.0 && self.box_weight.is_finite()) {
+            bail!("config key loss.box_weight: expected a finite weight > 0, got {}", self.box_weight);
+        }
+        if !(self.smooth_l1_beta >= 0.0 && self.smooth_l1_beta.is_finite()) {
+            bail!("config key loss.smooth_l1_beta: expected a finite value >= 0, got {}", self.smooth_l1_beta);
+        }
+        if self.atss_topk == 0 {
+            bail!("config key loss.atss_topk: expected a positive integer");
+        }
+        let (fg, bg) = (self.fg_iou_thresh, self.bg_iou_thresh);
+        if !((0.0..=1.0).contains(&fg) && (0.0..=1.0).contains(&bg) && bg <= fg) {
+            bail!("config key loss.fg_iou_thresh / bg_iou_thresh: expected 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got {fg} / {bg}");
         }
         Ok(())
     }

@@ -109,7 +109,7 @@ pub(super) fn retinanet_loss(
                 elementwise_generalized_iou(&boxes, &targets.matched_boxes)?.affine(-1.0, 1.0)?.unsqueeze(1)?
             }
         };
-        per_anchor.broadcast_mul(&targets.box_weights)?.sum_all()?
+        (per_anchor.broadcast_mul(&targets.box_weights)?.sum_all()? * cfg.box_weight)?
     };
     Ok(LossTerms { classification, box_regression })
 }
@@ -178,7 +178,15 @@ mod tests {
             assert!(value.abs() < 1e-5, "{box_loss:?}: {value}");
             let off = (&perfect + 0.5).unwrap();
             let worse = retinanet_loss(&logits, &off, &targets, &cfg, &coder).unwrap();
-            assert!(worse.box_regression.to_scalar::<f32>().unwrap() > 0.05, "{box_loss:?}");
+            let worse = worse.box_regression.to_scalar::<f32>().unwrap();
+            assert!(worse > 0.05, "{box_loss:?}");
+            // `loss.box_weight` scales the box term and leaves the class term.
+            let weighted_cfg = LossConfig { box_weight: 2.0, ..cfg };
+            let weighted = retinanet_loss(&logits, &off, &targets, &weighted_cfg, &coder).unwrap();
+            let twice = weighted.box_regression.to_scalar::<f32>().unwrap();
+            assert!((twice - 2.0 * worse).abs() < 1e-5, "{box_loss:?}: {twice} vs 2 x {worse}");
+            let cls = |t: &LossTerms| t.classification.to_scalar::<f32>().unwrap();
+            assert_eq!(cls(&weighted), cls(&terms));
         }
     }
 }

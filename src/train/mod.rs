@@ -1,10 +1,11 @@
 //! Training: batch -> loss -> gradients -> step. Anchor matching and loss
-//! targets (`matcher`, `targets`), the losses (`loss`), optimisers and the
+//! targets (`matcher`, `atss`, `targets`), the losses (`loss`), optimisers and the
 //! learning-rate schedule (`optim`, `schedule`), one step (`step`), the
 //! data-parallel gradient average (`distributed`) and how its ranks meet
 //! (`rendezvous`), and the loop that ties
 //! them to the run folder (`trainer`, `metrics`); `bench` times a step.
 
+mod atss;
 mod bench;
 mod distributed;
 mod ema;

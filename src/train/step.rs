@@ -7,9 +7,8 @@ use candle_nn::VarMap;
 use super::distributed::{average_over_ranks, Collective, SingleProcess};
 use super::ema::WeightEma;
 use super::loss::{retinanet_loss, LossTerms, Normalizer};
-use super::matcher::Matcher;
 use super::optim::Optimizer;
-use super::targets::build_targets;
+use super::targets::{build_targets, AnchorMatcher};
 use crate::config::{Config, Precision};
 use crate::data::Batch;
 use crate::model::{self, LoadedModel, RetinaNet};
@@ -49,7 +48,7 @@ pub struct StepRunner {
     pub normalizer: Normalizer,
     /// The weight average, with `train.ema_decay`.
     pub ema: Option<WeightEma>,
-    matcher: Matcher,
+    matcher: AnchorMatcher,
     config: Config,
     num_classes: usize,
     device: Device,
@@ -66,11 +65,7 @@ impl StepRunner {
         let LoadedModel { model, inference, varmap, .. } = loaded;
         let compute_dtype = compute_dtype(config.train.precision)?;
         let optimizer = Optimizer::new(model::trainable_vars(&varmap, &config.model), &config.train);
-        let matcher = Matcher {
-            high_threshold: config.loss.fg_iou_thresh as f32,
-            low_threshold: config.loss.bg_iou_thresh as f32,
-            allow_low_quality_matches: config.loss.allow_low_quality_matches,
-        };
+        let matcher = AnchorMatcher::new(&config.loss);
         let ema = WeightEma::new(&varmap, &config.train)?;
         Ok(Self {
             num_classes: model.num_classes(),
@@ -109,7 +104,7 @@ impl StepRunner {
         let outputs = self.model.forward(&images, true)?;
         let (targets, _) = build_targets(
             &batch.targets,
-            &outputs.anchors.boxes,
+            &outputs.anchors,
             self.num_classes,
             &self.matcher,
             &mut self.normalizer,

@@ -5,10 +5,34 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::atss::Atss;
 use super::loss::{LossTargets, Normalizer};
 use super::matcher::{ignore_crowd_covered, Matcher, IGNORE};
+use crate::config::{LossConfig, MatcherKind};
 use crate::data::Target;
+use crate::model::anchors::Anchors;
 use crate::ops::boxes::{iou, BoxXyxy};
+
+/// The rule of `loss.matcher` that assigns anchors to boxes; both give the
+/// label semantics of [`Matcher::assign`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum AnchorMatcher {
+    MaxIou(Matcher),
+    Atss(Atss),
+}
+
+impl AnchorMatcher {
+    pub(super) fn new(cfg: &LossConfig) -> Self {
+        match cfg.matcher {
+            MatcherKind::MaxIou => Self::MaxIou(Matcher {
+                high_threshold: cfg.fg_iou_thresh as f32,
+                low_threshold: cfg.bg_iou_thresh as f32,
+                allow_low_quality_matches: cfg.allow_low_quality_matches,
+            }),
+            MatcherKind::Atss => Self::Atss(Atss { topk: cfg.atss_topk }),
+        }
+    }
+}
 
 /// Foreground counts per image, for logs and the non-finite-loss report.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,9 +45,9 @@ pub(super) struct MatchSummary {
 /// `num_classes` the classification width.
 pub(super) fn build_targets(
     targets: &[Target],
-    anchors: &[BoxXyxy],
+    anchors: &Anchors,
     num_classes: usize,
-    matcher: &Matcher,
+    matcher: &AnchorMatcher,
     normalizer: &mut Normalizer,
     device: &Device,
 ) -> Result<(LossTargets, MatchSummary)> {
@@ -31,6 +55,7 @@ pub(super) fn build_targets(
     let fg_per_image: Vec<usize> = matches.iter().map(|m| m.iter().filter(|&&v| v >= 0).count()).collect();
     let weights = normalizer.image_weights(&fg_per_image);
 
+    let anchors = &anchors.boxes;
     let (n, a) = (targets.len(), anchors.len());
     let mut cls_targets = vec![0f32; n * a * num_classes];
     let mut cls_weights = vec![0f32; n * a];
@@ -81,7 +106,8 @@ fn non_crowd(target: &Target) -> impl Iterator<Item = (usize, &BoxXyxy)> {
 
 /// One image's anchor assignment (see [`Matcher::assign`]); boxes of no area
 /// are left out so they cannot claim anchors.
-fn match_image(target: &Target, anchors: &[BoxXyxy], matcher: &Matcher) -> Vec<i64> {
+fn match_image(target: &Target, anchors: &Anchors, matcher: &AnchorMatcher) -> Vec<i64> {
+    let (level_sizes, anchors) = (&anchors.level_sizes, &anchors.boxes);
     let gt: Vec<&BoxXyxy> = non_crowd(target).map(|(_, b)| b).collect();
     let usable: Vec<bool> = gt.iter().map(|b| b[2] > b[0] && b[3] > b[1]).collect();
     let mut quality = vec![0f32; gt.len() * anchors.len()];
@@ -92,7 +118,10 @@ fn match_image(target: &Target, anchors: &[BoxXyxy], matcher: &Matcher) -> Vec<i
             }
         }
     }
-    let mut matches = matcher.assign(&quality, gt.len(), anchors.len());
+    let mut matches = match matcher {
+        AnchorMatcher::MaxIou(m) => m.assign(&quality, gt.len(), anchors.len()),
+        AnchorMatcher::Atss(m) => m.assign(&quality, &gt, &usable, anchors, level_sizes),
+    };
     let crowd: Vec<BoxXyxy> = target.boxes.iter().zip(&target.crowd).filter(|(_, &c)| c).map(|(b, _)| *b).collect();
     ignore_crowd_covered(&mut matches, anchors, &crowd);
     matches
@@ -107,14 +136,20 @@ mod tests {
         Target { image_id: 1, boxes, labels, crowd, original_size: (64, 64), resized_size: (64, 64) }
     }
 
-    const MATCHER: Matcher = Matcher { high_threshold: 0.5, low_threshold: 0.4, allow_low_quality_matches: true };
+    const MATCHER: AnchorMatcher =
+        AnchorMatcher::MaxIou(Matcher { high_threshold: 0.5, low_threshold: 0.4, allow_low_quality_matches: true });
+
+    /// `boxes` as one pyramid level.
+    fn one_level(boxes: &[BoxXyxy]) -> Anchors {
+        Anchors { boxes: boxes.to_vec(), level_sizes: vec![boxes.len()], grid_sizes: vec![], strides: vec![] }
+    }
 
     #[test]
     fn one_box_one_anchor_and_a_negative_image() {
         let anchors = [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 12.0, 10.0]];
         let batch = [target(vec![[0.0, 0.0, 10.0, 10.0]], vec![1], vec![false]), target(vec![], vec![], vec![])];
         let mut norm = Normalizer::new(LossNormalizer::PerImage);
-        let (t, summary) = build_targets(&batch, &anchors, 2, &MATCHER, &mut norm, &Device::Cpu).unwrap();
+        let (t, summary) = build_targets(&batch, &one_level(&anchors), 2, &MATCHER, &mut norm, &Device::Cpu).unwrap();
         // Anchor 2 has IoU 10/12 with the box: also foreground.
         assert_eq!(summary.foreground_per_image, vec![2, 0]);
         assert_eq!(t.fg_indices.to_vec1::<u32>().unwrap(), vec![0, 2]);
@@ -127,11 +162,27 @@ mod tests {
     }
 
     #[test]
+    fn atss_picks_foreground_without_thresholds_and_ignores_nothing() {
+        // The box sits between two anchors of IoU 36/92 = 0.39 each: below
+        // the max-IoU matcher's 0.4, but at ATSS's mean + std of the two.
+        let anchors = [[0.0, 0.0, 8.0, 8.0], [7.0, 0.0, 15.0, 8.0], [40.0, 40.0, 48.0, 48.0]];
+        let batch = [target(vec![[3.5, 0.0, 11.5, 8.0]], vec![0], vec![false])];
+        let cfg = LossConfig { matcher: MatcherKind::Atss, atss_topk: 2, ..LossConfig::default() };
+        let mut norm = Normalizer::new(LossNormalizer::PerImage);
+        let matcher = AnchorMatcher::new(&cfg);
+        let (t, summary) = build_targets(&batch, &one_level(&anchors), 1, &matcher, &mut norm, &Device::Cpu).unwrap();
+        assert_eq!(summary.foreground_per_image, vec![2]);
+        assert_eq!(t.fg_indices.to_vec1::<u32>().unwrap(), vec![0, 1]);
+        let weights = t.cls_weights.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(weights.iter().all(|&w| w > 0.0), "ATSS ignores no anchor: {weights:?}");
+    }
+
+    #[test]
     fn crowd_boxes_are_never_foreground_and_cover_ignores() {
         let anchors = [[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0]];
         let batch = [target(vec![[0.0, 0.0, 10.0, 10.0]], vec![0], vec![true])];
         let mut norm = Normalizer::new(LossNormalizer::PerImage);
-        let (t, summary) = build_targets(&batch, &anchors, 1, &MATCHER, &mut norm, &Device::Cpu).unwrap();
+        let (t, summary) = build_targets(&batch, &one_level(&anchors), 1, &MATCHER, &mut norm, &Device::Cpu).unwrap();
         assert_eq!(summary.foreground_per_image, vec![0]);
         assert_eq!(t.cls_weights.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0.0, 1.0]);
     }
