@@ -73,6 +73,8 @@ struct FrozenRun {
 
 fn config(meta: &Meta, box_loss: &str) -> Result<Config> {
     let set = [
+        "loss.matcher=max_iou".to_string(), // torchvision's (the preset uses ATSS)
+        "loss.box_weight=1".to_string(),
         format!("loss.fg_iou_thresh={}", meta.fg_iou),
         format!("loss.bg_iou_thresh={}", meta.bg_iou),
         format!("train.momentum={}", meta.momentum),
