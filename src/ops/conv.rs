@@ -18,8 +18,8 @@
 //! takes whole images and runs single-threaded GEMMs; otherwise the GEMMs
 //! use every thread. Some convolutions skip the columns: wide 3x3 stride-1
 //! ones through Winograd (`conv/winograd.rs`), narrow ones on small planes
-//! (3x3 to 7x7, stride 1 or 2, the stem's included) through a direct AVX2
-//! kernel (`conv/direct.rs`).
+//! (3x3 to 7x7, stride 1 or 2, the stem's included) through direct AVX2 or AVX-512
+//! kernels (`conv/direct.rs`).
 //! Other devices and dtypes use Candle's own convolution.
 
 use std::cell::RefCell;

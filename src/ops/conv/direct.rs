@@ -1,4 +1,5 @@
-//! Direct convolution for narrow layers on small planes, with AVX2 and FMA:
+//! Direct convolution for narrow layers on small planes, with AVX-512 or
+//! AVX2 and FMA (whichever the CPU has, chosen at run time):
 //! the forward and the weight gradient of 3x3 to 7x7 kernels at stride 1
 //! or 2 (the stem's 7x7/2 included), and the input gradient of 3x3
 //! stride-1 ones, summed straight from the padded input, with no im2col
@@ -11,9 +12,11 @@
 //! 32x32 one at half (oneDNN computes these directly too). No crate offers
 //! a direct convolution over Candle's NCHW buffers.
 //!
-//! - Forward: a micro-tile is [`CHANNELS`] output channels by [`VECTORS`]
-//!   vectors of 8 outputs (9 accumulators: 3x3 ran faster on AVX2 machines
-//!   than 4x3, whose 16 live registers spilled, or 2x6, which loads more).
+//! - Forward: a micro-tile is [`CHANNELS`] output channels by
+//!   [`Isa::vectors`] vectors: 3 of 8 outputs with AVX2 (9 accumulators:
+//!   3x3 ran faster on AVX2 machines than 4x3, whose 16 live registers
+//!   spilled, or 2x6, which loads more), 6 of 16 with AVX-512 where the
+//!   rows hold whole 16-float vectors (its 32 registers hold 18).
 //! - Input gradient: for a 3x3 stride-1 convolution with padding `p`, the
 //!   output gradient convolved with the kernel flipped and its channel axes
 //!   swapped, with padding `2 - p`: the same micro-tiles.
@@ -21,7 +24,8 @@
 //!   and three taps of one kernel row, 3x3 vectors of products summed over
 //!   every output position, then across lanes.
 //!
-//! Every sum runs in a fixed order, so results do not depend on threads.
+//! Every sum runs in a fixed order, so results do not depend on threads
+//! (they do on the instruction set: AVX-512 sums 16 lanes where AVX2 sums 8).
 //! Wide 3x3 layers go to Winograd (`winograd.rs`); other kernels, large
 //! planes, strided input gradients and CPUs without AVX2 to im2col and GEMM.
 
@@ -31,10 +35,6 @@ use super::{phase_index, split_row, threads, Geometry};
 
 /// Output channels per micro-tile.
 const CHANNELS: usize = 3;
-/// Output vectors of [`LANES`] columns per micro-tile.
-const VECTORS: usize = 3;
-/// f32 lanes of an AVX2 register.
-const LANES: usize = 8;
 /// Kernel columns per weight-gradient pass.
 const COLUMNS: usize = 3;
 /// Most f32 values of the padded input rows one band of output rows reads
@@ -46,14 +46,59 @@ const BAND_INPUT: usize = 1 << 16;
 /// faster (64 channels 128x128 n2: 69 ms against 55; 64x64 n8: 40 against 51).
 const MAX_PLANE: usize = 64 * 64;
 
+/// The instruction set a convolution's micro-kernels run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// f32 lanes of one register.
+    const fn lanes(self) -> usize {
+        match self {
+            Isa::Avx2 => 8,
+            Isa::Avx512 => 16,
+        }
+    }
+
+    /// Output vectors per micro-tile: with [`CHANNELS`] of them, as many
+    /// accumulators as the registers hold beside the inputs (AVX2's 16
+    /// registers: 9 and 3; AVX-512's 32: 18 and 6).
+    const fn vectors(self) -> usize {
+        match self {
+            Isa::Avx2 => 3,
+            Isa::Avx512 => 6,
+        }
+    }
+
+    fn available(self) -> bool {
+        match self {
+            Isa::Avx2 => has_avx2_fma(),
+            Isa::Avx512 => has_avx512(),
+        }
+    }
+
+    /// The widest instruction set this CPU has whose vectors tile rows of
+    /// `out_w` outputs.
+    fn for_rows(out_w: usize) -> Option<Isa> {
+        [Isa::Avx512, Isa::Avx2].into_iter().find(|isa| out_w.is_multiple_of(isa.lanes()) && isa.available())
+    }
+
+    /// [`Isa::for_rows`] of a convolution that [`applies`].
+    fn of(g: &Geometry) -> Isa {
+        Isa::for_rows(g.out_w).expect("direct conv: no instruction set tiles these rows")
+    }
+}
+
 /// Whether [`forward`] and [`weight_grad`] can compute this convolution: a
 /// square 3x3, 5x5 or 7x7 kernel, stride 1 or 2, padding smaller than the
-/// kernel, output rows a whole number of vectors, a plane of at most
-/// [`MAX_PLANE`], and a CPU with AVX2 and FMA.
+/// kernel, a plane of at most [`MAX_PLANE`], and a CPU with AVX-512 or
+/// AVX2 and FMA whose vectors (16 or 8 floats) tile the output rows.
 pub(super) fn applies(g: &Geometry) -> bool {
     let shape = g.kh == g.kw && matches!(g.kh, 3 | 5 | 7) && matches!(g.stride, 1 | 2) && g.padding < g.kh;
-    let sizes = g.n * g.c_in * g.c_out * g.out_h > 0 && g.out_w > 0 && g.out_w.is_multiple_of(LANES);
-    shape && sizes && g.out_plane() <= MAX_PLANE && has_avx2_fma()
+    let sizes = g.n * g.c_in * g.c_out * g.out_h > 0 && g.out_w > 0;
+    shape && sizes && g.out_plane() <= MAX_PLANE && Isa::for_rows(g.out_w).is_some()
 }
 
 /// Whether [`input_grad`] can compute this convolution's input gradient:
@@ -72,6 +117,16 @@ pub(super) fn has_avx2_fma() -> bool {
     false
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512() -> bool {
+    false
+}
+
 /// The convolution that gives a 3x3 stride-1 convolution's input gradient:
 /// the output gradient `[n, co, out_h, out_w]` in, `[n, c, h, w]` out,
 /// padding `2 - p`.
@@ -82,25 +137,35 @@ fn gradient_geometry(g: &Geometry) -> Geometry {
 
 /// `out [n, co, out_h, out_w] = conv(x, w)` for a convolution that [`applies`].
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
+    forward_on(Isa::of(g), g, x, w, out)
+}
+
+fn forward_on(isa: Isa, g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
     let taps = g.kh * g.kw;
     let packed = pack_weights(g, g.c_out, g.c_in, |o, i, tap| w[(o * g.c_in + i) * taps + tap]);
-    convolve(g, x, &packed, out);
+    convolve(g, &Reads::new(g, isa), x, &packed, out);
 }
 
 /// `dx [n, c, h, w]` from `grad [n, co, out_h, out_w]` for a convolution
 /// whose input gradient [`applies_to_input_grad`].
 pub(super) fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
+    input_grad_on(Isa::of(&gradient_geometry(g)), g, grad, w, dx)
+}
+
+fn input_grad_on(isa: Isa, g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
     // Kernel (input channel i, output channel o) of the gradient's
     // convolution: w[o][i] flipped (tap 8 - tap).
     let transposed = gradient_geometry(g);
     let packed = pack_weights(&transposed, g.c_in, g.c_out, |i, o, tap| w[(o * g.c_in + i) * 9 + 8 - tap]);
-    convolve(&transposed, grad, &packed, dx);
+    convolve(&transposed, &Reads::new(&transposed, isa), grad, &packed, dx);
 }
 
-/// How a convolution reads its prepared input ([`prepare`]): strides, and
-/// where each tap sits relative to an output vector's first read.
+/// How a convolution reads its prepared input ([`prepare`]): strides,
+/// where each tap sits relative to an output vector's first read, and the
+/// instruction set (so the vector width) of its kernels.
 #[derive(Debug, Clone)]
 struct Reads {
+    isa: Isa,
     /// Padded input row length.
     wp: usize,
     /// Floats in one padded input channel.
@@ -112,17 +177,21 @@ struct Reads {
 }
 
 impl Reads {
-    fn new(g: &Geometry) -> Self {
+    fn new(g: &Geometry, isa: Isa) -> Self {
         let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
         let column = |kx: usize| phase_index(wp, g.stride, kx);
         let taps: Vec<usize> = (0..g.kh).flat_map(|ky| (0..g.kw).map(move |kx| ky * wp + column(kx))).collect();
         let last_tap = taps.iter().copied().max().unwrap_or(0);
-        Self { wp, in_plane: hp * wp, taps, last_tap }
+        Self { isa, wp, in_plane: hp * wp, taps, last_tap }
     }
 
     /// Where the output vector at row `y`, column `x` starts reading.
     fn read(&self, g: &Geometry, y: usize, x: usize) -> usize {
         y * g.stride * self.wp + x
+    }
+
+    fn lanes(&self) -> usize {
+        self.isa.lanes()
     }
 }
 
@@ -152,13 +221,17 @@ fn prepare(g: &Geometry, x: &[f32]) -> Vec<f32> {
 /// output position of a run of images, then across the vector's lanes.
 /// Runs of images as the GEMM path splits them, their sums added in order.
 pub(super) fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    weight_grad_on(Isa::of(g), g, x, grad)
+}
+
+fn weight_grad_on(isa: Isa, g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let kernel = g.c_in * g.kh * g.kw;
-    let reads = Reads::new(g);
+    let reads = &Reads::new(g, isa);
     let run = |(images, grads): (&[f32], &[f32])| {
         let prepared = prepare(g, images);
         let mut dw = vec![0f32; g.c_out * kernel];
         dw.par_chunks_mut(CHANNELS * kernel).enumerate().for_each(|(block, dw)| {
-            weight_grad_block(g, &reads, &prepared, grads, block * CHANNELS, dw);
+            weight_grad_block(g, reads, &prepared, grads, block * CHANNELS, dw);
         });
         dw
     };
@@ -177,10 +250,11 @@ fn weight_grad_block(g: &Geometry, reads: &Reads, prepared: &[f32], grads: &[f32
     // vector's read and its last tap.
     let last = (images.max(1) - 1) * in_image
         + (g.c_in - 1) * reads.in_plane
-        + reads.read(g, g.out_h - 1, g.out_w - LANES)
+        + reads.read(g, g.out_h - 1, g.out_w - reads.lanes())
         + reads.last_tap;
-    assert!(prepared.len() >= last + LANES && grads.len() == images * out_image, "direct conv: input too short");
-    assert!(channels >= 1 && first + channels <= g.c_out && has_avx2_fma());
+    let input_fits = prepared.len() >= last + reads.lanes() && grads.len() == images * out_image;
+    assert!(input_fits && g.out_w.is_multiple_of(reads.lanes()), "direct conv: input too short");
+    assert!(channels >= 1 && first + channels <= g.c_out && reads.isa.available());
     // A block short of CHANNELS reads its last channel again for the
     // missing ones and drops their sums.
     let planes: [usize; CHANNELS] = std::array::from_fn(|o| (first + o.min(channels - 1)) * out_plane);
@@ -189,7 +263,7 @@ fn weight_grad_block(g: &Geometry, reads: &Reads, prepared: &[f32], grads: &[f32
         in_image,
         out_image,
         rows: g.out_h,
-        vectors: g.out_w / LANES,
+        vectors: g.out_w / reads.lanes(),
         row_step: g.stride * reads.wp,
         out_w: g.out_w,
     };
@@ -206,7 +280,12 @@ fn weight_grad_block(g: &Geometry, reads: &Reads, prepared: &[f32], grads: &[f32
                 // `prepared` and `grads`, and the CPU has the kernel's
                 // features.
                 #[cfg(target_arch = "x86_64")]
-                let sums = unsafe { avx2::weight_grad_taps(prepared, grads, columns, planes, strides) };
+                let sums = unsafe {
+                    match reads.isa {
+                        Isa::Avx2 => avx2::weight_grad_taps(prepared, grads, columns, planes, strides),
+                        Isa::Avx512 => avx512::weight_grad_taps(prepared, grads, columns, planes, strides),
+                    }
+                };
                 #[cfg(not(target_arch = "x86_64"))]
                 let sums = [[0f32; COLUMNS]; CHANNELS];
                 let count = COLUMNS.min(k - kx);
@@ -261,9 +340,8 @@ fn pack_weights(
 /// `out = conv(x, packed)`: tasks of one image and a group of output
 /// channel blocks (enough of them to keep every thread busy), each going
 /// band by band over the output rows and, within a band, block by block.
-fn convolve(g: &Geometry, x: &[f32], packed: &[f32], out: &mut [f32]) {
+fn convolve(g: &Geometry, reads: &Reads, x: &[f32], packed: &[f32], out: &mut [f32]) {
     let prepared = prepare(g, x);
-    let reads = Reads::new(g);
     let (in_image, out_image) = (g.c_in * reads.in_plane, g.c_out * g.out_plane());
     let block_len = g.c_in * reads.taps.len() * CHANNELS;
     let blocks = g.c_out.div_ceil(CHANNELS);
@@ -272,7 +350,7 @@ fn convolve(g: &Geometry, x: &[f32], packed: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(out_image).zip(prepared.par_chunks(in_image)).for_each(|(dst, image)| {
         dst.par_chunks_mut(group_channels * g.out_plane()).enumerate().for_each(|(group, dst)| {
             let first_block = group * group_channels / CHANNELS;
-            convolve_group(g, &reads, image, &packed[first_block * block_len..], dst);
+            convolve_group(g, reads, image, &packed[first_block * block_len..], dst);
         })
     });
 }
@@ -284,21 +362,22 @@ fn convolve_group(g: &Geometry, reads: &Reads, image: &[f32], packed: &[f32], ds
     let channels = dst.len() / plane;
     let block_len = g.c_in * reads.taps.len() * CHANNELS;
     let band_rows = (BAND_INPUT / (g.c_in * reads.wp * g.stride)).saturating_sub(g.kh).clamp(1, g.out_h);
-    let vectors_per_row = g.out_w / LANES;
+    let lanes = reads.lanes();
+    let vectors_per_row = g.out_w / lanes;
     for first_row in (0..g.out_h).step_by(band_rows) {
         let rows = band_rows.min(g.out_h - first_row);
         // Output vectors of the band, as (offset in the prepared plane of
         // the first read, offset in the output plane).
         let vectors: Vec<(usize, usize)> = (first_row * vectors_per_row..(first_row + rows) * vectors_per_row)
             .map(|v| {
-                let (y, x) = (v / vectors_per_row, v % vectors_per_row * LANES);
+                let (y, x) = (v / vectors_per_row, v % vectors_per_row * lanes);
                 (reads.read(g, y, x), y * g.out_w + x)
             })
             .collect();
         for block in 0..channels.div_ceil(CHANNELS) {
             let weights = &packed[block * block_len..][..block_len];
             let block_out = &mut dst[block * CHANNELS * plane..];
-            for tile in vectors.chunks(VECTORS) {
+            for tile in vectors.chunks(reads.isa.vectors()) {
                 micro_tile(g, reads, image, weights, tile, block_out);
             }
         }
@@ -314,30 +393,33 @@ fn micro_tile(g: &Geometry, reads: &Reads, image: &[f32], weights: &[f32], tile:
     // and every write inside `out`.
     let (last_read, last_write) = tile.iter().fold((0, 0), |(r, w), &(a, b)| (r.max(a), w.max(b)));
     let last = g.c_in.saturating_sub(1) * reads.in_plane + last_read + reads.last_tap;
-    assert!(image.len() >= last + LANES, "direct conv: input too short");
-    assert!(out.len() >= channels.saturating_sub(1) * plane + last_write + LANES, "direct conv: output too short");
+    let lanes = reads.lanes();
+    assert!(image.len() >= last + lanes, "direct conv: input too short");
+    assert!(out.len() >= channels.saturating_sub(1) * plane + last_write + lanes, "direct conv: output too short");
     assert!(weights.len() >= g.c_in * reads.taps.len() * CHANNELS, "direct conv: weights too short");
-    assert!(tile.len() <= VECTORS && has_avx2_fma());
+    assert!(tile.len() <= reads.isa.vectors() && reads.isa.available());
     let planes = Planes { c_in: g.c_in, in_plane: reads.in_plane, out_plane: plane, channels };
     // SAFETY: the asserts above bound every offset the kernel reads and
     // writes, and the CPU has the features the kernel is compiled for.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match reads.taps.len() {
-            9 => tile_of::<9>(image, weights, &reads.taps, tile, out, planes),
-            25 => tile_of::<25>(image, weights, &reads.taps, tile, out, planes),
-            49 => tile_of::<49>(image, weights, &reads.taps, tile, out, planes),
+            9 => tile_of::<9>(reads.isa, image, weights, &reads.taps, tile, out, planes),
+            25 => tile_of::<25>(reads.isa, image, weights, &reads.taps, tile, out, planes),
+            49 => tile_of::<49>(reads.isa, image, weights, &reads.taps, tile, out, planes),
             _ => unreachable!("direct conv: kernels are 3x3, 5x5 or 7x7"),
         }
     }
 }
 
-/// [`avx2::tile`] for a tile of 1 to [`VECTORS`] vectors and `T` taps.
+/// [`avx2::tile`] or [`avx512::tile`] for a tile of 1 to [`Isa::vectors`]
+/// vectors and `T` taps.
 ///
 /// # Safety
 /// As for [`avx2::tile`].
 #[cfg(target_arch = "x86_64")]
 unsafe fn tile_of<const T: usize>(
+    isa: Isa,
     image: &[f32],
     weights: &[f32],
     taps: &[usize],
@@ -346,10 +428,16 @@ unsafe fn tile_of<const T: usize>(
     planes: Planes,
 ) {
     let taps: &[usize; T] = taps.try_into().expect("tap count");
-    match *tile {
-        [a, b, c] => avx2::tile(image, weights, taps, [a, b, c], out, planes),
-        [a, b] => avx2::tile(image, weights, taps, [a, b], out, planes),
-        [a] => avx2::tile(image, weights, taps, [a], out, planes),
+    match (isa, tile) {
+        (Isa::Avx2, &[a, b, c]) => avx2::tile(image, weights, taps, [a, b, c], out, planes),
+        (Isa::Avx2, &[a, b]) => avx2::tile(image, weights, taps, [a, b], out, planes),
+        (Isa::Avx2, &[a]) => avx2::tile(image, weights, taps, [a], out, planes),
+        (Isa::Avx512, &[a, b, c, d, e, f]) => avx512::tile(image, weights, taps, [a, b, c, d, e, f], out, planes),
+        (Isa::Avx512, &[a, b, c, d, e]) => avx512::tile(image, weights, taps, [a, b, c, d, e], out, planes),
+        (Isa::Avx512, &[a, b, c, d]) => avx512::tile(image, weights, taps, [a, b, c, d], out, planes),
+        (Isa::Avx512, &[a, b, c]) => avx512::tile(image, weights, taps, [a, b, c], out, planes),
+        (Isa::Avx512, &[a, b]) => avx512::tile(image, weights, taps, [a, b], out, planes),
+        (Isa::Avx512, &[a]) => avx512::tile(image, weights, taps, [a], out, planes),
         _ => {}
     }
 }
@@ -366,98 +454,173 @@ struct Planes {
     channels: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
+/// The micro-kernels for one instruction set (`$feature`): its f32 lanes
+/// and intrinsics. A macro because AVX2 and AVX-512 differ only in those
+/// names, and `#[target_feature]` compiles each set on its own.
+macro_rules! kernels {
+    ($isa:ident, $feature:literal, $lanes:literal,
+     $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $isa {
+            use std::arch::x86_64::*;
 
-    use super::{Planes, Strides, CHANNELS, COLUMNS, LANES};
+            use super::{Planes, Strides, CHANNELS, COLUMNS};
 
-    /// `out[o][w + 0..8] = sum over i and t of weights[i][t][o]
-    /// * image[i][r + taps[t] + 0..8]` for each vector `(r, w)` of
-    /// `vectors` and each output channel `o < p.channels`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA, and every offset named above lies inside
-    /// its slice (the caller asserts both).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const T: usize, const P: usize>(
-        image: &[f32],
-        weights: &[f32],
-        taps: &[usize; T],
-        vectors: [(usize, usize); P],
-        out: &mut [f32],
-        p: Planes,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); P]; CHANNELS];
-        let mut inputs = [_mm256_setzero_ps(); P];
-        for i in 0..p.c_in {
-            let channel = image.as_ptr().add(i * p.in_plane);
-            let kernel = weights.as_ptr().add(i * T * CHANNELS);
-            for (t, &tap) in taps.iter().enumerate() {
-                for (input, &(read, _)) in inputs.iter_mut().zip(&vectors) {
-                    *input = _mm256_loadu_ps(channel.add(read + tap));
-                }
-                let tap_weights = kernel.add(t * CHANNELS);
-                for (o, row) in acc.iter_mut().enumerate() {
-                    let weight = _mm256_broadcast_ss(&*tap_weights.add(o));
-                    for (sum, &input) in row.iter_mut().zip(&inputs) {
-                        *sum = _mm256_fmadd_ps(weight, input, *sum);
-                    }
-                }
-            }
-        }
-        for (o, row) in acc.iter().enumerate().take(p.channels) {
-            for (sum, &(_, write)) in row.iter().zip(&vectors) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(o * p.out_plane + write), *sum);
-            }
-        }
-    }
+            const LANES: usize = $lanes;
 
-    /// `sums[o][j] = sum over images, rows y and vectors v of
-    /// grads[image][planes[o] + y * out_w + 8v + 0..8]
-    /// * input[image][columns[j] + y * row_step + 8v + 0..8]`: three taps of
-    /// the weight gradient of CHANNELS output channels (their planes at
-    /// `planes`), each tap's input channel and offset in `columns`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA, and every offset named above lies inside
-    /// its slice (the caller asserts both).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weight_grad_taps(
-        input: &[f32],
-        grads: &[f32],
-        columns: [usize; COLUMNS],
-        planes: [usize; CHANNELS],
-        s: Strides,
-    ) -> [[f32; COLUMNS]; CHANNELS] {
-        let mut acc = [[_mm256_setzero_ps(); COLUMNS]; CHANNELS];
-        let mut inputs = [_mm256_setzero_ps(); COLUMNS];
-        for image in 0..s.images {
-            let input = input.as_ptr().add(image * s.in_image);
-            let grad = grads.as_ptr().add(image * s.out_image);
-            for y in 0..s.rows {
-                for v in 0..s.vectors {
-                    let row = input.add(y * s.row_step + v * LANES);
-                    for (value, &column) in inputs.iter_mut().zip(&columns) {
-                        *value = _mm256_loadu_ps(row.add(column));
-                    }
-                    for (sums, &plane) in acc.iter_mut().zip(&planes) {
-                        let g = _mm256_loadu_ps(grad.add(plane + y * s.out_w + v * LANES));
-                        for (sum, &value) in sums.iter_mut().zip(&inputs) {
-                            *sum = _mm256_fmadd_ps(g, value, *sum);
+            /// `out[o][w + 0..LANES] = sum over i and t of weights[i][t][o]
+            /// * image[i][r + taps[t] + 0..LANES]` for each vector `(r, w)` of
+            /// `vectors` and each output channel `o < p.channels`.
+            ///
+            /// # Safety
+            /// The CPU has the module's instruction set, and every offset named above lies inside
+            /// its slice (the caller asserts both).
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn tile<const T: usize, const P: usize>(
+                image: &[f32],
+                weights: &[f32],
+                taps: &[usize; T],
+                vectors: [(usize, usize); P],
+                out: &mut [f32],
+                p: Planes,
+            ) {
+                let mut acc = [[$zero(); P]; CHANNELS];
+                let mut inputs = [$zero(); P];
+                for i in 0..p.c_in {
+                    let channel = image.as_ptr().add(i * p.in_plane);
+                    let kernel = weights.as_ptr().add(i * T * CHANNELS);
+                    for (t, &tap) in taps.iter().enumerate() {
+                        for (input, &(read, _)) in inputs.iter_mut().zip(&vectors) {
+                            *input = $load(channel.add(read + tap));
+                        }
+                        let tap_weights = kernel.add(t * CHANNELS);
+                        for (o, row) in acc.iter_mut().enumerate() {
+                            let weight = $set1(*tap_weights.add(o));
+                            for (sum, &input) in row.iter_mut().zip(&inputs) {
+                                *sum = $fmadd(weight, input, *sum);
+                            }
                         }
                     }
                 }
+                for (o, row) in acc.iter().enumerate().take(p.channels) {
+                    for (sum, &(_, write)) in row.iter().zip(&vectors) {
+                        $store(out.as_mut_ptr().add(o * p.out_plane + write), *sum);
+                    }
+                }
+            }
+
+            /// `sums[o][j] = sum over images, rows y and vectors v of
+            /// grads[image][planes[o] + y * out_w + LANES v + 0..LANES]
+            /// * input[image][columns[j] + y * row_step + LANES v + 0..LANES]`: three taps of
+            /// the weight gradient of CHANNELS output channels (their planes at
+            /// `planes`), each tap's input channel and offset in `columns`.
+            ///
+            /// # Safety
+            /// The CPU has the module's instruction set, and every offset named above lies inside
+            /// its slice (the caller asserts both).
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn weight_grad_taps(
+                input: &[f32],
+                grads: &[f32],
+                columns: [usize; COLUMNS],
+                planes: [usize; CHANNELS],
+                s: Strides,
+            ) -> [[f32; COLUMNS]; CHANNELS] {
+                let mut acc = [[$zero(); COLUMNS]; CHANNELS];
+                let mut inputs = [$zero(); COLUMNS];
+                for image in 0..s.images {
+                    let input = input.as_ptr().add(image * s.in_image);
+                    let grad = grads.as_ptr().add(image * s.out_image);
+                    for y in 0..s.rows {
+                        for v in 0..s.vectors {
+                            let row = input.add(y * s.row_step + v * LANES);
+                            for (value, &column) in inputs.iter_mut().zip(&columns) {
+                                *value = $load(row.add(column));
+                            }
+                            for (sums, &plane) in acc.iter_mut().zip(&planes) {
+                                let g = $load(grad.add(plane + y * s.out_w + v * LANES));
+                                for (sum, &value) in sums.iter_mut().zip(&inputs) {
+                                    *sum = $fmadd(g, value, *sum);
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut sums = [[0f32; COLUMNS]; CHANNELS];
+                for (row, vectors) in sums.iter_mut().zip(&acc) {
+                    for (sum, &vector) in row.iter_mut().zip(vectors) {
+                        let mut lanes = [0f32; LANES];
+                        $store(lanes.as_mut_ptr(), vector);
+                        *sum = lanes.iter().sum();
+                    }
+                }
+                sums
             }
         }
-        let mut sums = [[0f32; COLUMNS]; CHANNELS];
-        for (row, vectors) in sums.iter_mut().zip(&acc) {
-            for (sum, &vector) in row.iter_mut().zip(vectors) {
-                let mut lanes = [0f32; LANES];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), vector);
-                *sum = lanes.iter().sum();
+    };
+}
+
+kernels!(avx2, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps);
+kernels!(avx512, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps);
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn random(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(a.len() == b.len() && diff <= 1e-5 * scale, "{what}: max difference {diff} (scale {scale})");
+    }
+
+    /// AVX-512's kernels against AVX2's (which `conv.rs` checks against
+    /// Candle) on the same convolutions: the forward, the weight gradient
+    /// and, for 3x3 stride 1, the input gradient. They sum the same products
+    /// in another order, so they agree to rounding.
+    #[test]
+    fn avx512_kernels_match_avx2() {
+        if !(has_avx512() && has_avx2_fma()) {
+            eprintln!("skipped: this CPU lacks AVX-512");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let cases = [
+            ((2, 5, 16, 16), (7, 3, 1, 1)),
+            ((1, 16, 32, 32), (16, 3, 1, 1)),
+            ((3, 4, 16, 50), (5, 3, 0, 1)),
+            ((2, 3, 64, 64), (16, 7, 3, 2)),
+            ((2, 6, 31, 32), (4, 3, 1, 2)),
+            ((1, 4, 16, 16), (3, 5, 2, 1)),
+        ];
+        for ((n, c, h, w), (co, k, p, s)) in cases {
+            let g = Geometry::new((n, c, h, w), (co, c, k, k), p, s).expect("geometry");
+            assert!(applies(&g) && Isa::of(&g) == Isa::Avx512, "{g:?}");
+            let x = random(n * c * h * w, &mut rng);
+            let weights = random(co * c * k * k, &mut rng);
+            let grad = random(n * co * g.out_plane(), &mut rng);
+            let mut outs = [Isa::Avx2, Isa::Avx512].map(|isa| {
+                let mut out = vec![0f32; grad.len()];
+                forward_on(isa, &g, &x, &weights, &mut out);
+                out
+            });
+            assert_close(&outs[1], &outs[0], &format!("forward {g:?}"));
+            let [dw2, dw512] = [Isa::Avx2, Isa::Avx512].map(|isa| weight_grad_on(isa, &g, &x, &grad));
+            assert_close(&dw512, &dw2, &format!("weight gradient {g:?}"));
+            if applies_to_input_grad(&g) && g.w.is_multiple_of(16) {
+                outs = [Isa::Avx2, Isa::Avx512].map(|isa| {
+                    let mut dx = vec![0f32; x.len()];
+                    input_grad_on(isa, &g, &grad, &weights, &mut dx);
+                    dx
+                });
+                assert_close(&outs[1], &outs[0], &format!("input gradient {g:?}"));
             }
         }
-        sums
     }
 }
