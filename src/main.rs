@@ -14,7 +14,7 @@ use cli::Cli;
 fn main() -> ExitCode {
     runtime::configure();
     let cli = Cli::parse(); // usage errors exit with code 2
-    match commands::run(cli.command) {
+    match runtime::on_worker(|| commands::run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", one_line(&err));

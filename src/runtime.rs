@@ -41,6 +41,23 @@ fn report_oversized_writes() {
 #[cfg(not(unix))]
 fn report_oversized_writes() {}
 
+/// Stack of each rayon worker: the command runs on one, and Candle's
+/// backward pass walks the graph recursively (the main thread has 8 MiB).
+const WORKER_STACK: usize = 64 << 20;
+
+/// Runs `command` on a worker of rayon's global pool and waits for it.
+///
+/// Why: the convolutions, GEMMs and element-wise ops split their work with
+/// rayon. Called from the main thread, every one of those calls hands its
+/// work to the pool and puts the main thread to sleep until the workers are
+/// done: two wake-ups per op, hundreds of ops per step. Called from a
+/// worker, the caller takes part itself and only the idle worker is woken.
+pub(crate) fn on_worker<T: Send>(command: impl FnOnce() -> T + Send) -> T {
+    // Fails only if the pool already exists, and then it is used as it is.
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(WORKER_STACK).build_global();
+    rayon::scope(|_| command())
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     /// Blocks up to this size come from the heap, not fresh mappings.
