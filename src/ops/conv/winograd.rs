@@ -116,17 +116,38 @@ fn image_weight_grad(g: &Geometry, image: &[f32], grad: &[f32], du: &mut [f32], 
 
 /// `dM = A dy A^T` for the tiles of tile rows `top..` of one output
 /// channel's gradient `plane [out_h, out_w]` (zero past its edges), into
-/// `dm [tap, tile]`; `A = [[1, 0], [1, 1], [1, -1], [0, -1]]`.
+/// `dm [tap, tile]`; `A = [[1, 0], [1, 1], [1, -1], [0, -1]]`. A tile row
+/// at a time, as [`transform_input`].
 fn transform_grad(g: &Geometry, plane: &[f32], tiles: Tiles, top: usize, dm: &mut [f32]) {
     let band = dm.len() / TAPS;
-    let a = |d: [f32; 2]| [d[0], d[0] + d[1], d[0] - d[1], -d[1]];
-    for tile in 0..band {
-        let (ty, tx) = (top + tile / tiles.cols, tile % tiles.cols);
-        let value = |y: usize, x: usize| if y < g.out_h && x < g.out_w { plane[y * g.out_w + x] } else { 0.0 };
-        let rows = [0, 1].map(|i| a([value(2 * ty + i, 2 * tx), value(2 * ty + i, 2 * tx + 1)]));
+    let cols = tiles.cols;
+    // One gradient row, zero past its edge, and `A d` along each of the
+    // tile row's two rows: `rows [i][j][tx]`.
+    let mut row = vec![0f32; 2 * cols];
+    let mut rows = vec![0f32; 8 * cols];
+    for tile_row in 0..band / cols {
+        for (i, r) in rows.chunks_exact_mut(4 * cols).enumerate() {
+            let y = 2 * (top + tile_row) + i;
+            row.fill(0.0);
+            if y < g.out_h {
+                row[..g.out_w].copy_from_slice(&plane[y * g.out_w..][..g.out_w]);
+            }
+            let (r0, rest) = r.split_at_mut(cols);
+            let (r1, rest) = rest.split_at_mut(cols);
+            let (r2, r3) = rest.split_at_mut(cols);
+            for (x, pair) in row.chunks_exact(2).enumerate() {
+                let (d0, d1) = (pair[0], pair[1]);
+                (r0[x], r1[x], r2[x], r3[x]) = (d0, d0 + d1, d0 - d1, -d1);
+            }
+        }
+        let base = tile_row * cols;
         for j in 0..4 {
-            for (i, &v) in a([rows[0][j], rows[1][j]]).iter().enumerate() {
-                dm[(i * 4 + j) * band + tile] = v;
+            let (r0, r1) = (&rows[j * cols..][..cols], &rows[(4 + j) * cols..][..cols]);
+            dm[j * band + base..][..cols].copy_from_slice(r0);
+            add(&mut dm[(4 + j) * band + base..][..cols], r0, r1);
+            subtract(&mut dm[(8 + j) * band + base..][..cols], r0, r1);
+            for (out, &value) in dm[(12 + j) * band + base..][..cols].iter_mut().zip(r1) {
+                *out = -value;
             }
         }
     }
@@ -240,61 +261,105 @@ fn per_channel(g: &Geometry, data: &mut [f32], len: usize, f: impl Fn(usize, &mu
 /// `V = B^T d B` for the tiles of tile rows `first..` of one input channel
 /// `plane [h, w]` (zero outside it), into `v [tap, tile]`;
 /// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+///
+/// A tile row at a time, all its tiles at once: tile column `tx` reads
+/// columns `2tx..2tx + 4` of each zero-bordered input row, so with the row
+/// split into even and odd columns, tap column `j` of every tile is one
+/// contiguous run (phase `j % 2` from `j / 2`), and each step below is an
+/// add over whole runs that the compiler vectorises. The sums are the ones
+/// a tile at a time would make, in the same order.
 fn transform_input(g: &Geometry, plane: &[f32], tiles: Tiles, first: usize, v: &mut [f32]) {
     let band = v.len() / TAPS;
-    let b_t = |d: [f32; 4]| [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]];
-    for tile in 0..band {
-        let (ty, tx) = (first + tile / tiles.cols, tile % tiles.cols);
-        // Input rows and columns of the tile, offset by the padding.
-        let (y0, x0) = ((2 * ty) as isize - g.padding as isize, (2 * tx) as isize - g.padding as isize);
-        let mut d = [[0f32; 4]; 4];
-        for (i, row) in d.iter_mut().enumerate() {
-            let y = y0 + i as isize;
-            if y < 0 || y >= g.h as isize {
-                continue;
+    let cols = tiles.cols;
+    let half = cols + 1;
+    // One zero-bordered input row, its even and odd columns, and B^T d
+    // along each of the tile row's four input rows: `rows [i][j][tx]`.
+    let mut padded = vec![0f32; 2 * half];
+    let (mut even, mut odd) = (vec![0f32; half], vec![0f32; half]);
+    let mut rows = vec![0f32; TAPS * cols];
+    for tile_row in 0..band / cols {
+        for (i, r) in rows.chunks_exact_mut(4 * cols).enumerate() {
+            let y = (2 * (first + tile_row) + i) as isize - g.padding as isize;
+            padded.fill(0.0);
+            if (0..g.h as isize).contains(&y) {
+                let width = g.w.min(padded.len() - g.padding);
+                padded[g.padding..][..width].copy_from_slice(&plane[y as usize * g.w..][..width]);
             }
-            let src = &plane[y as usize * g.w..][..g.w];
-            for (j, value) in row.iter_mut().enumerate() {
-                let x = x0 + j as isize;
-                if x >= 0 && x < g.w as isize {
-                    *value = src[x as usize];
-                }
+            for (k, pair) in padded.chunks_exact(2).enumerate() {
+                (even[k], odd[k]) = (pair[0], pair[1]);
             }
+            let d = [&even[..cols], &odd[..cols], &even[1..], &odd[1..]];
+            let (r0, rest) = r.split_at_mut(cols);
+            let (r1, rest) = rest.split_at_mut(cols);
+            let (r2, r3) = rest.split_at_mut(cols);
+            subtract(r0, d[0], d[2]);
+            add(r1, d[1], d[2]);
+            subtract(r2, d[2], d[1]);
+            subtract(r3, d[1], d[3]);
         }
-        // B^T d, then (B^T d) B = (B^T (B^T d)^T)^T.
-        let rows = [b_t(d[0]), b_t(d[1]), b_t(d[2]), b_t(d[3])];
+        let base = tile_row * cols;
         for j in 0..4 {
-            let column = b_t([rows[0][j], rows[1][j], rows[2][j], rows[3][j]]);
-            for (i, &value) in column.iter().enumerate() {
-                v[(i * 4 + j) * band + tile] = value;
-            }
+            let r = |i: usize| &rows[(i * 4 + j) * cols..][..cols];
+            subtract(&mut v[j * band + base..][..cols], r(0), r(2));
+            add(&mut v[(4 + j) * band + base..][..cols], r(1), r(2));
+            subtract(&mut v[(8 + j) * band + base..][..cols], r(2), r(1));
+            subtract(&mut v[(12 + j) * band + base..][..cols], r(1), r(3));
         }
+    }
+}
+
+/// `out = a + b`, element by element.
+fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((out, a), b) in out.iter_mut().zip(a).zip(b) {
+        *out = a + b;
+    }
+}
+
+/// `out = a - b`, element by element.
+fn subtract(out: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((out, a), b) in out.iter_mut().zip(a).zip(b) {
+        *out = a - b;
     }
 }
 
 /// `y = A^T M A` for one output channel's products `m [tap, tile]` of
 /// `band`, written into its plane `out [out_h, out_w]`
 /// (tiles past the edge are cropped); `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
+/// A tile row at a time, as [`transform_input`]: each tap is a contiguous
+/// run over the row's tiles, and the sums are a tile's, in its order.
 fn transform_output(g: &Geometry, m: &[f32], tiles: Tiles, band: TileBand, out: &mut [f32]) {
-    let (first, band) = (band.top, band.tiles);
-    let a_t = |s: [f32; 4]| [s[0] + s[1] + s[2], s[1] - s[2] - s[3]];
-    for tile in 0..band {
-        let (ty, tx) = (first + tile / tiles.cols, tile % tiles.cols);
-        let tap = |i: usize, j: usize| m[(i * 4 + j) * band + tile];
-        let columns: [[f32; 2]; 4] = std::array::from_fn(|j| a_t([tap(0, j), tap(1, j), tap(2, j), tap(3, j)]));
-        let rows: [[f32; 2]; 2] =
-            std::array::from_fn(|i| a_t([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]));
-        for (i, values) in rows.iter().enumerate() {
-            let y = 2 * ty + i;
+    let cols = tiles.cols;
+    // A^T M along each tap column j: `columns [j][i][tx]`; then one output
+    // row's even and odd columns.
+    let mut columns = vec![0f32; 8 * cols];
+    let (mut even, mut odd) = (vec![0f32; cols], vec![0f32; cols]);
+    for tile_row in 0..band.tiles / cols {
+        let tap = |i: usize, j: usize| &m[(i * 4 + j) * band.tiles + tile_row * cols..][..cols];
+        for (j, column) in columns.chunks_exact_mut(2 * cols).enumerate() {
+            let (first, second) = column.split_at_mut(cols);
+            a_t(first, second, [tap(0, j), tap(1, j), tap(2, j), tap(3, j)]);
+        }
+        for i in 0..2 {
+            let y = 2 * (band.top + tile_row) + i;
             if y >= g.out_h {
                 break;
             }
-            for (j, &value) in values.iter().enumerate() {
-                let x = 2 * tx + j;
-                if x < g.out_w {
-                    out[y * g.out_w + x] = value;
+            let column = |j: usize| &columns[(2 * j + i) * cols..][..cols];
+            a_t(&mut even, &mut odd, [column(0), column(1), column(2), column(3)]);
+            for (pair, (&e, &o)) in out[y * g.out_w..][..g.out_w].chunks_mut(2).zip(even.iter().zip(&odd)) {
+                pair[0] = e;
+                if let Some(second) = pair.get_mut(1) {
+                    *second = o;
                 }
             }
         }
+    }
+}
+
+/// `A^T s` for runs `s[0..4]`: `first = s0 + s1 + s2`, `second = s1 - s2 - s3`.
+fn a_t(first: &mut [f32], second: &mut [f32], s: [&[f32]; 4]) {
+    for x in 0..first.len() {
+        first[x] = s[0][x] + s[1][x] + s[2][x];
+        second[x] = s[1][x] - s[2][x] - s[3][x];
     }
 }
