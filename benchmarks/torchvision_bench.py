@@ -38,6 +38,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+# torchvision's anchor scales per base size (its RetinaNet truncates each size to an int).
+OCTAVE_SCALES = [1.0, 2 ** (1 / 3), 2 ** (2 / 3)]
+
 PRESETS = {
     # configs/shapes.toml
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128, batch=8,
@@ -84,7 +87,7 @@ def build(args):
     backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"},
                                [c5 // 4, c5 // 2, c5], args.fpn,
                                extra_blocks=LastLevelP6P7(args.fpn, args.fpn))
-    sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in args.sizes)
+    sizes = tuple(tuple(int(s * k) for k in args.scales) for s in args.sizes)
     anchors = AnchorGenerator(sizes, (tuple(args.ratios),) * len(sizes))
     norm_layer = partial(nn.GroupNorm, 32) if args.head_gn else None
     head = RetinaNetHead(args.fpn, anchors.num_anchors_per_location()[0], args.classes, norm_layer=norm_layer)
@@ -136,6 +139,8 @@ def main():
     p.add_argument("--classes", type=int, default=80)
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    p.add_argument("--scales", type=float, nargs="+", default=OCTAVE_SCALES,
+                   help="scales of each base size (default: torchvision's 1, 2^(1/3), 2^(2/3))")
     p.add_argument("--size", type=int, default=512, help="image height")
     p.add_argument("--image-width", type=int, help="image width (default: --size)")
     p.add_argument("--min-size", type=int)

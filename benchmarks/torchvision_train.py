@@ -61,7 +61,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
-from torchvision_bench import build
+from torchvision_bench import OCTAVE_SCALES, build
 
 # Augmentations and the weight average: off unless a --set turns them on.
 AUGMENT = dict(photometric=0.0, brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05,
@@ -72,12 +72,12 @@ LOSS = dict(box_weight=1.0, matcher="max_iou", atss_topk=9)
 
 RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
-                   sizes=[8, 16, 32, 64, 128], ratios=[1.0], fg_iou=0.4, bg_iou=0.3,
+                   sizes=[8, 16, 32, 64, 128], ratios=[1.0], scales=OCTAVE_SCALES, fg_iou=0.4, bg_iou=0.3,
                    batch=8, lr=0.02, epochs=14, warmup=100, init="torch_default", box_loss="giou"),
     # configs/bccd.toml: ResNet-18 body, FPN 128, four-conv GroupNorm heads,
     # torchvision's anchors, 480x640 scaled to 384x512.
     "bccd": dict(depth=18, width=64, fpn=128, head_convs=4, head_gn=True, size=384, max_size=512,
-                 sizes=[32, 64, 128, 256, 512], ratios=[0.5, 1.0, 2.0], fg_iou=0.5, bg_iou=0.4,
+                 sizes=[32, 64, 128, 256, 512], ratios=[0.5, 1.0, 2.0], scales=OCTAVE_SCALES, fg_iou=0.5, bg_iou=0.4,
                  batch=4, lr=0.01, epochs=13, warmup=100, init="torch_default", box_loss="giou"),
 }
 
@@ -228,6 +228,7 @@ def main():
     val = load_split(args.data, "val", cat_index)
     model_args = argparse.Namespace(depth=r["depth"], width=r["width"], fpn=r["fpn"], head_convs=r["head_convs"],
                                     head_gn=r["head_gn"], classes=len(cat_ids), sizes=r["sizes"], ratios=r["ratios"],
+                                    scales=r["scales"],
                                     size=r["size"], image_width=None, min_size=r["size"],
                                     max_size=r.get("max_size", r["size"]),
                                     recipe="scratch", init=r["init"])
