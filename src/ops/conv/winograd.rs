@@ -24,7 +24,7 @@
 
 use rayon::prelude::*;
 
-use super::{for_each_image, matmul, sum_over_image_runs, with_columns, Geometry, BAND_COLUMNS};
+use super::{for_each_image, matmul, split_row, sum_over_image_runs, with_columns, Geometry, BAND_COLUMNS};
 
 /// Values per tile: the 4x4 transformed tile.
 const TAPS: usize = 16;
@@ -274,8 +274,7 @@ fn transform_input(g: &Geometry, plane: &[f32], tiles: Tiles, first: usize, v: &
     let half = cols + 1;
     // One zero-bordered input row, its even and odd columns, and B^T d
     // along each of the tile row's four input rows: `rows [i][j][tx]`.
-    let mut padded = vec![0f32; 2 * half];
-    let (mut even, mut odd) = (vec![0f32; half], vec![0f32; half]);
+    let (mut padded, mut phases) = (vec![0f32; 2 * half], vec![0f32; 2 * half]);
     let mut rows = vec![0f32; TAPS * cols];
     for tile_row in 0..band / cols {
         for (i, r) in rows.chunks_exact_mut(4 * cols).enumerate() {
@@ -285,9 +284,8 @@ fn transform_input(g: &Geometry, plane: &[f32], tiles: Tiles, first: usize, v: &
                 let width = g.w.min(padded.len() - g.padding);
                 padded[g.padding..][..width].copy_from_slice(&plane[y as usize * g.w..][..width]);
             }
-            for (k, pair) in padded.chunks_exact(2).enumerate() {
-                (even[k], odd[k]) = (pair[0], pair[1]);
-            }
+            split_row(&padded, 2, &mut phases);
+            let (even, odd) = phases.split_at(half);
             let d = [&even[..cols], &odd[..cols], &even[1..], &odd[1..]];
             let (r0, rest) = r.split_at_mut(cols);
             let (r1, rest) = rest.split_at_mut(cols);
