@@ -75,11 +75,13 @@ impl Progress {
 
     /// Shows a train entry: updates the bar, or prints one line.
     fn show(&self, entry: &MetricsEntry) {
-        let MetricsEntry::Train { step, epoch, loss, loss_cls, loss_box, lr, images_per_second } = entry else {
+        let MetricsEntry::Train { step, epoch, loss, loss_cls, loss_box, grad_norm, lr, images_per_second, .. } = entry
+        else {
             return;
         };
-        let text =
-            format!("loss {loss:.4} (cls {loss_cls:.4} box {loss_box:.4}) lr {lr:.2e} {images_per_second:.1} img/s");
+        let text = format!(
+            "loss {loss:.4} (cls {loss_cls:.4} box {loss_box:.4}) grad {grad_norm:.3} lr {lr:.2e} {images_per_second:.1} img/s"
+        );
         match &self.bar {
             Some(bar) => {
                 bar.set_prefix(format!("epoch {epoch}"));

@@ -15,8 +15,23 @@ use crate::viz::plot::{write_panels, Panel};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MetricsEntry {
-    /// Averages over the steps since the previous entry.
-    Train { step: usize, epoch: usize, loss: f64, loss_cls: f64, loss_box: f64, lr: f64, images_per_second: f64 },
+    /// Averages over the steps since the previous entry; `grad_norm` is the
+    /// mean and `grad_norm_max` the largest global L2 norm of the gradients
+    /// before clipping (as mmdetection logs it), 0 in logs written before
+    /// they were recorded.
+    Train {
+        step: usize,
+        epoch: usize,
+        loss: f64,
+        loss_cls: f64,
+        loss_box: f64,
+        #[serde(default)]
+        grad_norm: f64,
+        #[serde(default)]
+        grad_norm_max: f64,
+        lr: f64,
+        images_per_second: f64,
+    },
     /// A val evaluation: the 12 COCO stats.
     Eval { step: usize, epoch: usize, stats: Vec<f64> },
 }
@@ -68,6 +83,15 @@ impl MetricsLog {
     }
 }
 
+/// What one optimiser step reports.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StepValues {
+    pub loss_cls: f64,
+    pub loss_box: f64,
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+}
+
 /// Running sums between two log lines.
 #[derive(Debug)]
 pub(super) struct Window {
@@ -75,20 +99,32 @@ pub(super) struct Window {
     images: usize,
     loss_cls: f64,
     loss_box: f64,
+    grad_norm: f64,
+    grad_norm_max: f64,
     started: Instant,
 }
 
 impl Window {
     /// An empty window whose clock starts now.
     pub(super) fn start() -> Self {
-        Self { steps: 0, images: 0, loss_cls: 0.0, loss_box: 0.0, started: Instant::now() }
+        Self {
+            steps: 0,
+            images: 0,
+            loss_cls: 0.0,
+            loss_box: 0.0,
+            grad_norm: 0.0,
+            grad_norm_max: 0.0,
+            started: Instant::now(),
+        }
     }
 
-    pub(super) fn add(&mut self, loss_cls: f64, loss_box: f64, images: usize) {
+    pub(super) fn add(&mut self, step: &StepValues, images: usize) {
         self.steps += 1;
         self.images += images;
-        self.loss_cls += loss_cls;
-        self.loss_box += loss_box;
+        self.loss_cls += step.loss_cls;
+        self.loss_box += step.loss_box;
+        self.grad_norm += step.grad_norm;
+        self.grad_norm_max = self.grad_norm_max.max(step.grad_norm);
     }
 
     /// The averaged entry, and a reset window.
@@ -101,6 +137,8 @@ impl Window {
             loss: (self.loss_cls + self.loss_box) / n,
             loss_cls: self.loss_cls / n,
             loss_box: self.loss_box / n,
+            grad_norm: self.grad_norm / n,
+            grad_norm_max: self.grad_norm_max,
             lr,
             images_per_second: if seconds > 0.0 { self.images as f64 / seconds } else { 0.0 },
         };
@@ -109,24 +147,31 @@ impl Window {
     }
 }
 
-/// loss.png: the loss terms and the learning rate against the step.
+/// loss.png: the loss terms, the gradient norm and the learning rate
+/// against the step.
 pub(super) fn write_loss_plot(path: &Path, entries: &[MetricsEntry]) -> Result<()> {
-    let mut series: [Vec<(f64, f64)>; 4] = Default::default();
+    let mut series: [Vec<(f64, f64)>; 6] = Default::default();
     for e in entries {
-        if let MetricsEntry::Train { step, loss, loss_cls, loss_box, lr, .. } = e {
+        if let MetricsEntry::Train { step, loss, loss_cls, loss_box, grad_norm, grad_norm_max, lr, .. } = e {
             let x = *step as f64;
-            for (s, y) in series.iter_mut().zip([*loss, *loss_cls, *loss_box, *lr]) {
+            for (s, y) in series.iter_mut().zip([*loss, *loss_cls, *loss_box, *grad_norm, *grad_norm_max, *lr]) {
                 s.push((x, y));
             }
         }
     }
-    let [total, cls, bx, lr] = series;
+    let [total, cls, bx, norm, norm_max, lr] = series;
     let panels = [
         Panel {
             title: "training loss".into(),
             x_desc: "step".into(),
             y_desc: "loss".into(),
             series: vec![("total".into(), total), ("classification".into(), cls), ("box regression".into(), bx)],
+        },
+        Panel {
+            title: "gradient norm (before clipping)".into(),
+            x_desc: "step".into(),
+            y_desc: "L2 norm".into(),
+            series: vec![("mean".into(), norm), ("largest".into(), norm_max)],
         },
         Panel {
             title: "learning rate".into(),
@@ -136,4 +181,37 @@ pub(super) fn write_loss_plot(path: &Path, entries: &[MetricsEntry]) -> Result<(
         },
     ];
     write_panels(path, &panels, (800, 360))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(loss_cls: f64, grad_norm: f64) -> StepValues {
+        StepValues { loss_cls, loss_box: 0.5, grad_norm }
+    }
+
+    #[test]
+    fn a_window_averages_the_gradient_norm_and_keeps_its_largest() {
+        let mut window = Window::start();
+        for (cls, norm) in [(1.0, 2.0), (0.5, 9.0), (0.0, 1.0)] {
+            window.add(&values(cls, norm), 4);
+        }
+        let MetricsEntry::Train { loss_cls, loss_box, grad_norm, grad_norm_max, .. } = window.take(3, 0, 0.01) else {
+            panic!("a window gives a train entry");
+        };
+        assert_eq!((loss_cls, loss_box, grad_norm, grad_norm_max), (0.5, 0.5, 4.0, 9.0));
+        // The window starts again empty.
+        window.add(&values(0.0, 3.0), 4);
+        let MetricsEntry::Train { grad_norm_max, .. } = window.take(4, 0, 0.01) else { unreachable!() };
+        assert_eq!(grad_norm_max, 3.0);
+    }
+
+    #[test]
+    fn a_log_written_before_gradient_norms_still_reads() {
+        let line = r#"{"kind":"train","step":10,"epoch":0,"loss":1.5,"loss_cls":1.0,"loss_box":0.5,"lr":0.001,"images_per_second":2.0}"#;
+        let entry: MetricsEntry = serde_json::from_str(line).unwrap();
+        let MetricsEntry::Train { step, grad_norm, grad_norm_max, .. } = entry else { panic!("a train entry") };
+        assert_eq!((step, grad_norm, grad_norm_max), (10, 0.0, 0.0));
+    }
 }

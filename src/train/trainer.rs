@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 use super::distributed::{any_rank, Collective};
-use super::metrics::{write_loss_plot, MetricsEntry, MetricsLog, Window};
+use super::metrics::{write_loss_plot, MetricsEntry, MetricsLog, StepValues, Window};
 use super::schedule::learning_rate;
 use super::step::{compute_dtype, StepOutcome, StepRunner};
 use crate::config::Config;
@@ -176,8 +176,8 @@ impl Trainer {
             for batch in self.loader.epoch(epoch, self.state.batch_in_epoch)? {
                 let batch = batch?;
                 let lr = learning_rate(&self.config.train, self.state.step, self.total_steps);
-                let (loss_cls, loss_box) = self.train_step(&batch, lr)?;
-                window.add(loss_cls, loss_box, batch.targets.len() * world);
+                let values = self.train_step(&batch, lr)?;
+                window.add(&values, batch.targets.len() * world);
                 self.advance();
                 let step = self.state.step;
                 if step.is_multiple_of(self.config.train.log_every.max(1)) || step == self.total_steps {
@@ -259,15 +259,16 @@ impl Trainer {
         }
     }
 
-    /// One optimiser step; returns the two loss terms. A non-finite loss or
-    /// gradient stops the run with what is needed to find the cause.
-    fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<(f64, f64)> {
+    /// One optimiser step; returns the two loss terms and the gradient norm.
+    /// A non-finite loss or gradient stops the run with what is needed to
+    /// find the cause.
+    fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<StepValues> {
         match self.runner.step(batch, lr)? {
-            StepOutcome::Updated { loss_cls, loss_box, .. } => {
+            StepOutcome::Updated { loss_cls, loss_box, grad_norm } => {
                 self.state.optimizer_steps = self.runner.optimizer.steps();
                 self.state.normalizer_ema = self.runner.normalizer.ema;
                 self.state.ema_updates = self.runner.ema.as_ref().map_or(0, |ema| ema.updates());
-                Ok((loss_cls, loss_box))
+                Ok(StepValues { loss_cls, loss_box, grad_norm })
             }
             StepOutcome::NonFinite { what, detail } => bail!(self.non_finite(what, batch, &detail)),
         }
