@@ -380,13 +380,23 @@ pub struct PostprocessConfig {
     pub topk_candidates: usize,
     /// Class-wise NMS: suppress boxes with IoU above this.
     pub nms_thresh: f64,
+    /// NMS across classes as well: a box also suppresses lower-scoring boxes
+    /// of other classes (Ultralytics' `agnostic_nms`). Off in torchvision
+    /// and detectron2, whose NMS is class-wise.
+    pub class_agnostic_nms: bool,
     /// Keep the best this many detections per image.
     pub detections_per_img: usize,
 }
 
 impl Default for PostprocessConfig {
     fn default() -> Self {
-        Self { score_thresh: 0.05, topk_candidates: 1000, nms_thresh: 0.5, detections_per_img: 300 }
+        Self {
+            score_thresh: 0.05,
+            topk_candidates: 1000,
+            nms_thresh: 0.5,
+            class_agnostic_nms: false,
+            detections_per_img: 300,
+        }
     }
 }
 

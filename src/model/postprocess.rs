@@ -2,7 +2,8 @@
 //! `RetinaNet.postprocess_detections`: per level, sigmoid scores over the
 //! flattened (anchor, class) pairs, keep those above `score_thresh`, take the
 //! top `topk_candidates`, decode and clip; then class-wise NMS over all
-//! levels and the best `detections_per_img`.
+//! levels (or NMS across classes, `class_agnostic_nms`) and the best
+//! `detections_per_img`.
 //!
 //! Runs on the CPU after one transfer of the head outputs.
 
@@ -27,6 +28,7 @@ pub(super) struct PostProcessor {
     score_thresh: f32,
     topk_candidates: usize,
     nms_thresh: f32,
+    class_agnostic_nms: bool,
     detections_per_img: usize,
     box_coder: BoxCoder,
 }
@@ -49,6 +51,7 @@ impl PostProcessor {
             score_thresh: cfg.score_thresh as f32,
             topk_candidates: cfg.topk_candidates,
             nms_thresh: cfg.nms_thresh as f32,
+            class_agnostic_nms: cfg.class_agnostic_nms,
             detections_per_img: cfg.detections_per_img,
             box_coder,
         }
@@ -103,7 +106,9 @@ impl PostProcessor {
             }
             first_anchor += level_len;
         }
-        let keep = batched_nms(&all.boxes, &all.scores, &all.labels, self.nms_thresh);
+        // One NMS group for every class when the NMS is class-agnostic.
+        let groups = if self.class_agnostic_nms { vec![0; all.labels.len()] } else { all.labels.clone() };
+        let keep = batched_nms(&all.boxes, &all.scores, &groups, self.nms_thresh);
         let keep = &keep[..keep.len().min(self.detections_per_img)];
         Detections {
             boxes: keep.iter().map(|&i| all.boxes[i]).collect(),
@@ -133,7 +138,7 @@ mod tests {
     use crate::config::BoxCoderConfig;
 
     fn processor(score_thresh: f64, topk_candidates: usize) -> PostProcessor {
-        let cfg = PostprocessConfig { score_thresh, topk_candidates, nms_thresh: 0.5, detections_per_img: 3 };
+        let cfg = PostprocessConfig { score_thresh, topk_candidates, detections_per_img: 3, ..Default::default() };
         PostProcessor::new(&cfg, BoxCoder::new(&BoxCoderConfig::default()))
     }
 
@@ -162,6 +167,23 @@ mod tests {
         assert_eq!(d.labels, vec![1, 0, 0]);
         assert_eq!(d.boxes, vec![[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [50.0, 50.0, 85.0, 80.0]]);
         assert!((d.scores[0] - sigmoid(2.0)).abs() < 1e-7);
+        Ok(())
+    }
+
+    #[test]
+    fn class_agnostic_nms_suppresses_across_classes() -> Result<()> {
+        let cfg = PostprocessConfig {
+            score_thresh: 0.5,
+            detections_per_img: 3,
+            class_agnostic_nms: true,
+            ..Default::default()
+        };
+        let p = PostProcessor::new(&cfg, BoxCoder::new(&BoxCoderConfig::default()));
+        // As `thresholds_nms_and_clipping`, where anchor 1's class 0 (0.62)
+        // survives class-wise NMS: anchor 0's class 1 (0.88) now suppresses it.
+        let d = &run(&p, &[-5.0, 2.0, 0.5, 1.0, 0.1, -3.0])?[0];
+        assert_eq!(d.labels, vec![1, 0]);
+        assert_eq!(d.boxes, vec![[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 85.0, 80.0]]);
         Ok(())
     }
 
