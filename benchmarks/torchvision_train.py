@@ -67,8 +67,9 @@ from torchvision_bench import OCTAVE_SCALES, build
 AUGMENT = dict(photometric=0.0, brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05,
                zoom_out=0.0, zoom_max=4.0, iou_crop=0.0, scale_jitter=0.0, jitter_range=[0.1, 2.0],
                jitter_size=0, min_visible=0.0, ema_decay=0.0, ema_warmup=2000)
-# Loss keys (ours: loss.box_weight, loss.matcher, loss.atss_topk).
-LOSS = dict(box_weight=1.0, matcher="max_iou", atss_topk=9)
+# Loss and optimiser keys (ours: loss.box_weight, loss.matcher,
+# loss.atss_topk, train.clip_grad_norm; 0 leaves the gradients unclipped).
+LOSS = dict(box_weight=1.0, matcher="max_iou", atss_topk=9, clip_grad_norm=0.0)
 
 RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
@@ -293,6 +294,8 @@ def main():
             loss = losses["classification"] + r["box_weight"] * losses["bbox_regression"]
             opt.zero_grad()
             loss.backward()
+            if r["clip_grad_norm"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, r["clip_grad_norm"])
             opt.step()
             if ema is not None:
                 ema.update_parameters(model)

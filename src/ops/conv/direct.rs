@@ -580,6 +580,59 @@ mod tests {
         assert!(a.len() == b.len() && diff <= 1e-5 * scale, "{what}: max difference {diff} (scale {scale})");
     }
 
+    /// `dx` of a stride-1 convolution summed in f64, the reference.
+    fn input_grad_f64(g: &Geometry, grad: &[f32], w: &[f32]) -> Vec<f64> {
+        let (k, p) = (g.kh, g.padding as isize);
+        let mut dx = vec![0f64; g.n * g.c_in * g.h * g.w];
+        for (n, o, oy, ox) in grid4(g.n, g.c_out, g.out_h, g.out_w) {
+            let dy = grad[((n * g.c_out + o) * g.out_h + oy) * g.out_w + ox] as f64;
+            for (c, ky, kx) in (0..g.c_in).flat_map(|c| (0..k).flat_map(move |ky| (0..k).map(move |kx| (c, ky, kx)))) {
+                let (y, x) = (oy as isize + ky as isize - p, ox as isize + kx as isize - p);
+                if (0..g.h as isize).contains(&y) && (0..g.w as isize).contains(&x) {
+                    let weight = w[((o * g.c_in + c) * k + ky) * k + kx] as f64;
+                    dx[((n * g.c_in + c) * g.h + y as usize) * g.w + x as usize] += dy * weight;
+                }
+            }
+        }
+        dx
+    }
+
+    /// Every (i, j, k, l) below (a, b, c, d), row-major.
+    fn grid4(a: usize, b: usize, c: usize, d: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).flat_map(move |k| (0..d).map(move |l| (i, j, k, l)))))
+    }
+
+    /// Relative L2 distance of `a` from the reference `b`.
+    fn relative_error(a: &[f32], b: &[f64]) -> f64 {
+        let diff: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+        let norm: f64 = b.iter().map(|y| y * y).sum();
+        (diff / norm).sqrt()
+    }
+
+    /// The input gradient of the `bccd` head's 3x3 convolutions (128
+    /// channels, P5 and P6) against an f64 sum, with gradients of the small
+    /// size they have in training.
+    #[test]
+    fn input_gradient_of_wide_layers_matches_f64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for (h, w) in [(12, 16), (6, 8)] {
+            let g = Geometry::new((2, 128, h, w), (128, 128, 3, 3), 1, 1).expect("geometry");
+            let weights: Vec<f32> = random(128 * 128 * 9, &mut rng).iter().map(|v| v * 0.03).collect();
+            let grad: Vec<f32> = random(2 * 128 * h * w, &mut rng).iter().map(|v| v * 1e-6).collect();
+            let reference = input_grad_f64(&g, &grad, &weights);
+            for isa in [Isa::Avx2, Isa::Avx512] {
+                if !applies_to_input_grad(&g) || (isa == Isa::Avx512 && !(has_avx512() && w % 16 == 0)) {
+                    continue;
+                }
+                let mut dx = vec![0f32; reference.len()];
+                input_grad_on(isa, &g, &grad, &weights, &mut dx);
+                let error = relative_error(&dx, &reference);
+                eprintln!("{isa:?} {h}x{w}: relative error {error:.2e}");
+                assert!(error < 1e-6, "{isa:?} {h}x{w}: relative error {error:.2e}");
+            }
+        }
+    }
+
     /// AVX-512's kernels against AVX2's (which `conv.rs` checks against
     /// Candle) on the same convolutions: the forward, the weight gradient
     /// and, for 3x3 stride 1, the input gradient. They sum the same products
