@@ -79,7 +79,8 @@ RECIPES = {
     # torchvision's anchors, 480x640 scaled to 384x512.
     "bccd": dict(depth=18, width=64, fpn=128, head_convs=4, head_gn=True, size=384, max_size=512,
                  sizes=[32, 64, 128, 256, 512], ratios=[0.5, 1.0, 2.0], scales=OCTAVE_SCALES, fg_iou=0.5, bg_iou=0.4,
-                 batch=4, lr=0.01, epochs=13, warmup=100, init="torch_default", box_loss="giou"),
+                 batch=4, lr=0.01, epochs=13, warmup=100, init="torch_default", box_loss="giou",
+                 clip_grad_norm=10.0),
 }
 
 
@@ -212,7 +213,7 @@ def main():
                    help="override a recipe entry, e.g. --set lr=0.04 (value parsed as JSON)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
-    r = dict(RECIPES[args.preset], **AUGMENT, **LOSS)
+    r = {**AUGMENT, **LOSS, **RECIPES[args.preset]}  # a recipe's own entries win
     if args.epochs:
         r["epochs"] = args.epochs
     for item in args.set:
