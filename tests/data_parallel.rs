@@ -13,7 +13,7 @@ use candle_retinanet::config::Config;
 use candle_retinanet::data::{Batch, Shard, Target};
 use candle_retinanet::model::build;
 use candle_retinanet::train::{any_rank, Collective};
-use candle_retinanet::train::{StepOutcome, StepRunner};
+use candle_retinanet::train::{StepOutcome, StepRunner, StepValues};
 
 const SIZE: usize = 96;
 const STEPS: usize = 3;
@@ -117,7 +117,7 @@ fn train(images: &[usize], rank: Option<ThreadRank>) -> Result<(Vec<[f64; 2]>, P
     let mut losses = Vec::new();
     for _ in 0..STEPS {
         match runner.step(&batch, 0.01)? {
-            StepOutcome::Updated { loss_cls, loss_box, .. } => losses.push([loss_cls, loss_box]),
+            StepOutcome::Updated(StepValues { loss_cls, loss_box, .. }) => losses.push([loss_cls, loss_box]),
             other => anyhow::bail!("{other:?}"),
         }
     }

@@ -30,7 +30,7 @@ use candle_core::{Device, Tensor};
 use candle_retinanet::config::Config;
 use candle_retinanet::data::{Batch, Target};
 use candle_retinanet::model::{build, LoadMode};
-use candle_retinanet::train::{StepOutcome, StepRunner};
+use candle_retinanet::train::{StepOutcome, StepRunner, StepValues};
 use serde::Deserialize;
 
 mod common;
@@ -176,7 +176,7 @@ fn shapes_model_trains_like_torchvision() -> Result<()> {
 /// Steps `runner` through `expected`'s loss terms, then compares every tensor.
 fn check_training(runner: &mut StepRunner, batch: &Batch, lr: f64, expected: &Run, what: &str) -> Result<()> {
     for (step, terms) in expected.losses.iter().enumerate() {
-        let StepOutcome::Updated { loss_cls, loss_box, .. } = runner.step(batch, lr)? else {
+        let StepOutcome::Updated(StepValues { loss_cls, loss_box, .. }) = runner.step(batch, lr)? else {
             anyhow::bail!("{what} step {step}: not finite");
         };
         println!("{what} step {step}: cls {loss_cls:.6} vs {:.6}, box {loss_box:.6} vs {:.6}", terms[0], terms[1]);

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::step::StepValues;
 use crate::viz::plot::{write_panels, Panel};
 
 /// One line of `metrics.jsonl`.
@@ -81,15 +82,6 @@ impl MetricsLog {
         self.entries.push(entry);
         Ok(())
     }
-}
-
-/// What one optimiser step reports.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct StepValues {
-    pub loss_cls: f64,
-    pub loss_box: f64,
-    /// Global L2 norm of the gradients before clipping.
-    pub grad_norm: f64,
 }
 
 /// Running sums between two log lines.

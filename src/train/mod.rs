@@ -25,5 +25,5 @@ pub use distributed::{any_rank, Collective, SingleProcess};
 pub use distributed::{new_group_id, NcclGroup};
 pub use metrics::MetricsEntry;
 pub use rendezvous::{meet, Master, Place, RENDEZVOUS_TIMEOUT_ENV};
-pub use step::{StepOutcome, StepRunner};
+pub use step::{StepOutcome, StepRunner, StepValues};
 pub use trainer::{EventSink, Start, TrainEvent, TrainOutcome, Trainer};

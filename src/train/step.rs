@@ -13,11 +13,21 @@ use crate::config::{Config, Precision};
 use crate::data::Batch;
 use crate::model::{self, LoadedModel, RetinaNet};
 
+/// What one optimiser step reports: the two loss terms (means over the
+/// ranks in a data-parallel run) and the gradient norm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepValues {
+    pub loss_cls: f64,
+    pub loss_box: f64,
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+}
+
 /// What a step produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutcome {
     /// The parameters were updated.
-    Updated { loss_cls: f64, loss_box: f64, grad_norm: f64 },
+    Updated(StepValues),
     /// Nothing was updated: the loss or the gradient is not finite.
     NonFinite { what: &'static str, detail: String },
 }
@@ -142,6 +152,6 @@ impl StepRunner {
         if let Some(ema) = &mut self.ema {
             ema.update()?;
         }
-        Ok(StepOutcome::Updated { loss_cls, loss_box, grad_norm })
+        Ok(StepOutcome::Updated(StepValues { loss_cls, loss_box, grad_norm }))
     }
 }

@@ -11,9 +11,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 use super::distributed::{any_rank, Collective};
-use super::metrics::{write_loss_plot, MetricsEntry, MetricsLog, StepValues, Window};
+use super::metrics::{write_loss_plot, MetricsEntry, MetricsLog, Window};
 use super::schedule::learning_rate;
-use super::step::{compute_dtype, StepOutcome, StepRunner};
+use super::step::{compute_dtype, StepOutcome, StepRunner, StepValues};
 use crate::config::Config;
 use crate::data::{load_split, Batch, CategoryMap, CocoJson, LoadedSplit, Loader, Shard};
 use crate::eval::{write_eval_json, EvalResult};
@@ -264,11 +264,11 @@ impl Trainer {
     /// find the cause.
     fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<StepValues> {
         match self.runner.step(batch, lr)? {
-            StepOutcome::Updated { loss_cls, loss_box, grad_norm } => {
+            StepOutcome::Updated(values) => {
                 self.state.optimizer_steps = self.runner.optimizer.steps();
                 self.state.normalizer_ema = self.runner.normalizer.ema;
                 self.state.ema_updates = self.runner.ema.as_ref().map_or(0, |ema| ema.updates());
-                Ok(StepValues { loss_cls, loss_box, grad_norm })
+                Ok(values)
             }
             StepOutcome::NonFinite { what, detail } => bail!(self.non_finite(what, batch, &detail)),
         }
