@@ -268,6 +268,9 @@ thread_local! {
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The phase-split input rows of a strided convolution's band.
     static PHASES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One GEMM operand laid out again (the Winograd weight gradient's
+    /// transformed input, transposed).
+    static OPERAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with this thread's `buffer`, sized to `len` floats.
@@ -282,6 +285,11 @@ fn with_scratch<R>(buffer: &'static Scratch, len: usize, f: impl FnOnce(&mut [f3
 /// Runs `f` with this thread's column buffer, sized to `len` floats.
 fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     with_scratch(&COLUMNS, len, f)
+}
+
+/// Runs `f` with this thread's operand buffer, sized to `len` floats.
+fn with_operand<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_scratch(&OPERAND, len, f)
 }
 
 /// A matrix in a slice: its data and (row, column) strides.
