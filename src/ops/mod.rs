@@ -35,7 +35,8 @@ fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<
     Ok(&data[start..end])
 }
 
-/// What the op tests share: each op is checked against Candle's own ops.
+/// What the op tests share: each op is checked against Candle's own ops
+/// or against sums in f64.
 #[cfg(test)]
 mod testing {
     use candle_core::backprop::GradStore;
@@ -52,5 +53,12 @@ mod testing {
     pub(crate) fn probed_gradients(ours: &Tensor, theirs: &Tensor) -> Result<(GradStore, GradStore)> {
         let probe = Tensor::randn(0f32, 1., ours.dims(), ours.device())?;
         Ok(((ours * &probe)?.sum_all()?.backward()?, (theirs * &probe)?.sum_all()?.backward()?))
+    }
+
+    /// Relative L2 distance of `a` from the reference `b`.
+    pub(crate) fn relative_error(a: &[f32], b: &[f64]) -> f64 {
+        let diff: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+        let norm: f64 = b.iter().map(|y| y * y).sum();
+        (diff / norm).sqrt()
     }
 }

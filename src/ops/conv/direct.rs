@@ -569,6 +569,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
+    use crate::ops::testing::relative_error;
 
     fn random(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
         (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
@@ -600,13 +601,6 @@ mod tests {
     /// Every (i, j, k, l) below (a, b, c, d), row-major.
     fn grid4(a: usize, b: usize, c: usize, d: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
         (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).flat_map(move |k| (0..d).map(move |l| (i, j, k, l)))))
-    }
-
-    /// Relative L2 distance of `a` from the reference `b`.
-    fn relative_error(a: &[f32], b: &[f64]) -> f64 {
-        let diff: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
-        let norm: f64 = b.iter().map(|y| y * y).sum();
-        (diff / norm).sqrt()
     }
 
     /// The input gradient of the `bccd` head's 3x3 convolutions (128

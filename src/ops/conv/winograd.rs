@@ -462,7 +462,62 @@ fn a_t(first: &mut [f32], second: &mut [f32], s: [&[f32]; 4]) {
 
 #[cfg(test)]
 mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
     use super::*;
+    use crate::ops::testing::relative_error;
+
+    /// Forward, input gradient and weight gradient against sums in f64, on
+    /// a 128-channel layer whose 18x21 output leaves a cropped tile at one
+    /// edge, two images: the relative L2 error of each. Measured 2026-12-02:
+    /// 3.5e-7, 3.5e-7 and 3.1e-7; F(4x4, 3x3) with Lavin and Gray's
+    /// matrices, tried then, gave 2.2e-6, 2.2e-6 and 1.2e-6 (BENCHMARKS.md).
+    #[test]
+    fn matches_f64_sums() {
+        let g = Geometry::new((2, 128, 18, 21), (130, 128, 3, 3), 1, 1).expect("geometry");
+        assert!(applies(&g));
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let (x, w) = (random(g.n * g.c_in * g.h * g.w), random(g.c_out * g.c_in * 9));
+        let dy = random(g.n * g.c_out * g.out_plane());
+        let (mut y, mut dx) = (vec![0f32; dy.len()], vec![0f32; x.len()]);
+        forward(&g, &x, &w, &mut y);
+        input_grad(&g, &dy, &w, &mut dx);
+        let dw = weight_grad(&g, &x, &dy);
+        let (y64, dx64, dw64) = reference(&g, &x, &w, &dy);
+        let errors = [("forward", &y, &y64), ("input gradient", &dx, &dx64), ("weight gradient", &dw, &dw64)]
+            .map(|(what, ours, reference)| (what, relative_error(ours, reference)));
+        assert!(errors.iter().all(|&(_, error)| error < 1e-6), "relative errors {errors:?}");
+    }
+
+    /// The convolution's output, input gradient and weight gradient, each
+    /// product summed in f64.
+    fn reference(g: &Geometry, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let mut y = vec![0f64; dy.len()];
+        let (mut dx, mut dw) = (vec![0f64; x.len()], vec![0f64; w.len()]);
+        let p = g.padding as isize;
+        for n in 0..g.n {
+            for (o, oy, ox) in
+                (0..g.c_out).flat_map(|o| (0..g.out_h).flat_map(move |oy| (0..g.out_w).map(move |ox| (o, oy, ox))))
+            {
+                let out = ((n * g.c_out + o) * g.out_h + oy) * g.out_w + ox;
+                for (c, ky, kx) in
+                    (0..g.c_in).flat_map(|c| (0..3).flat_map(move |ky| (0..3).map(move |kx| (c, ky, kx))))
+                {
+                    let (iy, ix) = (oy as isize + ky as isize - p, ox as isize + kx as isize - p);
+                    if (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix) {
+                        let input = ((n * g.c_in + c) * g.h + iy as usize) * g.w + ix as usize;
+                        let weight = ((o * g.c_in + c) * 3 + ky) * 3 + kx;
+                        y[out] += x[input] as f64 * w[weight] as f64;
+                        dx[input] += dy[out] as f64 * w[weight] as f64;
+                        dw[weight] += dy[out] as f64 * x[input] as f64;
+                    }
+                }
+            }
+        }
+        (y, dx, dw)
+    }
 
     /// The blocked transpose against the definition: sizes with and
     /// without partial 8x8 blocks, a row stride wider than the rows, one
