@@ -338,6 +338,20 @@ fn wait_for_checkpoint(run: &Path) {
     }
 }
 
+/// Waits until `checkpoints/last` holds a step after `step`.
+fn wait_for_step_after(run: &Path, step: u64) {
+    let state = run.join("checkpoints/last/state.json");
+    let saved = || -> Option<u64> {
+        let text = std::fs::read_to_string(&state).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+    };
+    let started = Instant::now();
+    while saved().is_none_or(|saved| saved <= step) {
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint after step {step} appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `checkpoints/last` is complete: its state parses and both tensor files load.
 fn assert_last_loadable(run: &Path) -> u64 {
     let last = run.join("checkpoints/last");
@@ -365,6 +379,13 @@ fn sigkill_at_any_moment_leaves_last_loadable() {
         };
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         wait_for_checkpoint(&out);
+        if attempt % 2 == 1 {
+            // Every other resumed run dies only after saving a step of its
+            // own, so the runs make progress however loaded the machine is
+            // (under load the delay alone can end a run before its first
+            // step); the others die wherever the delay lands, start-up included.
+            wait_for_step_after(&out, steps_seen[steps_seen.len() - 1]);
+        }
         std::thread::sleep(Duration::from_millis(40 + 37 * attempt));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
