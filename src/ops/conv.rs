@@ -33,10 +33,12 @@ use rayon::prelude::*;
 use super::cuda_kernels::{conv_kernel, ConvKernel};
 use super::elementwise::{add_channel_bias_to_fresh, relu};
 use super::f32_data;
+use transpose::transpose;
 
 #[cfg(feature = "cudnn")]
 mod cudnn;
 mod direct;
+mod transpose;
 mod winograd;
 
 /// Most f32 values of one band's im2col columns (4 MiB, well inside this
@@ -268,7 +270,7 @@ thread_local! {
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The phase-split input rows of a strided convolution's band.
     static PHASES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// One GEMM operand laid out again (the Winograd weight gradient's
+    /// One GEMM operand laid out again (a weight gradient's columns or
     /// transformed input, transposed).
     static OPERAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -537,21 +539,32 @@ fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let run = |(images, grads): (&[f32], &[f32])| {
         let mut dw = vec![0f32; g.c_out * g.patch()];
         let mut first = true;
+        // The columns (or the image) are transposed before each GEMM so
+        // that the `gemm` crate packs whole rows (see `conv/transpose.rs`).
         for (image, grad) in images.chunks(in_image).zip(grads.chunks(out_image)) {
             if g.is_pointwise() {
-                let shape = (g.c_out, g.patch(), plane);
-                let image_t = (image, (1, plane));
-                matmul(shape, (&mut dw, g.patch()), !first, (grad, (plane, 1)), image_t, parallelism);
-                first = false;
+                // The image's positions in runs that fit [`BAND_COLUMNS`].
+                let run = (BAND_COLUMNS / g.patch()).clamp(1, plane.max(1));
+                for start in (0..plane).step_by(run) {
+                    let len = run.min(plane - start);
+                    with_operand(g.patch() * len, |image_t| {
+                        transpose((&image[start..], plane), (g.patch(), len), image_t, !g.per_thread());
+                        let (grad, image_t) = ((&grad[start..], (plane, 1)), (&*image_t, (g.patch(), 1)));
+                        matmul((g.c_out, g.patch(), len), (&mut dw, g.patch()), !first, grad, image_t, parallelism);
+                    });
+                    first = false;
+                }
                 continue;
             }
             for band in g.bands() {
                 with_columns(g.patch() * band.plane(g), |cols| {
                     im2col(g, image, band, cols, !g.per_thread());
-                    let shape = (g.c_out, g.patch(), band.plane(g));
-                    let grad_band = (&grad[band.offset(g)..], (plane, 1));
-                    let cols_t = (&*cols, (1, band.plane(g)));
-                    matmul(shape, (&mut dw, g.patch()), !first, grad_band, cols_t, parallelism);
+                    with_operand(g.patch() * band.plane(g), |cols_t| {
+                        transpose((cols, band.plane(g)), (g.patch(), band.plane(g)), cols_t, !g.per_thread());
+                        let shape = (g.c_out, g.patch(), band.plane(g));
+                        let grad_band = (&grad[band.offset(g)..], (plane, 1));
+                        matmul(shape, (&mut dw, g.patch()), !first, grad_band, (cols_t, (g.patch(), 1)), parallelism);
+                    });
                 });
                 first = false;
             }
@@ -795,6 +808,8 @@ mod tests {
         for n in [1, 3] {
             check_against_candle((n, 32, 113, 64), (4, 32, 3, 3), 1, 1)?;
         }
-        Ok(())
+        // A 1x1 convolution's weight gradient takes the image's positions
+        // in runs of BAND_COLUMNS / 1024 = 1024: 33x33 makes two.
+        check_against_candle((2, 1024, 33, 33), (4, 1024, 1, 1), 0, 1)
     }
 }
