@@ -289,11 +289,6 @@ fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     with_scratch(&COLUMNS, len, f)
 }
 
-/// Runs `f` with this thread's operand buffer, sized to `len` floats.
-fn with_operand<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    with_scratch(&OPERAND, len, f)
-}
-
 /// A matrix in a slice: its data and (row, column) strides.
 type Strided<'a> = (&'a [f32], (usize, usize));
 
@@ -333,6 +328,25 @@ fn matmul(
             parallelism,
         )
     }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] x src^T` for `src [n, k]` with rows `src_rs`
+/// apart: the weight gradients, whose two operands both hold the sum axis
+/// contiguous. `src` is transposed into this thread's operand buffer first
+/// (on every thread when `parallel`), so that the `gemm` crate packs whole
+/// rows instead of gathering each value (`conv/transpose.rs`).
+fn matmul_by_transposed(
+    (m, n, k): (usize, usize, usize),
+    dst: (&mut [f32], usize),
+    accumulate: bool,
+    lhs: Strided,
+    (src, src_rs): (&[f32], usize),
+    (parallelism, parallel): (Parallelism, bool),
+) {
+    with_scratch(&OPERAND, k * n, |src_t| {
+        transpose((src, src_rs), (n, k), src_t, parallel);
+        matmul((m, n, k), dst, accumulate, lhs, (src_t, (n, 1)), parallelism);
+    })
 }
 
 /// The output positions `lo..hi` along one axis whose input position
@@ -539,19 +553,15 @@ fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let run = |(images, grads): (&[f32], &[f32])| {
         let mut dw = vec![0f32; g.c_out * g.patch()];
         let mut first = true;
-        // The columns (or the image) are transposed before each GEMM so
-        // that the `gemm` crate packs whole rows (see `conv/transpose.rs`).
+        let parallel = (parallelism, !g.per_thread());
         for (image, grad) in images.chunks(in_image).zip(grads.chunks(out_image)) {
             if g.is_pointwise() {
                 // The image's positions in runs that fit [`BAND_COLUMNS`].
-                let run = (BAND_COLUMNS / g.patch()).clamp(1, plane.max(1));
-                for start in (0..plane).step_by(run) {
-                    let len = run.min(plane - start);
-                    with_operand(g.patch() * len, |image_t| {
-                        transpose((&image[start..], plane), (g.patch(), len), image_t, !g.per_thread());
-                        let (grad, image_t) = ((&grad[start..], (plane, 1)), (&*image_t, (g.patch(), 1)));
-                        matmul((g.c_out, g.patch(), len), (&mut dw, g.patch()), !first, grad, image_t, parallelism);
-                    });
+                let positions = (BAND_COLUMNS / g.patch()).clamp(1, plane.max(1));
+                for start in (0..plane).step_by(positions) {
+                    let shape = (g.c_out, g.patch(), positions.min(plane - start));
+                    let (grad, image) = ((&grad[start..], (plane, 1)), (&image[start..], plane));
+                    matmul_by_transposed(shape, (&mut dw, g.patch()), !first, grad, image, parallel);
                     first = false;
                 }
                 continue;
@@ -559,12 +569,10 @@ fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
             for band in g.bands() {
                 with_columns(g.patch() * band.plane(g), |cols| {
                     im2col(g, image, band, cols, !g.per_thread());
-                    with_operand(g.patch() * band.plane(g), |cols_t| {
-                        transpose((cols, band.plane(g)), (g.patch(), band.plane(g)), cols_t, !g.per_thread());
-                        let shape = (g.c_out, g.patch(), band.plane(g));
-                        let grad_band = (&grad[band.offset(g)..], (plane, 1));
-                        matmul(shape, (&mut dw, g.patch()), !first, grad_band, (cols_t, (g.patch(), 1)), parallelism);
-                    });
+                    let shape = (g.c_out, g.patch(), band.plane(g));
+                    let grad_band = (&grad[band.offset(g)..], (plane, 1));
+                    let cols = (&*cols, band.plane(g));
+                    matmul_by_transposed(shape, (&mut dw, g.patch()), !first, grad_band, cols, parallel);
                 });
                 first = false;
             }

@@ -25,8 +25,7 @@
 use rayon::prelude::*;
 
 use super::{
-    for_each_image, matmul, split_row, sum_over_image_runs, transpose, with_columns, with_operand, Geometry,
-    BAND_COLUMNS,
+    for_each_image, matmul, matmul_by_transposed, split_row, sum_over_image_runs, with_columns, Geometry, BAND_COLUMNS,
 };
 
 /// Values per tile: the 4x4 transformed tile.
@@ -102,24 +101,17 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
 /// Adds one image's `dU[xi] (co x c) += dM[xi] x V[xi]^T` into `du`
 /// (`[tap, co, c]`), band by band; `first` says `du` holds nothing yet.
 fn image_weight_grad(g: &Geometry, image: &[f32], grad: &[f32], du: &mut [f32], first: &mut bool) {
-    let parallelism = g.gemm_parallelism();
+    let parallelism = (g.gemm_parallelism(), !g.per_thread());
     let tiles = Tiles::new(g);
     for_each_band(g, image, tiles, |band, v, dm| {
         let len = TAPS * band.tiles;
         per_channel(g, dm, len, |o, dm| transform_grad(g, &grad[o * g.out_plane()..], tiles, band.top, dm));
-        // Both operands hold the tiles (the sum) contiguous. The `gemm`
-        // crate reads the right-hand one a row at a time only when its
-        // rows are contiguous; given V^T straight from `v` it gathers
-        // every value from another row while packing, which took half of
-        // this GEMM's time. So V is transposed first, a tap at a time.
-        with_operand(band.tiles * g.c_in, |v_t| {
-            for xi in 0..TAPS {
-                transpose((&v[xi * band.tiles..], len), (g.c_in, band.tiles), v_t, !g.per_thread());
-                let lhs = (&dm[xi * band.tiles..], (len, 1));
-                let dst = (&mut du[xi * g.c_out * g.c_in..], g.c_in);
-                matmul((g.c_out, g.c_in, band.tiles), dst, !*first, lhs, (&*v_t, (g.c_in, 1)), parallelism);
-            }
-        });
+        for xi in 0..TAPS {
+            let lhs = (&dm[xi * band.tiles..], (len, 1));
+            let v = (&v[xi * band.tiles..], len);
+            let dst = (&mut du[xi * g.c_out * g.c_in..], g.c_in);
+            matmul_by_transposed((g.c_out, g.c_in, band.tiles), dst, !*first, lhs, v, parallelism);
+        }
         *first = false;
     });
 }
