@@ -407,9 +407,28 @@ fn split_phases(g: &Geometry, image: &[f32], band: Band, phases: &mut [f32]) {
 
 /// `row` into `dst` split into `stride` phases: its columns `x % stride ==
 /// 0` first, then `== 1`, ... (each column where [`phase_index`] puts it).
-fn split_row(row: &[f32], stride: usize, dst: &mut [f32]) {
-    let phases = (0..stride.min(row.len())).flat_map(|phase| row[phase..].iter().step_by(stride));
-    dst.iter_mut().zip(phases).for_each(|(d, &value)| *d = value);
+pub(super) fn split_row(row: &[f32], stride: usize, dst: &mut [f32]) {
+    if stride == 2 {
+        // Pairs, so that the compiler vectorises the de-interleave (the
+        // general form below ran a value at a time: 3% of the `bccd`
+        // recipe's step, from the Winograd input transform).
+        let (even, odd) = dst.split_at_mut(row.len().div_ceil(2));
+        for ((pair, even), odd) in row.chunks_exact(2).zip(even.iter_mut()).zip(odd.iter_mut()) {
+            (*even, *odd) = (pair[0], pair[1]);
+        }
+        if let ([.., last], true) = (row, row.len() % 2 == 1) {
+            even[row.len() / 2] = *last;
+        }
+        return;
+    }
+    let mut dst = dst.iter_mut();
+    for phase in 0..stride.min(row.len()) {
+        // The phase's values first: `zip` stops on them without taking a
+        // slot of `dst`.
+        for (&value, d) in row[phase..].iter().step_by(stride).zip(&mut dst) {
+            *d = value;
+        }
+    }
 }
 
 /// Row `row` (one channel and kernel tap) of [`im2col`]'s columns, from
@@ -670,6 +689,22 @@ mod tests {
     use super::*;
     use crate::ops::testing::probed_gradients;
     use candle_core::{Device, Var};
+
+    /// Each column lands where `phase_index` says, for every stride the
+    /// kernels use and odd and even widths.
+    #[test]
+    fn split_row_puts_columns_at_their_phase_index() {
+        for stride in 1..=4 {
+            for w in 0..10 {
+                let row: Vec<f32> = (0..w).map(|x| x as f32).collect();
+                let mut split = vec![-1f32; w];
+                split_row(&row, stride, &mut split);
+                for x in 0..w {
+                    assert_eq!(split[phase_index(w, stride, x)], x as f32, "stride {stride}, width {w}, column {x}");
+                }
+            }
+        }
+    }
 
     /// Forward and both gradients equal Candle's reference convolution on
     /// random shapes: stride 1 and 2, padding, 1x1, 7x7, non-square.

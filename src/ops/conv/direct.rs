@@ -454,6 +454,21 @@ struct Planes {
     channels: usize,
 }
 
+/// The sum of a vector's lanes, halving them: for 16 lanes, 4 dependent
+/// additions against 15 in a row (the weight gradient's small blocks spent
+/// 1.5% of the `bccd` recipe's step in the sequential sum).
+#[inline(always)]
+fn halving_sum<const N: usize>(mut lanes: [f32; N]) -> f32 {
+    let mut n = N;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            lanes[i] += lanes[i + n];
+        }
+    }
+    lanes[0]
+}
+
 /// The micro-kernels for one instruction set (`$feature`): its f32 lanes
 /// and intrinsics. A macro because AVX2 and AVX-512 differ only in those
 /// names, and `#[target_feature]` compiles each set on its own.
@@ -464,7 +479,7 @@ macro_rules! kernels {
         mod $isa {
             use std::arch::x86_64::*;
 
-            use super::{Planes, Strides, CHANNELS, COLUMNS};
+            use super::{halving_sum, Planes, Strides, CHANNELS, COLUMNS};
 
             const LANES: usize = $lanes;
 
@@ -551,7 +566,7 @@ macro_rules! kernels {
                     for (sum, &vector) in row.iter_mut().zip(vectors) {
                         let mut lanes = [0f32; LANES];
                         $store(lanes.as_mut_ptr(), vector);
-                        *sum = lanes.iter().sum();
+                        *sum = halving_sum(lanes);
                     }
                 }
                 sums
