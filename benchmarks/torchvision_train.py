@@ -39,6 +39,10 @@ our config's defaults; `--set photometric=0.5 --set ema_decay=0.99`):
   Ultralytics' ramped decay over weights and BatchNorm buffers, evaluated
   instead of the model.
 
+`min_size` mirrors `input.min_size` as a list (`--set
+'min_size=[320,352,384,416,448]' --set max_size=597`): each training image's
+shorter side is drawn from it, and the last size is the one evaluated.
+
 Two loss keys mirror `loss.box_weight` and `loss.matcher`:
 - `box_weight`: the box-regression loss is multiplied by it (default 1);
 - `matcher`: "max_iou" (torchvision's `Matcher`) or "atss", mmdetection's
@@ -70,6 +74,10 @@ AUGMENT = dict(photometric=0.0, brightness=0.125, contrast=0.5, saturation=0.5, 
 # Loss and optimiser keys (ours: loss.box_weight, loss.matcher,
 # loss.atss_topk, train.clip_grad_norm; 0 leaves the gradients unclipped).
 LOSS = dict(box_weight=1.0, matcher="max_iou", atss_topk=9, clip_grad_norm=0.0)
+# Multi-scale training (ours: a list in input.min_size): the shorter side is
+# drawn from the list per image and the last one is evaluated, as
+# torchvision's GeneralizedRCNNTransform does; empty keeps `size` alone.
+INPUT = dict(min_size=[])
 
 RECIPES = {
     "shapes": dict(depth=18, width=16, fpn=64, head_convs=2, head_gn=True, size=128,
@@ -213,7 +221,7 @@ def main():
                    help="override a recipe entry, e.g. --set lr=0.04 (value parsed as JSON)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
-    r = {**AUGMENT, **LOSS, **RECIPES[args.preset]}  # a recipe's own entries win
+    r = {**AUGMENT, **LOSS, **INPUT, **RECIPES[args.preset]}  # a recipe's own entries win
     if args.epochs:
         r["epochs"] = args.epochs
     for item in args.set:
@@ -231,7 +239,7 @@ def main():
     model_args = argparse.Namespace(depth=r["depth"], width=r["width"], fpn=r["fpn"], head_convs=r["head_convs"],
                                     head_gn=r["head_gn"], classes=len(cat_ids), sizes=r["sizes"], ratios=r["ratios"],
                                     scales=r["scales"],
-                                    size=r["size"], image_width=None, min_size=r["size"],
+                                    size=r["size"], image_width=None, min_size=tuple(r["min_size"]) or r["size"],
                                     max_size=r.get("max_size", r["size"]),
                                     recipe="scratch", init=r["init"])
     model = build(model_args)
