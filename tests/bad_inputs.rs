@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 fn retinanet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_retinanet"))
         .args(args)
@@ -28,18 +32,16 @@ fn assert_error(o: &Output, needles: &[&str]) {
 }
 
 /// A small synthetic dataset of 8 train and 2 val images, 64 px.
-fn dataset(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-bad-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+fn dataset(name: &str) -> Scratch {
+    let dir = Scratch::new(name);
     let o = retinanet(&["synth", "--out", dir.to_str().unwrap(), "--train", "8", "--val", "2", "--size", "64"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     dir
 }
 
 /// A fresh folder holding one black 32x32 image, `x.png`; returns both.
-fn folder_with_an_image(name: &str) -> (PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("retinanet-bad-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn folder_with_an_image(name: &str) -> (Scratch, PathBuf) {
+    let dir = Scratch::folder(name);
     let image = dir.join("x.png");
     image::RgbImage::new(32, 32).save(&image).unwrap();
     (dir, image)
@@ -136,7 +138,7 @@ fn devices_and_output_folders() {
     if !cfg!(feature = "cuda") {
         assert_error(&retinanet(&["bench", "--device", "cuda", "--size", "64"]), &["built without CUDA"]);
     }
-    let blocker = std::env::temp_dir().join(format!("retinanet-bad-file-{}", std::process::id()));
+    let blocker = Scratch::new("blocker");
     std::fs::write(&blocker, b"a file, not a folder").unwrap();
     let out = blocker.join("sub");
     assert_error(&retinanet(&["synth", "--out", out.to_str().unwrap(), "--train", "1", "--val", "1"]), &["sub"]);

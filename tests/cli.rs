@@ -2,6 +2,10 @@
 
 use std::process::{Command, Output};
 
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 fn retinanet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_retinanet")).args(args).env("RETINANET_CACHE", cache()).output().unwrap()
 }
@@ -45,7 +49,7 @@ fn config_errors_are_one_line() {
     assert_one_error_line(&retinanet(&["inspect", "--set", "train.batch_size=[2]"]), "config key train.batch_size");
     assert_one_error_line(&retinanet(&["inspect", "--set", "data.root=/nonexistent"]), "data.root /nonexistent");
     // f16 needs loss scaling, which is not built: refused before anything is written.
-    let out = std::env::temp_dir().join(format!("retinanet-cli-f16-{}", std::process::id()));
+    let out = Scratch::new("f16");
     let o = retinanet(&["train", "--out", out.to_str().unwrap(), "--set", "train.precision=f16"]);
     assert_one_error_line(&o, "config key train.precision: \"f16\" is not built");
     assert!(!out.exists(), "nothing written");
@@ -54,7 +58,7 @@ fn config_errors_are_one_line() {
 /// `--gpus` errors come before any rank starts or anything is written.
 #[test]
 fn gpu_list_errors_are_one_line() {
-    let out = std::env::temp_dir().join(format!("retinanet-cli-gpus-{}", std::process::id()));
+    let out = Scratch::new("gpus");
     let train = |gpus: &str| retinanet(&["train", "--out", out.to_str().unwrap(), "--gpus", gpus]);
     assert_one_error_line(&train("0,0"), "--gpus 0,0: GPU 0 is listed twice");
     assert_one_error_line(&train("0,one"), "`one` is not a GPU number");
@@ -70,7 +74,7 @@ fn gpu_list_errors_are_one_line() {
 /// is written.
 #[test]
 fn rank_environment_errors_are_one_line() {
-    let out = std::env::temp_dir().join(format!("retinanet-cli-rank-{}", std::process::id()));
+    let out = Scratch::new("rank");
     let train = |vars: &[(&str, &str)]| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_retinanet"));
         command.args(["train", "--out", out.to_str().unwrap()]).envs(vars.iter().copied());
@@ -89,8 +93,7 @@ fn rank_environment_errors_are_one_line() {
 
 #[test]
 fn synth_then_inspect() {
-    let dir = std::env::temp_dir().join(format!("retinanet-cli-synth-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new("synth");
     let o = retinanet(&["synth", "--out", dir.to_str().unwrap(), "--train", "12", "--val", "3", "--size", "96"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_one_error_line(&retinanet(&["synth", "--out", dir.to_str().unwrap()]), "not empty");
@@ -119,8 +122,7 @@ fn synth_then_inspect() {
 /// problem would stop or change training; `--json` is one object.
 #[test]
 fn inspect_exit_codes_and_json() {
-    let dir = std::env::temp_dir().join(format!("retinanet-cli-inspect-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new("inspect");
     let o = retinanet(&["synth", "--out", dir.to_str().unwrap(), "--train", "6", "--val", "3", "--size", "64"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let root = format!("data.root={}", dir.display());

@@ -10,6 +10,10 @@ use candle_retinanet::data::read_coco_json;
 use candle_retinanet::eval::{evaluate, read_results, AreaRange, EvalParams, EvalResult};
 use serde::Deserialize;
 
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 const TOLERANCE: f64 = 1e-6;
 
 #[derive(Deserialize)]
@@ -97,13 +101,6 @@ fn stats_are_bit_identical_to_pycocotools() {
     }
 }
 
-/// A scratch folder for this test process.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-coco-eval-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn malformed_results_name_the_file_and_the_entry() {
     let gt = read_coco_json(&fixtures().join("basic/gt.json")).unwrap();
@@ -138,7 +135,7 @@ fn malformed_results_name_the_file_and_the_entry() {
             "bad.json: entry 1: number out of range",
         ),
     ];
-    let dir = scratch("malformed");
+    let dir = Scratch::folder("malformed");
     let path = dir.join("bad.json");
     for (text, expected) in cases {
         std::fs::write(&path, &text).unwrap();
@@ -177,7 +174,7 @@ fn cli_json_prints_one_object_with_the_stats() {
 fn cli_table_plots_and_errors() {
     let case = fixtures().join("basic");
     let (gt, dt) = (case.join("gt.json"), case.join("dt.json"));
-    let out_dir = scratch("cli-out");
+    let out_dir = Scratch::folder("cli-out");
     let out = retinanet(&[
         "eval",
         "--gt",
@@ -199,7 +196,7 @@ fn cli_table_plots_and_errors() {
         assert!(std::fs::metadata(&png).is_ok_and(|m| m.len() > 1000), "{}", png.display());
     }
 
-    let bad = scratch("cli-bad").join("dt.json");
+    let bad = Scratch::new("dt.json");
     std::fs::write(&bad, r#"[{"image_id": 999, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 1}]"#).unwrap();
     let out = retinanet(&["eval", "--gt", gt.to_str().unwrap(), "--dt", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));

@@ -6,10 +6,13 @@ use std::path::PathBuf;
 use candle_retinanet::config::LabelMode;
 use candle_retinanet::data::{Dataset, LoadOptions};
 
-fn write(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-coco-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
+/// `text` written to a file named `name` in a scratch folder.
+fn write(name: &str, text: &str) -> Scratch {
+    let path = Scratch::new(name);
     std::fs::write(&path, text).unwrap();
     path
 }

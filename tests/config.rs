@@ -2,6 +2,10 @@
 
 use candle_retinanet::config::{BackboneNorm, Config, P6Source, PRESETS};
 
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 fn set(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
@@ -11,7 +15,7 @@ fn every_preset_resolves_and_round_trips_through_toml() {
     for (name, _) in PRESETS {
         let config = Config::resolve(Some(name), &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(config.name, *name);
-        let path = std::env::temp_dir().join(format!("retinanet-config-{name}-{}.toml", std::process::id()));
+        let path = Scratch::new(&format!("{name}.toml"));
         std::fs::write(&path, config.to_toml()).unwrap();
         assert_eq!(Config::from_file(&path).unwrap(), config, "{name} changes when written and read back");
     }
@@ -52,13 +56,13 @@ fn overrides_parse_toml_values_with_string_fallback() {
 
 #[test]
 fn a_file_inherits_its_base() {
-    let path = std::env::temp_dir().join(format!("retinanet-config-child-{}.toml", std::process::id()));
+    let path = Scratch::new("child.toml");
     std::fs::write(&path, "base = \"bccd\"\n[train]\nepochs = 3\n").unwrap();
     let c = Config::resolve(Some(path.to_str().unwrap()), &[]).unwrap();
     assert_eq!(c.train.epochs, 3);
     let bccd = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/bccd");
     assert_eq!(c.data.root, bccd.to_str().unwrap(), "the rest comes from the base, its root in assets/");
-    assert!(c.name.starts_with("retinanet-config-child"));
+    assert_eq!(c.name, "child", "a file's config is named after it");
 }
 
 #[test]
@@ -99,7 +103,7 @@ fn wrong_types_name_the_key_and_the_expected_type() {
 fn unknown_presets_and_bad_files_are_named() {
     let err = format!("{:#}", Config::resolve(Some("nope"), &[]).unwrap_err());
     assert!(err.contains("nope") && err.contains("shapes, bccd"), "{err}");
-    let path = std::env::temp_dir().join(format!("retinanet-config-bad-{}.toml", std::process::id()));
+    let path = Scratch::new("bad.toml");
     std::fs::write(&path, "[train\nepochs = 3\n").unwrap();
     let err = format!("{:#}", Config::resolve(Some(path.to_str().unwrap()), &[]).unwrap_err());
     assert!(err.contains(path.to_str().unwrap()), "{err}");

@@ -15,13 +15,9 @@ use candle_retinanet::inspect;
 #[path = "support/tiny_model.rs"]
 mod tiny_model;
 use tiny_model::TINY_MODEL;
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-formats-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
 
 fn bccd() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/bccd")
@@ -165,7 +161,7 @@ fn bccd_reads_the_same_in_every_format() {
         .collect();
     let refs: Vec<(&str, &CocoJson)> = splits.iter().map(|(s, c)| (*s, c)).collect();
     let images = bccd().join("images");
-    let (voc, yolo, csv) = (temp("voc"), temp("yolo"), temp("csv"));
+    let (voc, yolo, csv) = (Scratch::folder("voc"), Scratch::folder("yolo"), Scratch::folder("csv"));
     write_voc(&refs, &images, &voc, true);
     write_yolo(&refs, &images, &yolo);
     write_csv(&refs, &images, &csv);
@@ -203,8 +199,8 @@ fn tiny_image(dir: &Path, name: &str) {
     image::RgbImage::new(8, 8).save(dir.join(name)).unwrap();
 }
 
-fn voc_folder(name: &str, object: &str) -> PathBuf {
-    let dir = temp(name);
+fn voc_folder(name: &str, object: &str) -> Scratch {
+    let dir = Scratch::folder(name);
     tiny_image(&dir.join("images"), "a.png");
     let xml = format!("<annotation>\n<filename>a.png</filename>\n<size><width>8</width><height>8</height></size>\n{object}\n</annotation>\n");
     write(&dir.join("annotations/a.xml"), &xml);
@@ -241,8 +237,8 @@ fn broken_voc_files_name_the_file_and_line() {
     assert!(err.contains("a.xml: line 4: <object> class \"cell\" is not in data.classes"), "{err}");
 }
 
-fn yolo_folder(name: &str, yaml: &str, labels: &str) -> PathBuf {
-    let dir = temp(name);
+fn yolo_folder(name: &str, yaml: &str, labels: &str) -> Scratch {
+    let dir = Scratch::folder(name);
     tiny_image(&dir.join("images/train"), "a.png");
     write(&dir.join("data.yaml"), yaml);
     write(&dir.join("labels/train/a.txt"), labels);
@@ -268,8 +264,8 @@ fn broken_yolo_files_name_the_file_and_line() {
     }
 }
 
-fn csv_folder(name: &str, classes: &str, rows: &str) -> PathBuf {
-    let dir = temp(name);
+fn csv_folder(name: &str, classes: &str, rows: &str) -> Scratch {
+    let dir = Scratch::folder(name);
     tiny_image(&dir.join("images"), "a.png");
     write(&dir.join("classes.csv"), classes);
     write(&dir.join("train.csv"), rows);
@@ -301,7 +297,7 @@ fn broken_csv_files_name_the_file_and_line() {
 
 #[test]
 fn a_folder_of_no_known_layout_says_what_was_looked_for() {
-    let err = error(&temp("unknown"), "train");
+    let err = error(&Scratch::folder("unknown"), "train");
     for expected in
         ["no dataset found", "instances_train.json (COCO)", "(Pascal VOC)", "data.yaml (YOLO)", "classes.csv (CSV)"]
     {
@@ -325,24 +321,24 @@ fn sets(extra: &[String]) -> Vec<String> {
 /// `data.root` alone, and `eval` scores it as it scores its COCO conversion.
 #[test]
 fn voc_and_yolo_folders_train_and_score_as_their_coco_conversion() {
-    let synth = temp("synth").join("set");
+    let synth = Scratch::new("set");
     retinanet(&["synth", "--out", synth.to_str().unwrap(), "--train", "8", "--val", "4", "--size", "64"]);
     let splits: Vec<(&str, CocoJson)> = ["train", "val"]
         .into_iter()
         .map(|s| (s, read_coco_json(&synth.join(format!("annotations/instances_{s}.json"))).unwrap()))
         .collect();
     let refs: Vec<(&str, &CocoJson)> = splits.iter().map(|(s, c)| (*s, c)).collect();
-    let (voc, yolo) = (temp("voc-flat"), temp("yolo-train"));
+    let (voc, yolo) = (Scratch::folder("voc-flat"), Scratch::folder("yolo-train"));
     write_voc(&refs, &synth.join("images"), &voc, false);
     write_yolo(&refs, &synth.join("images"), &yolo);
     for (name, root) in [("voc", &voc), ("yolo", &yolo)] {
-        let run = temp(&format!("run-{name}"));
+        let run = Scratch::new(&format!("run-{name}"));
         let root_key = format!("data.root={}", root.display());
         let mut args = vec!["train".to_string(), "--out".into(), run.display().to_string()];
         args.extend(sets(std::slice::from_ref(&root_key)));
         retinanet(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
-        let converted = temp(&format!("converted-{name}")).join("coco");
+        let converted = Scratch::new("coco");
         let mut convert = vec!["convert".to_string(), "--out".into(), converted.display().to_string()];
         convert.extend(["--set".to_string(), root_key.clone()]);
         retinanet(&convert.iter().map(String::as_str).collect::<Vec<_>>());

@@ -15,6 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 /// The commit every file of the fake Hub is at.
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -108,13 +112,6 @@ fn answer(stream: TcpStream, files: &HashMap<String, Vec<u8>>, seen: &Mutex<Vec<
     let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body));
 }
 
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-hub-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weights").join(name)
 }
@@ -154,7 +151,7 @@ fn hub_weights_download_cache_pin_and_fail_with_a_hint() {
     let weights = std::fs::read(fixture("retinanet_v1.pth")).unwrap();
     let files = HashMap::from([("owner/tiny/model.pth".to_string(), weights)]);
     let mut server = HubServer::start(files.clone());
-    let dir = temp("e2e");
+    let dir = Scratch::folder("e2e");
     let (cached, empty) = (dir.join("cached"), dir.join("empty"));
     let (cached, empty) = (cached.to_str().unwrap(), empty.to_str().unwrap());
     let out = dir.join("out.safetensors");
@@ -212,7 +209,7 @@ fn hub_weights_download_cache_pin_and_fail_with_a_hint() {
 /// network and an empty cache it stops with the hint, before any run folder.
 #[test]
 fn the_finetune_preset_without_weights_stops_with_the_hint() {
-    let dir = temp("finetune");
+    let dir = Scratch::folder("finetune");
     let run = dir.join("run");
     let home = dir.join("home");
     let o = retinanet(

@@ -6,15 +6,13 @@ use candle_retinanet::data::{image_size, load_rgb};
 use image::codecs::jpeg::JpegEncoder;
 use image::{DynamicImage, ImageBuffer, ImageEncoder, Luma, LumaA, Rgb, Rgba};
 
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-image-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
 
 #[test]
 fn grayscale_png_becomes_rgb() {
-    let path = temp_dir("gray").join("g.png");
+    let path = Scratch::new("g.png");
     ImageBuffer::from_fn(4, 3, |x, y| Luma([(x * 10 + y) as u8])).save(&path).unwrap();
     let rgb = load_rgb(&path).unwrap();
     assert_eq!(rgb.dimensions(), (4, 3));
@@ -23,7 +21,7 @@ fn grayscale_png_becomes_rgb() {
 
 #[test]
 fn gray_alpha_and_rgba_png_drop_alpha() {
-    let dir = temp_dir("alpha");
+    let dir = Scratch::folder("alpha");
     ImageBuffer::from_fn(2, 2, |_, _| LumaA([7u8, 9])).save(dir.join("la.png")).unwrap();
     ImageBuffer::from_fn(2, 2, |_, _| Rgba([1u8, 2, 3, 0])).save(dir.join("rgba.png")).unwrap();
     assert_eq!(load_rgb(&dir.join("la.png")).unwrap().get_pixel(1, 1).0, [7, 7, 7]);
@@ -32,7 +30,7 @@ fn gray_alpha_and_rgba_png_drop_alpha() {
 
 #[test]
 fn sixteen_bit_png_is_scaled_to_eight_bits() {
-    let path = temp_dir("16bit").join("deep.png");
+    let path = Scratch::new("deep.png");
     ImageBuffer::from_fn(2, 1, |x, _| Rgb([if x == 0 { 0u16 } else { 65535 }, 32896, 257])).save(&path).unwrap();
     let rgb = load_rgb(&path).unwrap();
     assert_eq!(rgb.get_pixel(0, 0).0, [0, 128, 1]);
@@ -62,7 +60,7 @@ fn exif_rotated_jpeg_is_turned_upright() {
     let mut encoder = JpegEncoder::new_with_quality(Cursor::new(&mut bytes), 95);
     encoder.set_exif_metadata(exif_orientation(6)).unwrap();
     encoder.write_image(stored.as_raw(), 40, 20, image::ExtendedColorType::Rgb8).unwrap();
-    let path = temp_dir("exif").join("rotated.jpg");
+    let path = Scratch::new("rotated.jpg");
     std::fs::write(&path, &bytes).unwrap();
 
     let rgb = load_rgb(&path).unwrap();
@@ -92,7 +90,7 @@ fn progressive_and_cmyk_jpeg_become_rgb() {
 
 #[test]
 fn baseline_jpeg_decodes() {
-    let path = temp_dir("jpeg").join("plain.jpg");
+    let path = Scratch::new("plain.jpg");
     DynamicImage::ImageRgb8(ImageBuffer::from_fn(16, 8, |x, y| Rgb([(x * 16) as u8, (y * 32) as u8, 100])))
         .save(&path)
         .unwrap();
@@ -101,7 +99,7 @@ fn baseline_jpeg_decodes() {
 
 #[test]
 fn broken_files_are_errors_naming_the_file() {
-    let dir = temp_dir("broken");
+    let dir = Scratch::folder("broken");
     let good = {
         let mut bytes = Vec::new();
         DynamicImage::ImageRgb8(ImageBuffer::from_pixel(64, 64, Rgb([9u8, 9, 9])))

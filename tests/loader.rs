@@ -1,7 +1,6 @@
 //! The data loader: seeded order, mid-epoch resumption, ordered prefetch.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::path::Path;
 
 use candle_retinanet::config::InputConfig;
 use candle_retinanet::data::Transform;
@@ -9,23 +8,25 @@ use candle_retinanet::data::{write_dataset, SynthSpec};
 use candle_retinanet::data::{Batch, Loader, LoaderOptions, Shard};
 use candle_retinanet::data::{Dataset, LoadOptions};
 
-/// 23 synthetic 64 px images, written once per test process.
-fn dataset() -> (Dataset, std::path::PathBuf) {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("retinanet-loader-{}", std::process::id()));
-        write_dataset(&dir, SynthSpec { train: 23, val: 1, size: 64, seed: 5 }).unwrap();
-        dir
-    });
-    (Dataset::load(&dir.join("annotations/instances_train.json"), LoadOptions::default()).unwrap(), dir.join("images"))
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
+/// 23 synthetic 64 px images, in a scratch folder that goes with the guard.
+fn dataset() -> Scratch {
+    let dir = Scratch::new("loader");
+    write_dataset(&dir, SynthSpec { train: 23, val: 1, size: 64, seed: 5 }).unwrap();
+    dir
 }
 
-fn loader(workers: usize, prefetch: usize, seed: u64) -> Loader {
-    loader_with_batch(4, workers, prefetch, seed)
+/// A loader of the training split of `data`, a folder from [`dataset`].
+fn loader(data: &Path, workers: usize, prefetch: usize, seed: u64) -> Loader {
+    loader_with_batch(data, 4, workers, prefetch, seed)
 }
 
-fn loader_with_batch(batch_size: usize, workers: usize, prefetch: usize, seed: u64) -> Loader {
-    let (d, images) = dataset();
+fn loader_with_batch(data: &Path, batch_size: usize, workers: usize, prefetch: usize, seed: u64) -> Loader {
+    let d = Dataset::load(&data.join("annotations/instances_train.json"), LoadOptions::default()).unwrap();
+    let images = data.join("images");
     let input = InputConfig { min_size: vec![48, 64], max_size: 96, ..InputConfig::default() };
     let options = LoaderOptions {
         batch_size,
@@ -60,18 +61,20 @@ fn epoch(loader: &Loader, epoch: usize, start: usize) -> Vec<Fingerprint> {
 
 #[test]
 fn same_seed_same_batches_other_epoch_other_order() {
-    let (a, b) = (loader(2, 2, 7), loader(2, 2, 7));
+    let data = dataset();
+    let (a, b) = (loader(&data, 2, 2, 7), loader(&data, 2, 2, 7));
     assert_eq!(a.batches_per_epoch(), 5, "23 images, batch 4, last partial batch dropped");
     let first = epoch(&a, 0, 0);
     assert_eq!(first.len(), 5);
     assert_eq!(first, epoch(&b, 0, 0));
     assert_ne!(a.epoch_order(0), a.epoch_order(1));
-    assert_ne!(a.epoch_order(0), loader(2, 2, 8).epoch_order(0));
+    assert_ne!(a.epoch_order(0), loader(&data, 2, 2, 8).epoch_order(0));
 }
 
 #[test]
 fn resuming_mid_epoch_gives_the_remaining_batches() {
-    let l = loader(2, 3, 1);
+    let data = dataset();
+    let l = loader(&data, 2, 3, 1);
     let whole = epoch(&l, 2, 0);
     let resumed = epoch(&l, 2, 3);
     assert_eq!(resumed, whole[3..].to_vec());
@@ -79,15 +82,17 @@ fn resuming_mid_epoch_gives_the_remaining_batches() {
 
 #[test]
 fn prefetch_and_workers_do_not_reorder() {
-    let serial = epoch(&loader(1, 1, 4), 1, 0);
-    let parallel = epoch(&loader(2, 8, 4), 1, 0);
+    let data = dataset();
+    let serial = epoch(&loader(&data, 1, 1, 4), 1, 0);
+    let parallel = epoch(&loader(&data, 2, 8, 4), 1, 0);
     assert_eq!(serial.iter().map(|b| b.0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
     assert_eq!(serial, parallel);
 }
 
 #[test]
 fn batches_are_padded_to_the_divisor_with_targets_inside() {
-    let l = loader(2, 2, 0);
+    let data = dataset();
+    let l = loader(&data, 2, 2, 0);
     for batch in l.epoch(0, 0).unwrap() {
         let batch = batch.unwrap();
         let (n, c, h, w) = batch.images.dims4().unwrap();
@@ -106,7 +111,8 @@ fn batches_are_padded_to_the_divisor_with_targets_inside() {
 
 #[test]
 fn dropping_the_iterator_early_stops_cleanly() {
-    let l = loader(2, 1, 0);
+    let data = dataset();
+    let l = loader(&data, 2, 1, 0);
     let mut it = l.epoch(0, 0).unwrap();
     assert!(it.next().unwrap().is_ok());
     drop(it);
@@ -125,9 +131,10 @@ fn images_of(batch: &Batch) -> Vec<ImageFingerprint> {
 /// with batches of 4, split in halves, from any starting batch.
 #[test]
 fn shards_split_each_global_batch_in_rank_order() {
-    let whole = loader_with_batch(4, 2, 2, 3);
+    let data = dataset();
+    let whole = loader_with_batch(&data, 4, 2, 2, 3);
     let ranks: Vec<Loader> =
-        (0..2).map(|rank| loader_with_batch(2, 1, 2, 3).with_shard(Shard { rank, world: 2 })).collect();
+        (0..2).map(|rank| loader_with_batch(&data, 2, 1, 2, 3).with_shard(Shard { rank, world: 2 })).collect();
     assert_eq!(ranks[1].batches_per_epoch(), whole.batches_per_epoch());
     assert_eq!(ranks[0].global_batch_size(), 4);
     for start in [0, 2] {

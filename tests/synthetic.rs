@@ -4,9 +4,12 @@ use candle_retinanet::data::load_rgb;
 use candle_retinanet::data::{read_coco_json, Dataset, LoadOptions};
 use candle_retinanet::data::{write_dataset, SynthSpec, CLASSES, MAX_SHAPE, MIN_SHAPE};
 
-fn generate(name: &str, spec: SynthSpec) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-synth-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
+fn generate(name: &str, spec: SynthSpec) -> Scratch {
+    let dir = Scratch::new(name);
     write_dataset(&dir, spec).unwrap();
     dir
 }

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 #[path = "support/tiny_model.rs"]
 mod tiny_model;
 use tiny_model::TINY_MODEL;
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
 
 /// With [`TINY_MODEL`]: a dataset and recipe for a few dozen steps in seconds.
 const TINY: &[&str] = &[
@@ -23,23 +26,19 @@ const TINY: &[&str] = &[
     "train.log_every=1",
 ];
 
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 fn train_command(out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_retinanet"));
-    cmd.arg("train").arg("--out").arg(out).env("RETINANET_CACHE", temp_cache());
+    cmd.arg("train").arg("--out").arg(out).env("RETINANET_CACHE", cache_of(out));
     for item in TINY_MODEL.iter().chain(TINY).chain(extra) {
         cmd.arg("--set").arg(item);
     }
     cmd
 }
 
-fn temp_cache() -> PathBuf {
-    std::env::temp_dir().join(format!("retinanet-train-cache-{}", std::process::id()))
+/// The synthetic data's cache of a run in a [`Scratch`]: beside the run, in
+/// its scratch folder, so that it goes with it.
+fn cache_of(run: &Path) -> PathBuf {
+    run.with_file_name("cache")
 }
 
 fn run_ok(mut cmd: Command) -> String {
@@ -66,7 +65,7 @@ fn weights(run: &Path) -> Vec<u8> {
 
 #[test]
 fn loss_falls_and_stays_finite() {
-    let out = temp("smoke");
+    let out = Scratch::new("smoke");
     let stdout = run_ok(train_command(&out, &["train.max_steps=40"]));
     assert!(stdout.contains("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"), "{stdout}");
     let l = losses(&out);
@@ -84,7 +83,7 @@ fn loss_falls_and_stays_finite() {
 
 #[test]
 fn bf16_mixed_precision_learns_and_keeps_f32_weights() {
-    let out = temp("bf16");
+    let out = Scratch::new("bf16");
     run_ok(train_command(&out, &["train.max_steps=40", "train.precision=bf16"]));
     let l = losses(&out);
     assert!(l.iter().all(|v| v.is_finite()), "{l:?}");
@@ -104,10 +103,10 @@ fn bf16_mixed_precision_learns_and_keeps_f32_weights() {
 fn assert_resume_is_bit_identical(name: &str, extra: &[&str]) {
     let steps: Vec<&str> =
         ["train.max_steps=40", "train.checkpoint_every=4"].into_iter().chain(extra.iter().copied()).collect();
-    let whole = temp(&format!("{name}-whole"));
+    let whole = Scratch::new(&format!("{name}-whole"));
     run_ok(train_command(&whole, &steps));
 
-    let killed = temp(&format!("{name}-killed"));
+    let killed = Scratch::new(&format!("{name}-killed"));
     let mut child = train_command(&killed, &steps).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let state = killed.join("checkpoints/last/state.json");
     let started = Instant::now();
@@ -122,7 +121,7 @@ fn assert_resume_is_bit_identical(name: &str, extra: &[&str]) {
     assert!(killed_at < 40, "the run finished before it could be killed");
 
     let mut resume = Command::new(env!("CARGO_BIN_EXE_retinanet"));
-    resume.arg("train").arg("--resume").arg(&killed).env("RETINANET_CACHE", temp_cache());
+    resume.arg("train").arg("--resume").arg(&killed).env("RETINANET_CACHE", cache_of(&killed));
     run_ok(resume);
     assert!(weights(&whole) == weights(&killed), "resumed weights differ from the uninterrupted run");
     assert_eq!(losses(&whole), losses(&killed), "the metrics history differs");
@@ -160,7 +159,7 @@ fn resume_with_augmentations_and_weight_average_is_bit_identical() {
 /// `train_weights.safetensors` what the optimiser moved; they differ.
 #[test]
 fn the_weight_average_is_what_the_checkpoint_offers() {
-    let out = temp("ema");
+    let out = Scratch::new("ema");
     run_ok(train_command(&out, &["train.max_steps=8", "train.ema_decay=0.9", "train.ema_warmup_steps=1"]));
     let load = |file: &str| {
         candle_core::safetensors::load(out.join("checkpoints/last").join(file), &candle_core::Device::Cpu).unwrap()
@@ -180,7 +179,7 @@ fn the_weight_average_is_what_the_checkpoint_offers() {
 /// run at the third evaluation, says so, and the final summary reuses it.
 #[test]
 fn patience_stops_a_run_that_no_longer_improves() {
-    let out = temp("patience");
+    let out = Scratch::new("patience");
     let mut cmd = train_command(
         &out,
         &[
@@ -213,11 +212,11 @@ fn patience_stops_a_run_that_no_longer_improves() {
 /// A trained run folder is used by `eval --weights` and `predict`.
 #[test]
 fn eval_and_predict_use_a_trained_run() {
-    let out = temp("use");
+    let out = Scratch::new("use");
     run_ok(train_command(&out, &["train.max_steps=6"]));
     let retinanet = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_retinanet"));
-        cmd.env("RETINANET_CACHE", temp_cache());
+        cmd.env("RETINANET_CACHE", cache_of(&out));
         cmd
     };
 
@@ -230,7 +229,7 @@ fn eval_and_predict_use_a_trained_run() {
     assert!(eval_out.join("detections.json").exists() && eval_out.join("eval.json").exists());
 
     // The cache folder is named after data.synth: train, val, size, seed.
-    let images = temp_cache().join("shapes-24-6-64-0/images");
+    let images = cache_of(&out).join("shapes-24-6-64-0/images");
     let image = images.join("val_000000.png");
     let mut predict = retinanet();
     let drawn = out.join("drawn");
@@ -256,7 +255,7 @@ fn eval_and_predict_use_a_trained_run() {
     let mut predict_split = retinanet();
     predict_split.args(["predict", "--weights"]).arg(&out).args(["--split", "val", "--out"]).arg(&split_out);
     run_ok(predict_split);
-    let gt = temp_cache().join("shapes-24-6-64-0/annotations/instances_val.json");
+    let gt = cache_of(&out).join("shapes-24-6-64-0/annotations/instances_val.json");
     let mut score = retinanet();
     score.args(["eval", "--json", "--gt"]).arg(&gt).arg("--dt").arg(split_out.join("predictions.json"));
     let scored: serde_json::Value = serde_json::from_str(&run_ok(score)).unwrap();
@@ -281,7 +280,7 @@ fn eval_and_predict_use_a_trained_run() {
 fn failed_checkpoint_write_keeps_the_previous_one() {
     use std::os::unix::process::CommandExt;
 
-    let out = temp("diskfull");
+    let out = Scratch::new("diskfull");
     run_ok(train_command(&out, &["train.max_steps=8", "train.checkpoint_every=4"]));
     let last = out.join("checkpoints/last");
     let before = weights(&out);
@@ -292,7 +291,7 @@ fn failed_checkpoint_write_keeps_the_previous_one() {
     );
 
     let mut resume = Command::new(env!("CARGO_BIN_EXE_retinanet"));
-    resume.args(["train", "--set", "train.max_steps=16", "--resume"]).arg(&out).env("RETINANET_CACHE", temp_cache());
+    resume.args(["train", "--set", "train.max_steps=16", "--resume"]).arg(&out).env("RETINANET_CACHE", cache_of(&out));
     // SAFETY: setrlimit is async-signal-safe and touches only the child.
     unsafe {
         resume.pre_exec(move || {
@@ -323,9 +322,10 @@ fn failed_checkpoint_write_keeps_the_previous_one() {
     assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
 }
 
-fn resume_command(run: &Path) -> Command {
+/// `train --resume run`, reading the synthetic data from `cache`.
+fn resume_command(run: &Path, cache: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_retinanet"));
-    cmd.arg("train").arg("--resume").arg(run).env("RETINANET_CACHE", temp_cache());
+    cmd.arg("train").arg("--resume").arg(run).env("RETINANET_CACHE", cache);
     cmd
 }
 
@@ -369,13 +369,13 @@ fn assert_last_loadable(run: &Path) -> u64 {
 fn sigkill_at_any_moment_leaves_last_loadable() {
     // A checkpoint every step: most of the run's time is spent writing and
     // syncing them, so the kills land inside writes as well as between.
-    let out = temp("killloop");
+    let out = Scratch::new("killloop");
     let mut steps_seen = Vec::new();
     for attempt in 0..6u64 {
         let mut cmd = if attempt == 0 {
             train_command(&out, &["train.max_steps=1000", "train.checkpoint_every=1"])
         } else {
-            resume_command(&out)
+            resume_command(&out, &cache_of(&out))
         };
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         wait_for_checkpoint(&out);
@@ -398,7 +398,7 @@ fn sigkill_at_any_moment_leaves_last_loadable() {
 #[cfg(unix)]
 #[test]
 fn sigint_saves_a_checkpoint_and_exits_cleanly() {
-    let out = temp("sigint");
+    let out = Scratch::new("sigint");
     let child = train_command(&out, &["train.max_steps=100000", "train.checkpoint_every=100000"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -435,11 +435,11 @@ fn copy_checkpoint(from: &Path, to: &Path) {
 /// resumed run's weights, not the abandoned run's.
 #[test]
 fn resuming_an_earlier_checkpoint_rewrites_later_steps() {
-    let out = temp("rewrite");
+    let out = Scratch::new("rewrite");
     run_ok(train_command(&out, &["train.max_steps=2"]));
-    let kept = temp("rewrite-step2");
+    let kept = Scratch::new("rewrite-step2");
     copy_checkpoint(&out.join("checkpoints/last"), &kept);
-    let mut further = resume_command(&out);
+    let mut further = resume_command(&out, &cache_of(&out));
     further.args(["--set", "train.max_steps=4"]);
     run_ok(further);
     let abandoned = weights(&out);
@@ -447,7 +447,7 @@ fn resuming_an_earlier_checkpoint_rewrites_later_steps() {
     // The step-2 checkpoint back in the run, resumed with lr 0.05 to step 4.
     let earlier = out.join("checkpoints/step-00000002");
     copy_checkpoint(&kept, &earlier);
-    let mut resumed = resume_command(&earlier);
+    let mut resumed = resume_command(&earlier, &cache_of(&out));
     resumed.args(["--set", "train.max_steps=4", "--set", "train.lr=0.05"]);
     run_ok(resumed);
     assert_eq!(assert_last_loadable(&out), 4);

@@ -10,9 +10,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+#[path = "support/scratch.rs"]
+mod scratch;
 use candle_retinanet::config::{HeadNorm, ModelConfig, P6Source};
 use candle_retinanet::model::{self, LoadMode, LoadedModel};
 use candle_retinanet::run::{read_weights, write_weights};
+use scratch::Scratch;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weights").join(name)
@@ -114,7 +117,7 @@ fn another_class_count_reinitialises_only_the_classification_output() {
 #[test]
 fn a_pytorch_checkpoint_converts_to_safetensors_unchanged() {
     let tensors = read_weights(&fixture("retinanet_v2.pth")).unwrap();
-    let out = std::env::temp_dir().join(format!("retinanet-weights-{}.safetensors", std::process::id()));
+    let out = Scratch::new("weights.safetensors");
     write_weights(&tensors, &out).unwrap();
     let back = read_weights(&out).unwrap();
     assert_eq!(back.len(), tensors.len());
@@ -126,7 +129,7 @@ fn a_pytorch_checkpoint_converts_to_safetensors_unchanged() {
 
 #[test]
 fn a_file_that_is_no_weights_names_the_formats() {
-    let path = std::env::temp_dir().join(format!("retinanet-not-weights-{}.pth", std::process::id()));
+    let path = Scratch::new("not-weights.pth");
     std::fs::write(&path, b"just some text").unwrap();
     let err = format!("{:#}", read_weights(&path).unwrap_err());
     assert!(err.contains(path.to_str().unwrap()) && err.contains(".safetensors") && err.contains(".pth"), "{err}");
@@ -136,7 +139,7 @@ fn a_file_that_is_no_weights_names_the_formats() {
 /// then written; a model of other widths is one error naming the tensors.
 #[test]
 fn convert_weights_checks_against_a_config_and_writes_safetensors() {
-    let out = std::env::temp_dir().join(format!("retinanet-convert-weights-{}.safetensors", std::process::id()));
+    let out = Scratch::new("converted.safetensors");
     let input = fixture("resnet18.pth");
     let convert = |width: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_retinanet"))
@@ -188,8 +191,7 @@ fn the_torchvision_presets_load_their_layouts() {
 /// fixture's tiny widths and a short run).
 #[test]
 fn the_finetune_preset_trains_from_a_pytorch_resnet() {
-    let dir = std::env::temp_dir().join(format!("retinanet-finetune-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new("finetune");
     let data = dir.join("data");
     let synth = std::process::Command::new(env!("CARGO_BIN_EXE_retinanet"))
         .args(["synth", "--out", data.to_str().unwrap(), "--train", "4", "--val", "2", "--size", "64"])

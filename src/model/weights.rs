@@ -248,15 +248,13 @@ mod tests {
         let cfg = small_config();
         let dev = Device::Cpu;
         let a = build(&cfg, 3, &dev, 0, None)?;
-        let dir = std::env::temp_dir().join(format!("retinanet-weights-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("model.safetensors");
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("model.safetensors");
         candle_core::safetensors::save(&state_dict(&a.varmap), &path)?;
         let mut tensors = candle_core::safetensors::load(&path, &dev)?;
         tensors.insert("backbone.body.bn1.num_batches_tracked".into(), Tensor::new(&[0i64], &dev)?);
         // Another seed: only loading can make the outputs equal.
         let b = build(&cfg, 3, &dev, 1, Some((&tensors, LoadMode::Exact)))?;
-        std::fs::remove_dir_all(&dir)?;
         let x = Tensor::rand(0f32, 1., (1, 3, 64, 64), &dev)?;
         let (ya, yb) = (a.model.forward(&x, false)?, b.model.forward(&x, false)?);
         let diff = (ya.cls_logits - yb.cls_logits)?.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -278,17 +278,19 @@ mod tests {
         }
     }
 
-    fn temp(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("retinanet-ckpt-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    /// A path `name`, not yet made, in a temp folder removed when the
+    /// returned guard is dropped.
+    fn temp(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join(name);
+        (scratch, dir)
     }
 
     use CheckpointKind::{Best, Last};
 
     #[test]
     fn last_and_best_links_and_garbage_collection() {
-        let dir = temp("links");
+        let (_scratch, dir) = temp("links");
         let mut store = CheckpointStore::new(dir.clone());
         store.save(Last, &checkpoint(10, 1.0)).unwrap();
         store.save(Best, &checkpoint(10, 1.0)).unwrap();
@@ -306,7 +308,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_keeps_the_previous_checkpoint() {
-        let dir = temp("fail");
+        let (_scratch, dir) = temp("fail");
         let mut store = CheckpointStore::new(dir.clone());
         store.save(Last, &checkpoint(1, 1.0)).unwrap();
         // A file where the temporary folder goes makes the write fail, as a
@@ -320,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_step_another_run_left_is_written_anew() {
-        let dir = temp("resumed");
+        let (_scratch, dir) = temp("resumed");
         let mut abandoned = CheckpointStore::new(dir.clone());
         abandoned.save(Best, &checkpoint(10, 1.0)).unwrap();
         abandoned.save(Last, &checkpoint(20, 2.0)).unwrap();
@@ -340,7 +342,7 @@ mod tests {
 
     #[test]
     fn loading_a_non_checkpoint_names_it() {
-        let dir = temp("none");
+        let (_scratch, dir) = temp("none");
         std::fs::create_dir_all(&dir).unwrap();
         let err = load_checkpoint(&dir, &Device::Cpu).err().unwrap().to_string();
         assert!(err.contains("not a checkpoint folder"), "{err}");

@@ -79,10 +79,11 @@ mod tests {
     use super::*;
 
     /// hf-hub's cache layout: `models--owner--name/refs/main` holds the
-    /// revision, the file lives under `snapshots/<revision>/`.
-    fn fake_cache(file: &str) -> PathBuf {
-        let root = std::env::temp_dir().join(format!("retinanet-hub-{}-{file}", std::process::id()));
-        let repo = root.join("models--timm--resnet18.tv_in1k");
+    /// revision, the file lives under `snapshots/<revision>/`. Removed when
+    /// the returned folder is dropped.
+    fn fake_cache(file: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let repo = root.path().join("models--timm--resnet18.tv_in1k");
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123").unwrap();
@@ -93,11 +94,11 @@ mod tests {
     #[test]
     fn hub_files_resolve_from_the_cache_without_network() {
         let cache = fake_cache(DEFAULT_FILE);
-        let path = resolve_weights("hf:timm/resnet18.tv_in1k", Some(&cache)).unwrap();
+        let path = resolve_weights("hf:timm/resnet18.tv_in1k", Some(cache.path())).unwrap();
         assert!(path.ends_with("snapshots/abc123/model.safetensors"), "{}", path.display());
         assert_eq!(std::fs::read(path).unwrap(), b"weights");
         let cache = fake_cache("other.safetensors");
-        let path = resolve_weights("hf:timm/resnet18.tv_in1k/other.safetensors", Some(&cache)).unwrap();
+        let path = resolve_weights("hf:timm/resnet18.tv_in1k/other.safetensors", Some(cache.path())).unwrap();
         assert!(path.ends_with("other.safetensors"));
     }
 
