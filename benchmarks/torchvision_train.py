@@ -84,10 +84,14 @@ RECIPES = {
                    sizes=[8, 16, 32, 64, 128], ratios=[1.0], scales=OCTAVE_SCALES, fg_iou=0.4, bg_iou=0.3,
                    batch=8, lr=0.02, epochs=14, warmup=100, init="torch_default", box_loss="giou"),
     # configs/bccd.toml: ResNet-18 body, FPN 128, four-conv GroupNorm heads,
-    # torchvision's anchors, 480x640 scaled to 384x512.
-    "bccd": dict(depth=18, width=64, fpn=128, head_convs=4, head_gn=True, size=384, max_size=512,
+    # torchvision's anchors, 480x640 scaled to a shorter side of 320-448
+    # (evaluated at 448x597), 20 epochs. Its recipe until 2026-12-03, 13
+    # epochs at 384x512: `--set 'min_size=[]' --set size=384 --set
+    # max_size=512 --epochs 13`.
+    "bccd": dict(depth=18, width=64, fpn=128, head_convs=4, head_gn=True, size=448, max_size=597,
+                 min_size=[320, 352, 384, 416, 448],
                  sizes=[32, 64, 128, 256, 512], ratios=[0.5, 1.0, 2.0], scales=OCTAVE_SCALES, fg_iou=0.5, bg_iou=0.4,
-                 batch=4, lr=0.01, epochs=13, warmup=100, init="torch_default", box_loss="giou",
+                 batch=4, lr=0.01, epochs=20, warmup=100, init="torch_default", box_loss="giou",
                  clip_grad_norm=10.0),
 }
 
