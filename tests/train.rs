@@ -228,8 +228,9 @@ fn eval_and_predict_use_a_trained_run() {
     assert_eq!(report["images"], 6);
     assert!(eval_out.join("detections.json").exists() && eval_out.join("eval.json").exists());
 
-    // The cache folder is named after data.synth: train, val, size, seed.
-    let images = cache_of(&out).join("shapes-24-6-64-0/images");
+    // The cache folder is named after the generator's version and data.synth:
+    // train, val, size, seed.
+    let images = cache_of(&out).join("shapes-v2-24-6-64-0/images");
     let image = images.join("val_000000.png");
     let mut predict = retinanet();
     let drawn = out.join("drawn");
@@ -255,7 +256,7 @@ fn eval_and_predict_use_a_trained_run() {
     let mut predict_split = retinanet();
     predict_split.args(["predict", "--weights"]).arg(&out).args(["--split", "val", "--out"]).arg(&split_out);
     run_ok(predict_split);
-    let gt = cache_of(&out).join("shapes-24-6-64-0/annotations/instances_val.json");
+    let gt = cache_of(&out).join("shapes-v2-24-6-64-0/annotations/instances_val.json");
     let mut score = retinanet();
     score.args(["eval", "--json", "--gt"]).arg(&gt).arg("--dt").arg(split_out.join("predictions.json"));
     let scored: serde_json::Value = serde_json::from_str(&run_ok(score)).unwrap();
