@@ -147,8 +147,8 @@ impl Focal {
 /// `e^-a` for `a >= 0`; 0 where the result is below f32's normal range.
 #[inline(always)]
 fn exp_neg(a: f32) -> f32 {
-    // Cody and Waite's reduction: `a = n ln2 + r` with `|r| <= ln2 / 2`,
-    // ln 2 split in two so that `n * LN2_HI` (9 significant bits) is exact.
+    // Cody and Waite's reduction by n ln 2, with ln 2 split in two so that
+    // `n * LN2_HI` (9 significant bits) is exact.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Past this, `e^-a` is below 2^-126.
@@ -158,11 +158,12 @@ fn exp_neg(a: f32) -> f32 {
     // vector instruction where `round()` would be a libm call on x86-64.
     let n = (clamped * std::f32::consts::LOG2_E + 0.5) as i32;
     let nf = n as f32;
-    let r = (nf * LN2_HI - clamped) + nf * LN2_LO; // -r, in [-ln2/2, ln2/2]
-                                                   // e^r by its Taylor series to r^7: the next term is under 6e-9.
+    // e^-a = 2^-n e^rest, with rest = n ln2 - a in [-ln2/2, ln2/2].
+    let rest = (nf * LN2_HI - clamped) + nf * LN2_LO;
+    // e^rest by its Taylor series to rest^7: the next term is under 6e-9.
     let mut p = 1.0 / 5040.0;
     for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p * r + c;
+        p = p * rest + c;
     }
     let two_to_minus_n = f32::from_bits(((127 - n) as u32) << 23);
     if a > LARGEST {
