@@ -26,8 +26,9 @@
 //!
 //! Every sum runs in a fixed order, so results do not depend on threads
 //! (they do on the instruction set: AVX-512 sums 16 lanes where AVX2 sums 8).
-//! Wide 3x3 layers go to Winograd (`winograd.rs`); other kernels, large
-//! planes, strided input gradients and CPUs without AVX2 to im2col and GEMM.
+//! Wide 3x3 layers go to Winograd (`winograd.rs`); wide layers on small
+//! planes, other kernels, large planes, strided input gradients and CPUs
+//! without AVX2 to im2col and GEMM.
 
 use rayon::prelude::*;
 
@@ -40,6 +41,15 @@ const COLUMNS: usize = 3;
 /// Most f32 values of the padded input rows one band of output rows reads
 /// (256 KiB: the band stays in L2 while every channel block passes over it).
 const BAND_INPUT: usize = 1 << 16;
+
+/// Layers whose narrower side has this many channels or more take im2col
+/// and GEMM (or Winograd) instead. There each GEMM is 128 rows tall or
+/// more and the `gemm` crate's packing pays for itself: at 12x16 the `bccd`
+/// body's 512-channel weight gradient took 0.079-0.088 s a step here and
+/// 0.049 through GEMM, its 128->256 and 256->512 stride-2 ones halved, and
+/// the 128-channel head at P5-P6 fell by a third (BENCHMARKS.md, CPU
+/// training, 2026-12-03).
+const MAX_CHANNELS: usize = 128;
 
 /// Largest output planes that take this path. On larger ones a micro-tile's
 /// windows over 64 channels no longer stay in L1, and im2col with GEMM was
@@ -91,14 +101,16 @@ impl Isa {
     }
 }
 
-/// Whether [`forward`] and [`weight_grad`] can compute this convolution: a
+/// Whether [`forward`] and [`weight_grad`] compute this convolution: a
 /// square 3x3, 5x5 or 7x7 kernel, stride 1 or 2, padding smaller than the
-/// kernel, a plane of at most [`MAX_PLANE`], and a CPU with AVX-512 or
-/// AVX2 and FMA whose vectors (16 or 8 floats) tile the output rows.
+/// kernel, fewer than [`MAX_CHANNELS`] on one side, a plane of at most
+/// [`MAX_PLANE`], and a CPU with AVX-512 or AVX2 and FMA whose vectors (16
+/// or 8 floats) tile the output rows.
 pub(super) fn applies(g: &Geometry) -> bool {
     let shape = g.kh == g.kw && matches!(g.kh, 3 | 5 | 7) && matches!(g.stride, 1 | 2) && g.padding < g.kh;
     let sizes = g.n * g.c_in * g.c_out * g.out_h > 0 && g.out_w > 0;
-    shape && sizes && g.out_plane() <= MAX_PLANE && Isa::for_rows(g.out_w).is_some()
+    let narrow = g.c_in.min(g.c_out) < MAX_CHANNELS;
+    shape && sizes && narrow && g.out_plane() <= MAX_PLANE && Isa::for_rows(g.out_w).is_some()
 }
 
 /// Whether [`input_grad`] can compute this convolution's input gradient:
@@ -618,19 +630,26 @@ mod tests {
         (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).flat_map(move |k| (0..d).map(move |l| (i, j, k, l)))))
     }
 
-    /// The input gradient of the `bccd` head's 3x3 convolutions (128
-    /// channels, P5 and P6) against an f64 sum, with gradients of the small
-    /// size they have in training.
+    /// The input gradient of the widest 3x3 convolutions this path takes
+    /// (127 channels) on the small planes of a detection head's upper levels
+    /// (12x16 and 6x8, as the `bccd` preset's P5-P6) against an f64 sum,
+    /// with gradients of the small size they have in training.
     #[test]
-    fn input_gradient_of_wide_layers_matches_f64() {
+    fn input_gradient_of_the_widest_layers_matches_f64() {
+        if !has_avx2_fma() {
+            eprintln!("skipped: this CPU lacks AVX2 or FMA");
+            return;
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let c = MAX_CHANNELS - 1;
         for (h, w) in [(12, 16), (6, 8)] {
-            let g = Geometry::new((2, 128, h, w), (128, 128, 3, 3), 1, 1).expect("geometry");
-            let weights: Vec<f32> = random(128 * 128 * 9, &mut rng).iter().map(|v| v * 0.03).collect();
-            let grad: Vec<f32> = random(2 * 128 * h * w, &mut rng).iter().map(|v| v * 1e-6).collect();
+            let g = Geometry::new((2, c, h, w), (c, c, 3, 3), 1, 1).expect("geometry");
+            assert!(applies_to_input_grad(&g), "{g:?}");
+            let weights: Vec<f32> = random(c * c * 9, &mut rng).iter().map(|v| v * 0.03).collect();
+            let grad: Vec<f32> = random(2 * c * h * w, &mut rng).iter().map(|v| v * 1e-6).collect();
             let reference = input_grad_f64(&g, &grad, &weights);
             for isa in [Isa::Avx2, Isa::Avx512] {
-                if !applies_to_input_grad(&g) || (isa == Isa::Avx512 && !(has_avx512() && w % 16 == 0)) {
+                if isa == Isa::Avx512 && !(has_avx512() && w % 16 == 0) {
                     continue;
                 }
                 let mut dx = vec![0f32; reference.len()];
@@ -640,6 +659,27 @@ mod tests {
                 assert!(error < 1e-6, "{isa:?} {h}x{w}: relative error {error:.2e}");
             }
         }
+    }
+
+    /// Which layers of the presets' models take this path: the narrow ones
+    /// on small planes; 128 channels and more go to GEMM at any size.
+    #[test]
+    fn only_narrow_layers_on_small_planes_take_this_path() {
+        if !has_avx2_fma() {
+            eprintln!("skipped: this CPU lacks AVX2 or FMA");
+            return;
+        }
+        let geometry = |c, co, size: (usize, usize), stride| {
+            Geometry::new((4, c, size.0, size.1), (co, c, 3, 3), 1, stride).expect("geometry")
+        };
+        for g in [geometry(64, 64, (32, 32), 1), geometry(64, 128, (96, 128), 2), geometry(127, 127, (12, 16), 1)] {
+            assert!(applies(&g), "{g:?}");
+        }
+        // The `bccd` body's last stage and its stride-2 entries, a head at P5.
+        for g in [geometry(512, 512, (12, 16), 1), geometry(256, 512, (24, 32), 2), geometry(128, 128, (12, 16), 1)] {
+            assert!(!applies(&g) && !applies_to_input_grad(&g), "{g:?}");
+        }
+        assert!(!applies(&geometry(64, 64, (128, 128), 1)), "a plane above MAX_PLANE");
     }
 
     /// AVX-512's kernels against AVX2's (which `conv.rs` checks against
