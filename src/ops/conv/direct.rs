@@ -32,7 +32,7 @@
 
 use rayon::prelude::*;
 
-use super::{phase_index, split_row, threads, Geometry};
+use super::{phase_index, split_padded_row, threads, Geometry};
 
 /// Output channels per micro-tile.
 const CHANNELS: usize = 3;
@@ -213,15 +213,13 @@ fn prepare(g: &Geometry, x: &[f32]) -> Vec<f32> {
     let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
     let mut padded = vec![0f32; x.len() / (g.h * g.w) * hp * wp];
     padded.par_chunks_mut(hp * wp).zip(x.par_chunks(g.h * g.w)).for_each(|(dst, src)| {
-        let mut row_buffer = vec![0f32; if g.stride == 1 { 0 } else { wp }];
         for (y, row) in src.chunks(g.w).enumerate() {
             let dst = &mut dst[(y + g.padding) * wp..][..wp];
             if g.stride == 1 {
                 dst[g.padding..][..g.w].copy_from_slice(row);
-                continue;
+            } else {
+                split_padded_row(row, g.padding, dst);
             }
-            row_buffer[g.padding..][..g.w].copy_from_slice(row);
-            split_row(&row_buffer, g.stride, dst);
         }
     });
     padded

@@ -25,7 +25,8 @@
 use rayon::prelude::*;
 
 use super::{
-    for_each_image, matmul, matmul_by_transposed, split_row, sum_over_image_runs, with_columns, Geometry, BAND_COLUMNS,
+    for_each_image, matmul, matmul_by_transposed, split_padded_row, sum_over_image_runs, with_columns, Geometry,
+    BAND_COLUMNS,
 };
 
 /// Values per tile: the 4x4 transformed tile.
@@ -274,19 +275,15 @@ fn transform_input(g: &Geometry, plane: &[f32], tiles: Tiles, first: usize, v: &
     let band = v.len() / TAPS;
     let cols = tiles.cols;
     let half = cols + 1;
-    // One zero-bordered input row, its even and odd columns, and B^T d
+    // The even and odd columns of one zero-bordered input row, and B^T d
     // along each of the tile row's four input rows: `rows [i][j][tx]`.
-    let (mut padded, mut phases) = (vec![0f32; 2 * half], vec![0f32; 2 * half]);
+    let mut phases = vec![0f32; 2 * half];
     let mut rows = vec![0f32; TAPS * cols];
     for tile_row in 0..band / cols {
         for (i, r) in rows.chunks_exact_mut(4 * cols).enumerate() {
             let y = (2 * (first + tile_row) + i) as isize - g.padding as isize;
-            padded.fill(0.0);
-            if (0..g.h as isize).contains(&y) {
-                let width = g.w.min(padded.len() - g.padding);
-                padded[g.padding..][..width].copy_from_slice(&plane[y as usize * g.w..][..width]);
-            }
-            split_row(&padded, 2, &mut phases);
+            let row = if (0..g.h as isize).contains(&y) { &plane[y as usize * g.w..][..g.w] } else { &[] };
+            split_padded_row(row, g.padding, &mut phases);
             let (even, odd) = phases.split_at(half);
             let d = [&even[..cols], &odd[..cols], &even[1..], &odd[1..]];
             let (r0, rest) = r.split_at_mut(cols);
