@@ -9,15 +9,21 @@
 //! - `dx = rstd * (dy*g - mean(dy*g) - xhat * mean(dy*g * xhat))` per group,
 //! - `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)` per channel.
 //!
+//! The sums run in f32 lanes gathered in f64 (`lane_sum.rs`), and
+//! [`GroupNorm::forward_relu`] applies the ReLU that follows each norm of
+//! the head in the same pass (on the CPU), its mask in the backward's.
+//!
 //! On CUDA the same op runs three kernels (`cuda`). Other devices and
 //! dtypes, and `runtime.cuda_kernels = "stock"`, use Candle's `GroupNorm`.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use super::cuda_kernels::own_f32_kernel;
+use super::elementwise::relu;
 use super::f32_data;
+use super::lane_sum::{lane_sum, lane_sums};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -51,36 +57,73 @@ pub fn group_norm_2d(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, 
 impl Module for GroupNorm {
     /// [n, c, h, w] -> [n, c, h, w]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_maybe_relu(x, false)
+    }
+}
+
+impl GroupNorm {
+    /// `relu(forward(x))` [n, c, h, w], one op on the CPU.
+    pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_maybe_relu(x, true)
+    }
+
+    fn forward_maybe_relu(&self, x: &Tensor, with_relu: bool) -> Result<Tensor> {
         if x.dtype() != self.weight.dtype() {
             // Mixed precision: normalise in f32, as torch.autocast does.
-            return self.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
+            let y = self.forward_maybe_relu(&x.to_dtype(self.weight.dtype())?, with_relu)?;
+            return y.to_dtype(x.dtype());
         }
         let fused = own_f32_kernel(x.device(), x.dtype())
             && x.rank() == 4
             && [x.dtype(), self.weight.dtype(), self.bias.dtype()] == [DType::F32; 3]
             && x.dim(1)? == self.weight.dim(0)?;
-        if !fused {
-            return self.fallback.forward(x);
+        let y = match fused {
+            true => x.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &self.bias.contiguous()?,
+                // The CUDA kernels normalise only: the ReLU follows them.
+                GroupNormOp { groups: self.groups, eps: self.eps, with_relu: with_relu && x.device().is_cpu() },
+            )?,
+            false => self.fallback.forward(x)?,
+        };
+        match with_relu && !(fused && x.device().is_cpu()) {
+            true => relu(&y),
+            false => Ok(y),
         }
-        x.contiguous()?.apply_op3(
-            &self.weight.contiguous()?,
-            &self.bias.contiguous()?,
-            GroupNormOp { groups: self.groups, eps: self.eps },
-        )
     }
 }
 
+/// GroupNorm, then a ReLU when `with_relu` (CPU only).
 struct GroupNormOp {
     groups: usize,
     eps: f64,
+    with_relu: bool,
+}
+
+impl GroupNormOp {
+    /// (channels per group, h * w) for input dims [n, c, h, w].
+    fn group_shape(&self, dims: &[usize]) -> (usize, usize) {
+        (dims[1] / self.groups, dims[2] * dims[3])
+    }
+
+    /// The gradient reaching the norm's output: `dy`, or 0 where the ReLU
+    /// after it was closed (`y <= 0`).
+    #[inline(always)]
+    fn through_relu(&self, dy: f32, y: f32) -> f32 {
+        if self.with_relu && y <= 0.0 {
+            0.0
+        } else {
+            dy
+        }
+    }
 }
 
 /// Mean and 1/std of one group's values.
 fn stats(values: &[f32], eps: f64) -> (f32, f32) {
     let n = values.len() as f64;
-    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = values.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+    let mean = (lane_sum(values, |v| v) / n) as f32;
+    let var = lane_sum(values, |v| (v - mean) * (v - mean)) / n;
+    (mean, (1.0 / (var + eps).sqrt()) as f32)
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -114,8 +157,10 @@ impl CustomOp3 for GroupNormOp {
             let first = (ng % self.groups) * cpg;
             for (j, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
                 let (g, b) = (gamma[first + j] * rstd, beta[first + j]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - mean) * g + b;
+                if self.with_relu {
+                    y.iter_mut().zip(x).for_each(|(y, &x)| *y = ((x - mean) * g + b).max(0.0));
+                } else {
+                    y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x - mean) * g + b);
                 }
             }
         });
@@ -132,6 +177,9 @@ impl CustomOp3 for GroupNormOp {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.with_relu {
+            candle_core::bail!("group norm: the fused ReLU runs on the CPU only");
+        }
         cuda::forward(self.groups, self.eps, (xs, xl), (ws, wl), (bs, bl))
     }
 
@@ -140,102 +188,102 @@ impl CustomOp3 for GroupNormOp {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
-        _res: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if x.device().is_cuda() {
-            return self.packed_backward(x, gamma, beta, grad);
-        }
-        self.cpu_backward(x, gamma, beta, grad)
-    }
-}
-
-impl GroupNormOp {
-    /// (channels per group, h * w) for input dims [n, c, h, w].
-    fn group_shape(&self, dims: &[usize]) -> (usize, usize) {
-        (dims[1] / self.groups, dims[2] * dims[3])
-    }
-
-    /// The three gradients from one op whose output packs them (the CUDA
-    /// kernels), each kept only where the graph needs it.
-    fn packed_backward(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = GroupNormGrad { groups: self.groups, eps: self.eps };
-        let packed = grad.contiguous()?.apply_op3_no_bwd(x, gamma, &op)?;
+        let grad = grad.contiguous()?;
+        let packed = match x.device().is_cuda() {
+            true => grad.apply_op3_no_bwd(x, gamma, &GroupNormGrad { groups: self.groups, eps: self.eps })?,
+            false => grad.apply_op3_no_bwd(x, y, &GroupNormCpuGrad { op: self, gamma: gamma.to_vec1()? })?,
+        };
         let (len, c) = (x.elem_count(), gamma.elem_count());
         let dx = x.track_op().then(|| packed.narrow(0, 0, len)?.reshape(x.shape())).transpose()?;
         let dgamma = gamma.track_op().then(|| packed.narrow(0, len, c)).transpose()?;
         let dbeta = beta.track_op().then(|| packed.narrow(0, len + c, c)).transpose()?;
         Ok((dx, dgamma, dbeta))
     }
+}
 
-    fn cpu_backward(
+/// `[dx, dgamma, dbeta]` packed in one f32 vector, from arguments `dy`, `x`
+/// and the norm's output `y` (for the ReLU's mask), on the CPU.
+struct GroupNormCpuGrad<'a> {
+    op: &'a GroupNormOp,
+    /// [c]
+    gamma: Vec<f32>,
+}
+
+impl CustomOp3 for GroupNormCpuGrad<'_> {
+    fn name(&self) -> &'static str {
+        "group-norm-grad"
+    }
+
+    fn cpu_fwd(
         &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dims = x.dims().to_vec();
-        let c = dims[1];
-        let (cpg, hw) = self.group_shape(&dims);
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let dy = grad.flatten_all()?.to_vec1::<f32>()?;
-        let g = gamma.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; xs.len()];
-        // Per (image, group): dx, and per channel sums of dy * xhat and dy.
+        gs: &CpuStorage,
+        gl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (dy, x, y) = (
+            f32_data(gs, gl, "group norm gradient")?,
+            f32_data(xs, xl, "group norm input")?,
+            f32_data(ys, yl, "group norm output")?,
+        );
+        let (op, g, c) = (self.op, &self.gamma, self.gamma.len());
+        let (cpg, hw) = op.group_shape(xl.shape().dims());
+        let mut packed = vec![0f32; x.len() + 2 * c];
+        let (dx, sums) = packed.split_at_mut(x.len());
+        let group = cpg * hw;
+        // Per (image, group): dx, and per channel (dgamma, dbeta).
         let partial: Vec<Vec<(f64, f64)>> = dx
-            .par_chunks_mut(cpg * hw)
-            .zip(xs.par_chunks(cpg * hw).zip(dy.par_chunks(cpg * hw)))
+            .par_chunks_mut(group)
+            .zip(x.par_chunks(group).zip(dy.par_chunks(group)).zip(y.par_chunks(group)))
             .enumerate()
-            .map(|(ng, (dx, (x, dy)))| {
-                let (mean, rstd) = stats(x, self.eps);
-                let first = (ng % self.groups) * cpg;
-                let (mut sum_dyg, mut sum_dyg_xhat) = (0f64, 0f64);
-                let mut per_channel = Vec::with_capacity(cpg);
-                for (j, (x, dy)) in x.chunks(hw).zip(dy.chunks(hw)).enumerate() {
-                    let (mut dgamma, mut dbeta) = (0f64, 0f64);
-                    for (&x, &dy) in x.iter().zip(dy) {
-                        let xhat = f64::from((x - mean) * rstd);
-                        let dyg = f64::from(dy * g[first + j]);
-                        sum_dyg += dyg;
-                        sum_dyg_xhat += dyg * xhat;
-                        dgamma += f64::from(dy) * xhat;
-                        dbeta += f64::from(dy);
-                    }
-                    per_channel.push((dgamma, dbeta));
-                }
-                let n = (cpg * hw) as f64;
-                let (m1, m2) = ((sum_dyg / n) as f32, (sum_dyg_xhat / n) as f32);
-                for (j, (dx, (x, dy))) in dx.chunks_mut(hw).zip(x.chunks(hw).zip(dy.chunks(hw))).enumerate() {
+            .map(|(ng, (dx, ((x, dy), y)))| {
+                let (mean, rstd) = stats(x, op.eps);
+                let first = (ng % op.groups) * cpg;
+                let channels = x.chunks(hw).zip(dy.chunks(hw)).zip(y.chunks(hw));
+                let per_channel: Vec<(f64, f64)> = channels
+                    .map(|((x, dy), y)| {
+                        // dbeta = sum(d), dgamma = sum(d * xhat) = rstd * sum(d * (x - mean)).
+                        let [sum_d, sum_d_centred] = lane_sums(dy, x, y, |dy, x, y| {
+                            let d = op.through_relu(dy, y);
+                            [d, d * (x - mean)]
+                        });
+                        (sum_d_centred * f64::from(rstd), sum_d)
+                    })
+                    .collect();
+                // mean(dy*g) and mean(dy*g * xhat) over the group.
+                let n = group as f64;
+                let channel_gamma = |j: usize| f64::from(g[first + j]);
+                let m1 = per_channel.iter().enumerate().map(|(j, s)| channel_gamma(j) * s.1).sum::<f64>() / n;
+                let m2 = per_channel.iter().enumerate().map(|(j, s)| channel_gamma(j) * s.0).sum::<f64>() / n;
+                let (m1, m2) = (m1 as f32, m2 as f32);
+                let channels = dx.chunks_mut(hw).zip(x.chunks(hw).zip(dy.chunks(hw)).zip(y.chunks(hw)));
+                for (j, (dx, ((x, dy), y))) in channels.enumerate() {
                     let gj = g[first + j];
-                    for (dx, (&x, &dy)) in dx.iter_mut().zip(x.iter().zip(dy)) {
+                    for (dx, ((&x, &dy), &y)) in dx.iter_mut().zip(x.iter().zip(dy).zip(y)) {
                         let xhat = (x - mean) * rstd;
-                        *dx = rstd * (dy * gj - m1 - xhat * m2);
+                        *dx = rstd * (op.through_relu(dy, y) * gj - m1 - xhat * m2);
                     }
                 }
                 per_channel
             })
             .collect();
-        let mut dgamma = vec![0f64; c];
-        let mut dbeta = vec![0f64; c];
-        for (ng, sums) in partial.iter().enumerate() {
-            for (j, (dg, db)) in sums.iter().enumerate() {
-                dgamma[(ng % self.groups) * cpg + j] += dg;
-                dbeta[(ng % self.groups) * cpg + j] += db;
+        let (dgamma, dbeta) = sums.split_at_mut(c);
+        let mut totals = vec![(0f64, 0f64); c];
+        for (ng, per_channel) in partial.iter().enumerate() {
+            for (j, (dg, db)) in per_channel.iter().enumerate() {
+                let total = &mut totals[(ng % op.groups) * cpg + j];
+                (total.0, total.1) = (total.0 + dg, total.1 + db);
             }
         }
-        let to_tensor =
-            |v: Vec<f64>| Tensor::from_vec(v.into_iter().map(|v| v as f32).collect::<Vec<_>>(), c, &Device::Cpu);
-        let dx = x.track_op().then(|| Tensor::from_vec(dx, dims.as_slice(), &Device::Cpu)).transpose()?;
-        let dgamma = gamma.track_op().then(|| to_tensor(dgamma)).transpose()?;
-        let dbeta = beta.track_op().then(|| to_tensor(dbeta)).transpose()?;
-        Ok((dx, dgamma, dbeta))
+        for ((dgamma, dbeta), (dg, db)) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(totals) {
+            (*dgamma, *dbeta) = (dg as f32, db as f32);
+        }
+        Ok((CpuStorage::F32(packed), Shape::from(x.len() + 2 * c)))
     }
 }
 
@@ -282,9 +330,10 @@ impl CustomOp3 for GroupNormGrad {
 mod tests {
     use super::*;
     use crate::ops::testing::{max_diff, probed_gradients};
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
-    /// Values and all three gradients equal Candle's GroupNorm.
+    /// Values and all three gradients equal Candle's GroupNorm, alone and
+    /// followed by a ReLU.
     #[test]
     fn matches_candle_group_norm() -> Result<()> {
         let dev = Device::Cpu;
@@ -305,13 +354,17 @@ mod tests {
                     1e-5,
                 )?,
             };
-            let y = ours.forward(x.as_tensor())?;
-            let reference = ours.fallback.forward(x.as_tensor())?;
-            assert!(max_diff(&y, &reference)? < 1e-4, "forward {n}x{c}x{h}x{w}/{groups}");
-            let (a, b) = probed_gradients(&y, &reference)?;
-            for (t, what) in [(x.as_tensor(), "input"), (gamma.as_tensor(), "weight"), (beta.as_tensor(), "bias")] {
-                let d = max_diff(a.get(t).expect("gradient"), b.get(t).expect("reference gradient"))?;
-                assert!(d < 1e-4, "{what} gradient {n}x{c}x{h}x{w}/{groups}: {d}");
+            let pairs = [
+                (ours.forward(x.as_tensor())?, ours.fallback.forward(x.as_tensor())?, "norm"),
+                (ours.forward_relu(x.as_tensor())?, ours.fallback.forward(x.as_tensor())?.relu()?, "norm and ReLU"),
+            ];
+            for (y, reference, op) in pairs {
+                assert!(max_diff(&y, &reference)? < 1e-4, "{op} forward {n}x{c}x{h}x{w}/{groups}");
+                let (a, b) = probed_gradients(&y, &reference)?;
+                for (t, what) in [(x.as_tensor(), "input"), (gamma.as_tensor(), "weight"), (beta.as_tensor(), "bias")] {
+                    let d = max_diff(a.get(t).expect("gradient"), b.get(t).expect("reference gradient"))?;
+                    assert!(d < 1e-4, "{op}: {what} gradient {n}x{c}x{h}x{w}/{groups}: {d}");
+                }
             }
         }
         Ok(())

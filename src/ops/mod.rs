@@ -11,6 +11,7 @@ pub(crate) mod cuda_kernels;
 pub(crate) mod elementwise;
 pub(crate) mod focal;
 pub(crate) mod group_norm;
+mod lane_sum;
 pub(crate) mod maxpool;
 
 pub use boxes::BoxXyxy;
