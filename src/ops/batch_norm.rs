@@ -3,7 +3,8 @@
 //! In training, Candle's `BatchNorm` runs a dozen tensor ops (transposes,
 //! copies, reductions, broadcasts), each a full pass forward and more
 //! backward; with a BN backbone that dominates a CPU training step. Here the
-//! batch statistics are one parallel pass (in f64), the normalisation one
+//! batch statistics are one parallel pass (sums in f32 lanes gathered in
+//! f64, `lane_sum.rs`), the normalisation one
 //! custom op, and its backward the closed form per channel over (n, h, w):
 //!
 //! - `dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))`,
@@ -23,6 +24,7 @@ use rayon::prelude::*;
 
 use super::elementwise::relu;
 use super::f32_data;
+use super::lane_sum::{lane_sum, lane_sums};
 
 #[derive(Debug, Clone)]
 pub(crate) struct BatchNorm {
@@ -169,10 +171,12 @@ impl CustomOp1 for ChannelStats {
         let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let values = || channel_planes(x, c, plane, ch).flatten();
-                let mean = values().map(|&v| f64::from(v)).sum::<f64>() / count;
-                let var = values().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / count;
-                (mean, var)
+                let sum = |term: &dyn Fn(f32) -> f32| -> f64 {
+                    channel_planes(x, c, plane, ch).map(|values| lane_sum(values, term)).sum()
+                };
+                let mean = sum(&|v| v) / count;
+                let m = mean as f32;
+                (mean, sum(&|v| (v - m) * (v - m)) / count)
             })
             .unzip();
         Ok((CpuStorage::F64([mean, var].concat()), Shape::from((2, c))))
@@ -295,12 +299,15 @@ impl CustomOp3 for GradSums<'_> {
                 let planes = channel_planes(x, c, plane, ch)
                     .zip(channel_planes(dy, c, plane, ch))
                     .zip(channel_planes(y, c, plane, ch));
-                planes.fold((0f64, 0f64), |sums, ((x, dy), y)| {
-                    x.iter().zip(dy).zip(y).fold(sums, |(a, b), ((&x, &dy), &y)| {
-                        let dy = f64::from(op.through_relu(dy, y));
-                        (a + dy, b + dy * f64::from((x - m) * r))
-                    })
-                })
+                // sum(dy * xhat) = rstd * sum(dy * (x - mean)).
+                let (sum_dy, sum_dy_centred) = planes.fold((0f64, 0f64), |(a, b), ((x, dy), y)| {
+                    let [sum_dy, sum_dy_centred] = lane_sums(dy, x, y, |dy, x, y| {
+                        let dy = op.through_relu(dy, y);
+                        [dy, dy * (x - m)]
+                    });
+                    (a + sum_dy, b + sum_dy_centred)
+                });
+                (sum_dy, sum_dy_centred * f64::from(r))
             })
             .unzip();
         Ok((CpuStorage::F64([sum_dy, sum_dy_xhat].concat()), Shape::from((2, c))))
