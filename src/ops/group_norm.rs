@@ -337,7 +337,7 @@ mod tests {
     #[test]
     fn matches_candle_group_norm() -> Result<()> {
         let dev = Device::Cpu;
-        for (n, c, h, w, groups) in [(2, 8, 5, 7, 4), (3, 6, 4, 4, 6), (1, 4, 3, 2, 1)] {
+        for (n, c, h, w, groups) in [(2, 8, 5, 7, 4), (3, 6, 4, 4, 6), (1, 4, 3, 2, 1), (2, 64, 24, 33, 32)] {
             let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (n, c, h, w), &dev)? + 3.0)?)?;
             let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.5, c, &dev)?)?;
             let beta = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev)?)?;
