@@ -171,12 +171,11 @@ impl CustomOp1 for ChannelStats {
         let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sum = |term: &dyn Fn(f32) -> f32| -> f64 {
-                    channel_planes(x, c, plane, ch).map(|values| lane_sum(values, term)).sum()
-                };
-                let mean = sum(&|v| v) / count;
+                let planes = || channel_planes(x, c, plane, ch);
+                let mean = planes().map(|values| lane_sum(values, |v| v)).sum::<f64>() / count;
                 let m = mean as f32;
-                (mean, sum(&|v| (v - m) * (v - m)) / count)
+                let var = planes().map(|values| lane_sum(values, |v| (v - m) * (v - m))).sum::<f64>() / count;
+                (mean, var)
             })
             .unzip();
         Ok((CpuStorage::F64([mean, var].concat()), Shape::from((2, c))))

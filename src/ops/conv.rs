@@ -425,7 +425,8 @@ pub(super) fn split_row(row: &[f32], stride: usize, dst: &mut [f32]) {
 /// [`split_row`] at stride 2 of `row` with `padding` zeros before it and
 /// zeros after it up to `dst.len()` (the zero-bordered row, cut there),
 /// without building that row: copying each input row into a zeroed buffer
-/// first was a third of the Winograd input transform's time.
+/// first was a third of the Winograd input transform's time. `dst` holds at
+/// least `padding` values.
 pub(super) fn split_padded_row(row: &[f32], padding: usize, dst: &mut [f32]) {
     dst.fill(0.0);
     let row = &row[..row.len().min(dst.len().saturating_sub(padding))];

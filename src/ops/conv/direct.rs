@@ -218,6 +218,7 @@ fn prepare(g: &Geometry, x: &[f32]) -> Vec<f32> {
             if g.stride == 1 {
                 dst[g.padding..][..g.w].copy_from_slice(row);
             } else {
+                // Stride 2, the other one `applies` takes.
                 split_padded_row(row, g.padding, dst);
             }
         }
