@@ -362,8 +362,13 @@ mod tests {
                 assert!(max_diff(&y, &reference)? < 1e-4, "{op} forward {n}x{c}x{h}x{w}/{groups}");
                 let (a, b) = probed_gradients(&y, &reference)?;
                 for (t, what) in [(x.as_tensor(), "input"), (gamma.as_tensor(), "weight"), (beta.as_tensor(), "bias")] {
-                    let d = max_diff(a.get(t).expect("gradient"), b.get(t).expect("reference gradient"))?;
-                    assert!(d < 1e-4, "{op}: {what} gradient {n}x{c}x{h}x{w}/{groups}: {d}");
+                    let (ours, reference) = (a.get(t).expect("gradient"), b.get(t).expect("reference gradient"));
+                    // The weight and bias gradients sum a plane of products:
+                    // the bound is relative to their size (Candle's f32 sums
+                    // round at 1e-6 of it).
+                    let size = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+                    let d = max_diff(ours, reference)?;
+                    assert!(d < 1e-4 * size, "{op}: {what} gradient {n}x{c}x{h}x{w}/{groups}: {d} (size {size})");
                 }
             }
         }
