@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Modul
 use candle_nn::{BatchNormConfig, Init, VarBuilder};
 use rayon::prelude::*;
 
-use super::elementwise::relu;
+use super::elementwise::{relu, through_relu};
 use super::f32_data;
 use super::lane_sum::{lane_sum, lane_sums};
 
@@ -190,19 +190,6 @@ struct BatchNormOp {
     with_relu: bool,
 }
 
-impl BatchNormOp {
-    /// The gradient reaching the norm's output: `dy`, or 0 where the ReLU
-    /// after it was closed (`y <= 0`).
-    #[inline(always)]
-    fn through_relu(&self, dy: f32, y: f32) -> f32 {
-        if self.with_relu && y <= 0.0 {
-            0.0
-        } else {
-            dy
-        }
-    }
-}
-
 impl CustomOp3 for BatchNormOp {
     fn name(&self) -> &'static str {
         "batch-norm-train"
@@ -301,7 +288,7 @@ impl CustomOp3 for GradSums<'_> {
                 // sum(dy * xhat) = rstd * sum(dy * (x - mean)).
                 let (sum_dy, sum_dy_centred) = planes.fold((0f64, 0f64), |(a, b), ((x, dy), y)| {
                     let [sum_dy, sum_dy_centred] = lane_sums(dy, x, y, |dy, x, y| {
-                        let dy = op.through_relu(dy, y);
+                        let dy = through_relu(op.with_relu, dy, y);
                         [dy, dy * (x - m)]
                     });
                     (a + sum_dy, b + sum_dy_centred)
@@ -348,7 +335,7 @@ impl CustomOp3 for InputGrad<'_> {
             let (mean_dy, mean_dy_xhat) = ((self.sum_dy[ch] / count) as f32, (self.sum_dy_xhat[ch] / count) as f32);
             let scale = self.gamma[ch] * r;
             for (dx, ((&x, &dy), &y)) in dx.iter_mut().zip(x.iter().zip(dy).zip(y)) {
-                *dx = scale * (op.through_relu(dy, y) - mean_dy - (x - m) * r * mean_dy_xhat);
+                *dx = scale * (through_relu(op.with_relu, dy, y) - mean_dy - (x - m) * r * mean_dy_xhat);
             }
         });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))

@@ -20,6 +20,17 @@ const ARG: &str = "element-wise op argument";
 /// thread.
 pub(super) const CHUNK: usize = 1 << 17;
 
+/// The gradient reaching a norm's output when a ReLU may follow it in the
+/// same op: `dy`, or 0 where that ReLU was closed (`y <= 0`).
+#[inline(always)]
+pub(super) fn through_relu(with_relu: bool, dy: f32, y: f32) -> f32 {
+    if with_relu && y <= 0.0 {
+        0.0
+    } else {
+        dy
+    }
+}
+
 /// `max(x, 0)`.
 pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(&[x]) {

@@ -21,7 +21,7 @@ use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use super::cuda_kernels::own_f32_kernel;
-use super::elementwise::relu;
+use super::elementwise::{relu, through_relu};
 use super::f32_data;
 use super::lane_sum::{lane_sum, lane_sums};
 
@@ -104,17 +104,6 @@ impl GroupNormOp {
     /// (channels per group, h * w) for input dims [n, c, h, w].
     fn group_shape(&self, dims: &[usize]) -> (usize, usize) {
         (dims[1] / self.groups, dims[2] * dims[3])
-    }
-
-    /// The gradient reaching the norm's output: `dy`, or 0 where the ReLU
-    /// after it was closed (`y <= 0`).
-    #[inline(always)]
-    fn through_relu(&self, dy: f32, y: f32) -> f32 {
-        if self.with_relu && y <= 0.0 {
-            0.0
-        } else {
-            dy
-        }
     }
 }
 
@@ -249,7 +238,7 @@ impl CustomOp3 for GroupNormCpuGrad<'_> {
                     .map(|((x, dy), y)| {
                         // dbeta = sum(d), dgamma = sum(d * xhat) = rstd * sum(d * (x - mean)).
                         let [sum_d, sum_d_centred] = lane_sums(dy, x, y, |dy, x, y| {
-                            let d = op.through_relu(dy, y);
+                            let d = through_relu(op.with_relu, dy, y);
                             [d, d * (x - mean)]
                         });
                         (sum_d_centred * f64::from(rstd), sum_d)
@@ -266,7 +255,7 @@ impl CustomOp3 for GroupNormCpuGrad<'_> {
                     let gj = g[first + j];
                     for (dx, ((&x, &dy), &y)) in dx.iter_mut().zip(x.iter().zip(dy).zip(y)) {
                         let xhat = (x - mean) * rstd;
-                        *dx = rstd * (op.through_relu(dy, y) * gj - m1 - xhat * m2);
+                        *dx = rstd * (through_relu(op.with_relu, dy, y) * gj - m1 - xhat * m2);
                     }
                 }
                 per_channel
