@@ -22,11 +22,12 @@
 //! padding `2 - p`. Tiles are taken a band of tile rows at a time so the
 //! transformed values stay in cache, like the im2col columns.
 
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{
-    for_each_image, matmul, matmul_by_transposed, split_padded_row, sum_over_image_runs, with_columns, Geometry,
-    BAND_COLUMNS,
+    for_each_image, matmul, matmul_by_transposed, split_padded_row, sum_over_image_runs, threads, with_columns,
+    Geometry, BAND_COLUMNS,
 };
 
 /// Values per tile: the 4x4 transformed tile.
@@ -102,17 +103,17 @@ pub(super) fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
 /// Adds one image's `dU[xi] (co x c) += dM[xi] x V[xi]^T` into `du`
 /// (`[tap, co, c]`), band by band; `first` says `du` holds nothing yet.
 fn image_weight_grad(g: &Geometry, image: &[f32], grad: &[f32], du: &mut [f32], first: &mut bool) {
-    let parallelism = (g.gemm_parallelism(), !g.per_thread());
     let tiles = Tiles::new(g);
     for_each_band(g, image, tiles, |band, v, dm| {
         let len = TAPS * band.tiles;
         per_channel(g, dm, len, |o, dm| transform_grad(g, &grad[o * g.out_plane()..], tiles, band.top, dm));
-        for xi in 0..TAPS {
+        let dm = &*dm;
+        for_each_tap(g, du, |xi, du, parallelism| {
             let lhs = (&dm[xi * band.tiles..], (len, 1));
             let v = (&v[xi * band.tiles..], len);
-            let dst = (&mut du[xi * g.c_out * g.c_in..], g.c_in);
-            matmul_by_transposed((g.c_out, g.c_in, band.tiles), dst, !*first, lhs, v, parallelism);
-        }
+            let parallel = (parallelism, !matches!(parallelism, Parallelism::None));
+            matmul_by_transposed((g.c_out, g.c_in, band.tiles), (du, g.c_in), !*first, lhs, v, parallel);
+        });
         *first = false;
     });
 }
@@ -213,18 +214,37 @@ impl Tiles {
 /// One image, band by band: transform the input tiles, 16 GEMMs, transform
 /// the products back into `dst [co, out_h, out_w]`.
 fn image_forward(g: &Geometry, image: &[f32], u: &[f32], dst: &mut [f32]) {
-    let parallelism = g.gemm_parallelism();
     let tiles = Tiles::new(g);
     for_each_band(g, image, tiles, |band, v, m| {
         let len = TAPS * band.tiles;
-        for xi in 0..TAPS {
+        // The products as `m [tap, co, tile]`: tap `xi`'s GEMM writes one run.
+        let per_tap = g.c_out * band.tiles;
+        for_each_tap(g, &mut m[..TAPS * per_tap], |xi, m, parallelism| {
             let lhs = (&u[xi * g.c_in..], (TAPS * g.c_in, 1));
             let rhs = (&v[xi * band.tiles..], (len, 1));
-            matmul((g.c_out, band.tiles, g.c_in), (&mut m[xi * band.tiles..], len), false, lhs, rhs, parallelism);
-        }
+            matmul((g.c_out, band.tiles, g.c_in), (m, band.tiles), false, lhs, rhs, parallelism);
+        });
         let m = &*m;
-        per_channel(g, dst, g.out_plane(), |o, out| transform_output(g, &m[o * len..][..len], tiles, band, out));
+        per_channel(g, dst, g.out_plane(), |o, out| {
+            transform_output(g, |xi| &m[xi * per_tap + o * band.tiles..][..band.tiles], tiles, band, out)
+        });
     });
+}
+
+/// `f(tap, products, parallelism)` on each of the 16 taps' runs of
+/// `products`. With a whole image per thread, one after another on this
+/// thread. Otherwise (fewer images than threads, as in inference) the taps
+/// are spread over the threads, each GEMM on one: one hand-over per band
+/// instead of one per GEMM, which made a ResNet-18-FPN's 256-channel head
+/// convolution at 64x64 20% faster at batch 1 (BENCHMARKS.md, 2026-12-03,
+/// Intel). With more threads than taps the GEMMs share the threads instead.
+fn for_each_tap(g: &Geometry, products: &mut [f32], f: impl Fn(usize, &mut [f32], Parallelism) + Sync) {
+    let per_tap = products.len() / TAPS;
+    if g.per_thread() || threads() > TAPS {
+        products.chunks_mut(per_tap).enumerate().for_each(|(xi, run)| f(xi, run, g.gemm_parallelism()));
+    } else {
+        products.par_chunks_mut(per_tap).enumerate().for_each(|(xi, run)| f(xi, run, Parallelism::None));
+    }
 }
 
 /// A band of tile rows of one image: the first row, and the tiles in it.
@@ -319,19 +339,19 @@ fn subtract(out: &mut [f32], a: &[f32], b: &[f32]) {
     }
 }
 
-/// `y = A^T M A` for one output channel's products `m [tap, tile]` of
-/// `band`, written into its plane `out [out_h, out_w]`
+/// `y = A^T M A` for one output channel's products of `band` (`m(tap)`:
+/// that tap's run over the band's tiles), written into its plane `out [out_h, out_w]`
 /// (tiles past the edge are cropped); `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
 /// A tile row at a time, as [`transform_input`]: each tap is a contiguous
 /// run over the row's tiles, and the sums are a tile's, in its order.
-fn transform_output(g: &Geometry, m: &[f32], tiles: Tiles, band: TileBand, out: &mut [f32]) {
+fn transform_output<'a>(g: &Geometry, m: impl Fn(usize) -> &'a [f32], tiles: Tiles, band: TileBand, out: &mut [f32]) {
     let cols = tiles.cols;
     // A^T M along each tap column j: `columns [j][i][tx]`; then one output
     // row's even and odd columns.
     let mut columns = vec![0f32; 8 * cols];
     let (mut even, mut odd) = (vec![0f32; cols], vec![0f32; cols]);
     for tile_row in 0..band.tiles / cols {
-        let tap = |i: usize, j: usize| &m[(i * 4 + j) * band.tiles + tile_row * cols..][..cols];
+        let tap = |i: usize, j: usize| &m(i * 4 + j)[tile_row * cols..][..cols];
         for (j, column) in columns.chunks_exact_mut(2 * cols).enumerate() {
             let (first, second) = column.split_at_mut(cols);
             a_t(first, second, [tap(0, j), tap(1, j), tap(2, j), tap(3, j)]);
@@ -376,7 +396,15 @@ mod tests {
     /// matrices, tried then, gave 2.2e-6, 2.2e-6 and 1.2e-6 (BENCHMARKS.md).
     #[test]
     fn matches_f64_sums() {
-        let g = Geometry::new((2, 128, 18, 21), (130, 128, 3, 3), 1, 1).expect("geometry");
+        // Two images (a thread each on two threads) and one (the taps
+        // spread over the threads).
+        for n in [2, 1] {
+            matches_f64_sums_with(n);
+        }
+    }
+
+    fn matches_f64_sums_with(n: usize) {
+        let g = Geometry::new((n, 128, 18, 21), (130, 128, 3, 3), 1, 1).expect("geometry");
         assert!(applies(&g));
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
