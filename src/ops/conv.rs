@@ -222,7 +222,19 @@ impl Geometry {
     /// One image's output rows in bands whose columns fit [`BAND_COLUMNS`].
     fn bands(&self) -> impl Iterator<Item = Band> + '_ {
         let rows = (BAND_COLUMNS / (self.patch() * self.out_w).max(1)).clamp(1, self.out_h.max(1));
-        (0..self.out_h).step_by(rows).map(move |first| Band { first, rows: rows.min(self.out_h - first) })
+        self.bands_of(rows)
+    }
+
+    /// [`Geometry::bands`] cut thinner, to a multiple of the thread count,
+    /// so that spread over the threads each takes as many; `None` when
+    /// there are fewer bands than threads (the GEMMs share the threads then).
+    fn bands_for_threads(&self) -> Option<impl Iterator<Item = Band> + '_> {
+        let (count, threads) = (self.bands().count(), threads());
+        (count >= threads && threads > 1).then(|| self.bands_of(self.out_h.div_ceil(count.div_ceil(threads) * threads)))
+    }
+
+    fn bands_of(&self, rows: usize) -> impl Iterator<Item = Band> + '_ {
+        (0..self.out_h).step_by(rows.max(1)).map(move |first| Band { first, rows: rows.min(self.out_h - first) })
     }
 }
 
@@ -361,17 +373,33 @@ fn valid_range(out: usize, size: usize, k: usize, padding: usize, stride: usize)
 /// ([patch, band plane]); rows in parallel when `parallel`.
 fn im2col(g: &Geometry, image: &[f32], band: Band, cols: &mut [f32], parallel: bool) {
     if g.stride == 1 {
-        return fill_columns(g, image, band, cols, parallel);
+        return fill_columns(g, InputRows { data: image, first: 0, count: g.h }, band, cols, parallel);
     }
-    with_scratch(&PHASES, g.c_in * g.h * g.w, |phases| {
-        split_phases(g, image, band, phases);
-        fill_columns(g, phases, band, cols, parallel)
+    let (first, end) = band_input_rows(g, band);
+    with_scratch(&PHASES, g.c_in * (end - first) * g.w, |phases| {
+        split_phases(g, image, (first, end), phases);
+        fill_columns(g, InputRows { data: phases, first, count: end - first }, band, cols, parallel)
     })
 }
 
-/// [`im2col`] from `source`: the image itself at stride 1, its rows split
-/// into phases ([`split_phases`]) otherwise.
-fn fill_columns(g: &Geometry, source: &[f32], band: Band, cols: &mut [f32], parallel: bool) {
+/// Input rows `first..first + count` of every channel, as `data [c, count, w]`.
+#[derive(Debug, Clone, Copy)]
+struct InputRows<'a> {
+    data: &'a [f32],
+    first: usize,
+    count: usize,
+}
+
+/// The input rows `first..end` that the kernel reads for `band`'s outputs.
+fn band_input_rows(g: &Geometry, band: Band) -> (usize, usize) {
+    let first = (band.first * g.stride).saturating_sub(g.padding);
+    let end = ((band.first + band.rows - 1) * g.stride + g.kh).saturating_sub(g.padding).min(g.h);
+    (first, end.max(first))
+}
+
+/// [`im2col`] from `source`: the image itself at stride 1; at larger
+/// strides the rows the band reads, split into phases ([`split_phases`]).
+fn fill_columns(g: &Geometry, source: InputRows, band: Band, cols: &mut [f32], parallel: bool) {
     let fill = |(row, dst): (usize, &mut [f32])| im2col_row(g, source, band, row, dst);
     if parallel {
         cols.par_chunks_mut(band.plane(g)).enumerate().for_each(fill);
@@ -392,15 +420,15 @@ fn phase_index(w: usize, stride: usize, x: usize) -> usize {
     before + x / stride
 }
 
-/// Copies the input rows that `band` reads, each split into phases, into
-/// the same places of `phases` ([c, h, w]).
-fn split_phases(g: &Geometry, image: &[f32], band: Band, phases: &mut [f32]) {
-    let first = (band.first * g.stride).saturating_sub(g.padding);
-    let end = ((band.first + band.rows - 1) * g.stride + g.kh).saturating_sub(g.padding).min(g.h);
-    let plane = g.h * g.w;
-    for (src, dst) in image.chunks(plane).zip(phases.chunks_mut(plane)) {
-        for y in first..end {
-            split_row(&src[y * g.w..][..g.w], g.stride, &mut dst[y * g.w..][..g.w]);
+/// Copies input rows `first..end` of every channel of `image`, each split
+/// into phases, into `phases` ([c, end - first, w]): only the rows one band
+/// reads, so that the buffer is a band's size and not the image's (a
+/// ResNet-50's 128-channel stride-2 layer at 800x1333 reads a 34 MB image).
+fn split_phases(g: &Geometry, image: &[f32], (first, end): (usize, usize), phases: &mut [f32]) {
+    let rows = end - first;
+    for (src, dst) in image.chunks(g.h * g.w).zip(phases.chunks_mut(rows * g.w)) {
+        for (y, dst) in (first..end).zip(dst.chunks_mut(g.w)) {
+            split_row(&src[y * g.w..][..g.w], g.stride, dst);
         }
     }
 }
@@ -454,12 +482,12 @@ fn split_pairs(row: &[f32], first: &mut [f32], second: &mut [f32]) {
 
 /// Row `row` (one channel and kernel tap) of [`im2col`]'s columns, from
 /// `source` as [`fill_columns`] has it.
-fn im2col_row(g: &Geometry, source: &[f32], band: Band, row: usize, dst: &mut [f32]) {
-    let plane = g.h * g.w;
+fn im2col_row(g: &Geometry, source: InputRows, band: Band, row: usize, dst: &mut [f32]) {
+    let plane = source.count * g.w;
     let (c, ki, kj) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
     let (y_lo, y_hi) = valid_range(g.out_h, g.h, ki, g.padding, g.stride);
     let (x_lo, x_hi) = valid_range(g.out_w, g.w, kj, g.padding, g.stride);
-    let src = &source[c * plane..][..plane];
+    let src = &source.data[c * plane..][..plane];
     // The first input column the tap reads, and where its run starts.
     let first = x_lo * g.stride + kj - g.padding;
     let start = if g.stride == 1 { first } else { phase_index(g.w, g.stride, first) };
@@ -468,7 +496,7 @@ fn im2col_row(g: &Geometry, source: &[f32], band: Band, row: usize, dst: &mut [f
             out_row.fill(0.0);
             continue;
         }
-        let iy = oy * g.stride + ki - g.padding;
+        let iy = oy * g.stride + ki - g.padding - source.first;
         let src_row = &src[iy * g.w..][..g.w];
         out_row[..x_lo].fill(0.0);
         out_row[x_hi..].fill(0.0);
@@ -540,6 +568,9 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
             let shape = (g.c_out, plane, g.patch());
             return matmul(shape, (dst, plane), false, weights, (image, (plane, 1)), parallelism);
         }
+        if let Some(bands) = g.bands_for_threads().filter(|_| !g.per_thread()) {
+            return forward_bands_on_threads(g, image, w, bands.collect(), dst);
+        }
         for band in g.bands() {
             with_columns(g.patch() * band.plane(g), |cols| {
                 im2col(g, image, band, cols, !g.per_thread());
@@ -549,6 +580,37 @@ fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
             })
         }
     });
+}
+
+/// [`forward`] of one image whose `bands` go to the threads in rounds of
+/// one band each: a band's im2col and GEMM on one thread, into a buffer of
+/// its own, copied into `dst` once the round is done. With fewer images
+/// than threads (inference) the bands went one after another with every
+/// thread on each im2col and GEMM, two hand-overs per band; a ResNet's
+/// 64-channel 128x128 layer at batch 1 took 8.2 ms that way and 7.1 this
+/// way (BENCHMARKS.md, 2026-12-03, Intel).
+fn forward_bands_on_threads(g: &Geometry, image: &[f32], w: &[f32], bands: Vec<Band>, dst: &mut [f32]) {
+    let plane = g.out_plane();
+    for round in bands.chunks(threads()) {
+        let outputs: Vec<Vec<f32>> = round
+            .par_iter()
+            .map(|&band| {
+                with_columns(g.patch() * band.plane(g), |cols| {
+                    im2col(g, image, band, cols, false);
+                    let mut out = vec![0f32; g.c_out * band.plane(g)];
+                    let shape = (g.c_out, band.plane(g), g.patch());
+                    let cols = (&*cols, (band.plane(g), 1));
+                    matmul(shape, (&mut out, band.plane(g)), false, (w, (g.patch(), 1)), cols, Parallelism::None);
+                    out
+                })
+            })
+            .collect();
+        for (band, out) in round.iter().zip(&outputs) {
+            for (channel, row) in out.chunks(band.plane(g)).enumerate() {
+                dst[channel * plane + band.offset(g)..][..row.len()].copy_from_slice(row);
+            }
+        }
+    }
 }
 
 /// `dx` from `grad` and `w`, one image at a time: `dcols [patch, plane] =
@@ -893,6 +955,17 @@ mod tests {
         for n in [1, 3] {
             check_against_candle((n, 32, 113, 64), (4, 32, 3, 3), 1, 1)?;
         }
+        // Spread over the threads (one image, two threads or more), the
+        // bands give every thread one and still cover every row; at stride
+        // 2 each band splits only the input rows it reads.
+        if let Some(spread) = g.bands_for_threads() {
+            let spread: Vec<Band> = spread.collect();
+            assert!(spread.len() >= threads());
+            assert_eq!(spread.iter().map(|b| b.rows).sum::<usize>(), g.out_h);
+        }
+        let strided = Geometry::new((1, 64, 226, 128), (8, 64, 3, 3), 1, 2)?;
+        assert!(strided.bands().count() > 1 && !direct::applies(&strided));
+        check_against_candle((1, 64, 226, 128), (8, 64, 3, 3), 1, 2)?;
         // A 1x1 convolution's weight gradient takes the image's positions
         // in runs of BAND_COLUMNS / 1024 = 1024: 33x33 makes two.
         check_against_candle((2, 1024, 33, 33), (4, 1024, 1, 1), 0, 1)
