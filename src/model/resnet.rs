@@ -13,7 +13,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::config::{BackboneConfig, BackboneNorm, ConvInit};
 use crate::ops::batch_norm::{batch_norm, BatchNorm};
 use crate::ops::conv::Conv2d;
-use crate::ops::elementwise::{add_relu, relu};
+use crate::ops::elementwise::{add_relu_to_fresh, relu};
 use crate::ops::group_norm::{group_norm, GroupNorm};
 use crate::ops::maxpool::{max_pool_3x3_s2_p1, max_pool_3x3_s2_p1_inference};
 
@@ -213,7 +213,7 @@ impl Block {
             Some(ds) => ds.forward_t(x, train)?,
             None => x.clone(),
         };
-        add_relu(&y, &identity)
+        add_relu_to_fresh(y, &identity)
     }
 }
 
@@ -256,14 +256,24 @@ impl ResNet {
 
     /// [n, 3, h, w] -> C3 [n, 2w*e, h/8, w/8], C4 [.., h/16, w/16], C5 [.., h/32, w/32]
     /// (w = width, e = block expansion).
+    ///
+    /// Each activation is dropped once the next is made (the stem's output
+    /// and C2 are not returned): without a graph (inference) they are freed
+    /// then, 138 MB at 800x1333 for ResNet-50.
     pub(super) fn forward_t(&self, x: &Tensor, train: bool) -> Result<[Tensor; 3]> {
-        let x = self.stem.forward_relu(x, train)?;
-        let x = if self.stem_trains && train { max_pool_3x3_s2_p1(&x)? } else { max_pool_3x3_s2_p1_inference(&x)? };
-        let stage = |x: &Tensor, blocks: &[Block]| blocks.iter().try_fold(x.clone(), |x, b| b.forward_t(&x, train));
-        let c2 = stage(&x, &self.layers[0])?;
-        let c3 = stage(&c2, &self.layers[1])?;
-        let c4 = stage(&c3, &self.layers[2])?;
-        let c5 = stage(&c4, &self.layers[3])?;
+        let pooled = {
+            let stem = self.stem.forward_relu(x, train)?;
+            if self.stem_trains && train {
+                max_pool_3x3_s2_p1(&stem)?
+            } else {
+                max_pool_3x3_s2_p1_inference(&stem)?
+            }
+        };
+        let stage = |x: Tensor, blocks: &[Block]| blocks.iter().try_fold(x, |x, b| b.forward_t(&x, train));
+        let c2 = stage(pooled, &self.layers[0])?;
+        let c3 = stage(c2, &self.layers[1])?;
+        let c4 = stage(c3.clone(), &self.layers[2])?;
+        let c5 = stage(c4.clone(), &self.layers[3])?;
         Ok([c3, c4, c5])
     }
 }

@@ -47,6 +47,23 @@ pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }
 
+/// [`add_relu`] on `fresh`, an output no one else holds (a residual
+/// block's last convolution's, just made). Without a graph (inference) the
+/// sum goes into `fresh`'s own buffer: one activation-sized buffer less per
+/// block (69 MB for a ResNet-50 layer1 output at 800x1333).
+pub(crate) fn add_relu_to_fresh(fresh: Tensor, other: &Tensor) -> Result<Tensor> {
+    let in_place = is_cpu_f32(&[&fresh, other])
+        && !fresh.track_op()
+        && !other.track_op()
+        && fresh.is_contiguous()
+        && fresh.dims() == other.dims();
+    if !in_place {
+        return add_relu(&fresh, other);
+    }
+    fresh.inplace_op2(&other.contiguous()?, &AddRelu)?;
+    Ok(fresh)
+}
+
 /// `x + bias[c]` for `x [n, c, h, w]` and `bias [c]`.
 pub(crate) fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(&[x, bias]) || x.rank() != 4 || bias.dims() != [x.dim(1)?] {
@@ -154,6 +171,27 @@ impl CustomOp2 for AddRelu {
     fn bwd(&self, _a: &Tensor, _b: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let masked = relu_grad(grad, y)?;
         Ok((Some(masked.clone()), Some(masked)))
+    }
+}
+
+/// The same op in the first argument's buffer (no backward: inference).
+impl InplaceOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu-in-place"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let other = f32_data(s2, l2, ARG)?;
+        let CpuStorage::F32(data) = s1 else { candle_core::bail!("{ARG}: expected f32") };
+        let Some((start, end)) = l1.contiguous_offsets() else { candle_core::bail!("{ARG}: not contiguous") };
+        let x = &mut data[start..end];
+        let len = x.len();
+        for_each_chunk(x, CHUNK, len, |i, o| {
+            for (o, &b) in o.iter_mut().zip(&other[i * CHUNK..]) {
+                *o = (*o + b).max(0.0);
+            }
+        });
+        Ok(())
     }
 }
 
@@ -321,6 +359,23 @@ mod tests {
             assert!(y.track_op());
             assert_eq!(max_diff(tracked.as_tensor(), &before)?, 0.0, "a graph's tensor changed");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn residual_add_in_place_without_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let other = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?;
+        let fresh = Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?;
+        let expected = (&fresh + &other)?.relu()?;
+        let y = add_relu_to_fresh(fresh.clone(), &other)?;
+        assert_eq!(max_diff(&y, &expected)?, 0.0);
+        assert_eq!(max_diff(&fresh, &expected)?, 0.0, "not in place");
+        let tracked = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 4, 5), &dev)?)?;
+        let before = tracked.as_tensor().copy()?;
+        let y = add_relu_to_fresh(tracked.as_tensor().clone(), &other)?;
+        assert!(y.track_op());
+        assert_eq!(max_diff(tracked.as_tensor(), &before)?, 0.0, "a graph's tensor changed");
         Ok(())
     }
 }
