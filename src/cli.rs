@@ -42,6 +42,19 @@ pub(crate) enum Command {
     Bench(BenchArgs),
 }
 
+impl Command {
+    /// Whether the command runs a model without training it: `eval`,
+    /// `predict` and `bench --mode infer` (the allocator is set up for
+    /// that, see `runtime::configure`).
+    pub(crate) fn only_infers(&self) -> bool {
+        match self {
+            Command::Eval(_) | Command::Predict(_) => true,
+            Command::Bench(args) => matches!(args.mode, BenchModeArg::Infer),
+            _ => false,
+        }
+    }
+}
+
 /// Options shared by every command that reads a config.
 #[derive(Debug, Args, Clone, Default)]
 pub(crate) struct ConfigArgs {

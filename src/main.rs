@@ -12,8 +12,8 @@ use clap::Parser;
 use cli::Cli;
 
 fn main() -> ExitCode {
-    runtime::configure();
     let cli = Cli::parse(); // usage errors exit with code 2
+    runtime::configure(cli.command.only_infers());
     match runtime::on_worker(|| commands::run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

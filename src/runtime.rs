@@ -15,14 +15,21 @@
 /// - glibc returns large freed blocks to the kernel at once, so every step
 ///   page-faults its activations in again (about 15% of a step). Keeping
 ///   them in the heap (as PyTorch's caching allocator does) avoids that.
-pub(crate) fn configure() {
+/// - glibc gives each thread that allocates an arena of its own, and with
+///   freed blocks kept, each arena holds the largest it ever needed. For
+///   inference alone (`only_infers`) every thread shares one arena:
+///   ResNet-50-FPN at 800x1333 then peaked at 473-499 MiB above the start
+///   instead of 678-684, 4-8% slower; training keeps one arena per thread
+///   (one shared arena made the `bccd` step 10% slower). BENCHMARKS.md,
+///   2026-12-03, Intel.
+pub(crate) fn configure(only_infers: bool) {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
     }
-    keep_freed_memory();
+    keep_freed_memory(only_infers);
     report_oversized_writes();
 }
 
@@ -58,8 +65,10 @@ pub(crate) fn on_worker<T: Send>(command: impl FnOnce() -> T + Send) -> T {
     rayon::scope(|_| command())
 }
 
+/// Freed blocks stay in the heap; in one arena for all threads when
+/// `one_arena`.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
+fn keep_freed_memory(one_arena: bool) {
     /// Blocks up to this size come from the heap, not fresh mappings.
     const MMAP_THRESHOLD: libc::c_int = 1 << 30;
     // SAFETY: mallopt only changes allocator parameters; called before any
@@ -67,8 +76,11 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+        if one_arena {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
+fn keep_freed_memory(_one_arena: bool) {}
