@@ -22,13 +22,23 @@
 //! padding `2 - p`. Tiles are taken a band of tile rows at a time so the
 //! transformed values stay in cache, like the im2col columns.
 
+use std::cell::RefCell;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{
     for_each_image, matmul, matmul_by_transposed, split_padded_row, sum_over_image_runs, threads, with_columns,
-    Geometry, BAND_COLUMNS,
+    with_scratch, Geometry, BAND_COLUMNS,
 };
+
+thread_local! {
+    /// One tile row's rows in the transforms, kept between calls: a
+    /// transform runs once per channel and band, and fresh buffers each
+    /// time made every thread take the allocator's lock (shared by all
+    /// threads for inference, see `runtime.rs`).
+    static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Values per tile: the 4x4 transformed tile.
 const TAPS: usize = 16;
@@ -127,34 +137,35 @@ fn transform_grad(g: &Geometry, plane: &[f32], tiles: Tiles, top: usize, dm: &mu
     let cols = tiles.cols;
     // One gradient row, zero past its edge, and `A d` along each of the
     // tile row's two rows: `rows [i][j][tx]`.
-    let mut row = vec![0f32; 2 * cols];
-    let mut rows = vec![0f32; 8 * cols];
-    for tile_row in 0..band / cols {
-        for (i, r) in rows.chunks_exact_mut(4 * cols).enumerate() {
-            let y = 2 * (top + tile_row) + i;
-            row.fill(0.0);
-            if y < g.out_h {
-                row[..g.out_w].copy_from_slice(&plane[y * g.out_w..][..g.out_w]);
+    with_scratch(&ROWS, 10 * cols, |scratch| {
+        let (row, rows) = scratch.split_at_mut(2 * cols);
+        for tile_row in 0..band / cols {
+            for (i, r) in rows.chunks_exact_mut(4 * cols).enumerate() {
+                let y = 2 * (top + tile_row) + i;
+                row.fill(0.0);
+                if y < g.out_h {
+                    row[..g.out_w].copy_from_slice(&plane[y * g.out_w..][..g.out_w]);
+                }
+                let (r0, rest) = r.split_at_mut(cols);
+                let (r1, rest) = rest.split_at_mut(cols);
+                let (r2, r3) = rest.split_at_mut(cols);
+                for (x, pair) in row.chunks_exact(2).enumerate() {
+                    let (d0, d1) = (pair[0], pair[1]);
+                    (r0[x], r1[x], r2[x], r3[x]) = (d0, d0 + d1, d0 - d1, -d1);
+                }
             }
-            let (r0, rest) = r.split_at_mut(cols);
-            let (r1, rest) = rest.split_at_mut(cols);
-            let (r2, r3) = rest.split_at_mut(cols);
-            for (x, pair) in row.chunks_exact(2).enumerate() {
-                let (d0, d1) = (pair[0], pair[1]);
-                (r0[x], r1[x], r2[x], r3[x]) = (d0, d0 + d1, d0 - d1, -d1);
+            let base = tile_row * cols;
+            for j in 0..4 {
+                let (r0, r1) = (&rows[j * cols..][..cols], &rows[(4 + j) * cols..][..cols]);
+                dm[j * band + base..][..cols].copy_from_slice(r0);
+                add(&mut dm[(4 + j) * band + base..][..cols], r0, r1);
+                subtract(&mut dm[(8 + j) * band + base..][..cols], r0, r1);
+                for (out, &value) in dm[(12 + j) * band + base..][..cols].iter_mut().zip(r1) {
+                    *out = -value;
+                }
             }
         }
-        let base = tile_row * cols;
-        for j in 0..4 {
-            let (r0, r1) = (&rows[j * cols..][..cols], &rows[(4 + j) * cols..][..cols]);
-            dm[j * band + base..][..cols].copy_from_slice(r0);
-            add(&mut dm[(4 + j) * band + base..][..cols], r0, r1);
-            subtract(&mut dm[(8 + j) * band + base..][..cols], r0, r1);
-            for (out, &value) in dm[(12 + j) * band + base..][..cols].iter_mut().zip(r1) {
-                *out = -value;
-            }
-        }
-    }
+    })
 }
 
 /// `dw = G^T dU G` for every channel pair of `du [tap, co, c]`, as
@@ -297,32 +308,33 @@ fn transform_input(g: &Geometry, plane: &[f32], tiles: Tiles, first: usize, v: &
     let half = cols + 1;
     // The even and odd columns of one zero-bordered input row, and B^T d
     // along each of the tile row's four input rows: `rows [i][j][tx]`.
-    let mut phases = vec![0f32; 2 * half];
-    let mut rows = vec![0f32; TAPS * cols];
-    for tile_row in 0..band / cols {
-        for (i, r) in rows.chunks_exact_mut(4 * cols).enumerate() {
-            let y = (2 * (first + tile_row) + i) as isize - g.padding as isize;
-            let row = if (0..g.h as isize).contains(&y) { &plane[y as usize * g.w..][..g.w] } else { &[] };
-            split_padded_row(row, g.padding, &mut phases);
-            let (even, odd) = phases.split_at(half);
-            let d = [&even[..cols], &odd[..cols], &even[1..], &odd[1..]];
-            let (r0, rest) = r.split_at_mut(cols);
-            let (r1, rest) = rest.split_at_mut(cols);
-            let (r2, r3) = rest.split_at_mut(cols);
-            subtract(r0, d[0], d[2]);
-            add(r1, d[1], d[2]);
-            subtract(r2, d[2], d[1]);
-            subtract(r3, d[1], d[3]);
+    with_scratch(&ROWS, 2 * half + TAPS * cols, |scratch| {
+        let (phases, rows) = scratch.split_at_mut(2 * half);
+        for tile_row in 0..band / cols {
+            for (i, r) in rows.chunks_exact_mut(4 * cols).enumerate() {
+                let y = (2 * (first + tile_row) + i) as isize - g.padding as isize;
+                let row = if (0..g.h as isize).contains(&y) { &plane[y as usize * g.w..][..g.w] } else { &[] };
+                split_padded_row(row, g.padding, phases);
+                let (even, odd) = phases.split_at(half);
+                let d = [&even[..cols], &odd[..cols], &even[1..], &odd[1..]];
+                let (r0, rest) = r.split_at_mut(cols);
+                let (r1, rest) = rest.split_at_mut(cols);
+                let (r2, r3) = rest.split_at_mut(cols);
+                subtract(r0, d[0], d[2]);
+                add(r1, d[1], d[2]);
+                subtract(r2, d[2], d[1]);
+                subtract(r3, d[1], d[3]);
+            }
+            let base = tile_row * cols;
+            for j in 0..4 {
+                let r = |i: usize| &rows[(i * 4 + j) * cols..][..cols];
+                subtract(&mut v[j * band + base..][..cols], r(0), r(2));
+                add(&mut v[(4 + j) * band + base..][..cols], r(1), r(2));
+                subtract(&mut v[(8 + j) * band + base..][..cols], r(2), r(1));
+                subtract(&mut v[(12 + j) * band + base..][..cols], r(1), r(3));
+            }
         }
-        let base = tile_row * cols;
-        for j in 0..4 {
-            let r = |i: usize| &rows[(i * 4 + j) * cols..][..cols];
-            subtract(&mut v[j * band + base..][..cols], r(0), r(2));
-            add(&mut v[(4 + j) * band + base..][..cols], r(1), r(2));
-            subtract(&mut v[(8 + j) * band + base..][..cols], r(2), r(1));
-            subtract(&mut v[(12 + j) * band + base..][..cols], r(1), r(3));
-        }
-    }
+    })
 }
 
 /// `out = a + b`, element by element.
@@ -348,29 +360,31 @@ fn transform_output<'a>(g: &Geometry, m: impl Fn(usize) -> &'a [f32], tiles: Til
     let cols = tiles.cols;
     // A^T M along each tap column j: `columns [j][i][tx]`; then one output
     // row's even and odd columns.
-    let mut columns = vec![0f32; 8 * cols];
-    let (mut even, mut odd) = (vec![0f32; cols], vec![0f32; cols]);
-    for tile_row in 0..band.tiles / cols {
-        let tap = |i: usize, j: usize| &m(i * 4 + j)[tile_row * cols..][..cols];
-        for (j, column) in columns.chunks_exact_mut(2 * cols).enumerate() {
-            let (first, second) = column.split_at_mut(cols);
-            a_t(first, second, [tap(0, j), tap(1, j), tap(2, j), tap(3, j)]);
-        }
-        for i in 0..2 {
-            let y = 2 * (band.top + tile_row) + i;
-            if y >= g.out_h {
-                break;
+    with_scratch(&ROWS, 10 * cols, |scratch| {
+        let (columns, rest) = scratch.split_at_mut(8 * cols);
+        let (even, odd) = rest.split_at_mut(cols);
+        for tile_row in 0..band.tiles / cols {
+            let tap = |i: usize, j: usize| &m(i * 4 + j)[tile_row * cols..][..cols];
+            for (j, column) in columns.chunks_exact_mut(2 * cols).enumerate() {
+                let (first, second) = column.split_at_mut(cols);
+                a_t(first, second, [tap(0, j), tap(1, j), tap(2, j), tap(3, j)]);
             }
-            let column = |j: usize| &columns[(2 * j + i) * cols..][..cols];
-            a_t(&mut even, &mut odd, [column(0), column(1), column(2), column(3)]);
-            for (pair, (&e, &o)) in out[y * g.out_w..][..g.out_w].chunks_mut(2).zip(even.iter().zip(&odd)) {
-                pair[0] = e;
-                if let Some(second) = pair.get_mut(1) {
-                    *second = o;
+            for i in 0..2 {
+                let y = 2 * (band.top + tile_row) + i;
+                if y >= g.out_h {
+                    break;
+                }
+                let column = |j: usize| &columns[(2 * j + i) * cols..][..cols];
+                a_t(even, odd, [column(0), column(1), column(2), column(3)]);
+                for (pair, (&e, &o)) in out[y * g.out_w..][..g.out_w].chunks_mut(2).zip(even.iter().zip(odd.iter())) {
+                    pair[0] = e;
+                    if let Some(second) = pair.get_mut(1) {
+                        *second = o;
+                    }
                 }
             }
         }
-    }
+    })
 }
 
 /// `A^T s` for runs `s[0..4]`: `first = s0 + s1 + s2`, `second = s1 - s2 - s3`.
