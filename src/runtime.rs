@@ -18,8 +18,9 @@
 /// - glibc gives each thread that allocates an arena of its own, and with
 ///   freed blocks kept, each arena holds the largest it ever needed. For
 ///   inference alone (`only_infers`) every thread shares one arena:
-///   ResNet-50-FPN at 800x1333 then peaked at 473-499 MiB above the start
-///   instead of 678-684, 4-8% slower; training keeps one arena per thread
+///   ResNet-50-FPN at 800x1333 then peaked at 471-490 MiB above the start
+///   instead of 670-684, at the same speed once the hot loops stopped
+///   allocating (`conv/winograd.rs`); training keeps one arena per thread
 ///   (one shared arena made the `bccd` step 10% slower). BENCHMARKS.md,
 ///   2026-12-03, Intel.
 pub(crate) fn configure(only_infers: bool) {
