@@ -225,9 +225,10 @@ impl Geometry {
         self.bands_of(rows)
     }
 
-    /// [`Geometry::bands`] cut thinner, to a multiple of the thread count,
-    /// so that spread over the threads each takes as many; `None` when
-    /// there are fewer bands than threads (the GEMMs share the threads then).
+    /// [`Geometry::bands`] cut thinner, to about a multiple of the thread
+    /// count, so that spread over the threads each takes about as many;
+    /// `None` when there are fewer bands than threads (the GEMMs share the
+    /// threads then).
     fn bands_for_threads(&self) -> Option<impl Iterator<Item = Band> + '_> {
         let (count, threads) = (self.bands().count(), threads());
         (count >= threads && threads > 1).then(|| self.bands_of(self.out_h.div_ceil(count.div_ceil(threads) * threads)))
