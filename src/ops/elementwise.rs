@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::f32_data;
+use super::{f32_data, f32_data_mut};
 
 /// What errors call an argument of these ops.
 const ARG: &str = "element-wise op argument";
@@ -52,12 +52,7 @@ pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// sum goes into `fresh`'s own buffer: one activation-sized buffer less per
 /// block (69 MB for a ResNet-50 layer1 output at 800x1333).
 pub(crate) fn add_relu_to_fresh(fresh: Tensor, other: &Tensor) -> Result<Tensor> {
-    let in_place = is_cpu_f32(&[&fresh, other])
-        && !fresh.track_op()
-        && !other.track_op()
-        && fresh.is_contiguous()
-        && fresh.dims() == other.dims();
-    if !in_place {
+    if !(writable_in_place(&fresh, other) && fresh.dims() == other.dims()) {
         return add_relu(&fresh, other);
     }
     fresh.inplace_op2(&other.contiguous()?, &AddRelu)?;
@@ -87,12 +82,7 @@ pub(crate) fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor>
 /// activation-sized buffer less per convolution (69 MB for a ResNet-50
 /// layer1 output at 800x1333).
 pub(crate) fn add_channel_bias_to_fresh(fresh: Tensor, bias: &Tensor, with_relu: bool) -> Result<Tensor> {
-    let in_place = is_cpu_f32(&[&fresh, bias])
-        && !fresh.track_op()
-        && !bias.track_op()
-        && fresh.is_contiguous()
-        && fresh.rank() == 4
-        && bias.dims() == [fresh.dim(1)?];
+    let in_place = writable_in_place(&fresh, bias) && fresh.rank() == 4 && bias.dims() == [fresh.dim(1)?];
     match (in_place, with_relu) {
         (true, _) => {
             fresh.inplace_op2(&bias.contiguous()?, &ChannelBias { with_relu })?;
@@ -101,6 +91,13 @@ pub(crate) fn add_channel_bias_to_fresh(fresh: Tensor, bias: &Tensor, with_relu:
         (false, false) => add_channel_bias(&fresh, bias),
         (false, true) => add_channel_bias_relu(&fresh, bias),
     }
+}
+
+/// Whether an op on `fresh` and `other` may write into `fresh`'s buffer:
+/// f32 on the CPU, `fresh` contiguous, and neither in a graph (inference),
+/// so no backward pass needs `fresh`'s old values.
+fn writable_in_place(fresh: &Tensor, other: &Tensor) -> bool {
+    is_cpu_f32(&[fresh, other]) && !fresh.track_op() && !other.track_op() && fresh.is_contiguous()
 }
 
 fn is_cpu_f32(xs: &[&Tensor]) -> bool {
@@ -182,9 +179,7 @@ impl InplaceOp2 for AddRelu {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let other = f32_data(s2, l2, ARG)?;
-        let CpuStorage::F32(data) = s1 else { candle_core::bail!("{ARG}: expected f32") };
-        let Some((start, end)) = l1.contiguous_offsets() else { candle_core::bail!("{ARG}: not contiguous") };
-        let x = &mut data[start..end];
+        let x = f32_data_mut(s1, l1, ARG)?;
         let len = x.len();
         for_each_chunk(x, CHUNK, len, |i, o| {
             for (o, &b) in o.iter_mut().zip(&other[i * CHUNK..]) {
@@ -263,9 +258,7 @@ impl InplaceOp2 for ChannelBias {
         let bias = f32_data(s2, l2, ARG)?;
         let plane = l1.shape().dims()[2..].iter().product::<usize>().max(1);
         let floor = self.floor();
-        let CpuStorage::F32(data) = s1 else { candle_core::bail!("{ARG}: expected f32") };
-        let Some((start, end)) = l1.contiguous_offsets() else { candle_core::bail!("{ARG}: not contiguous") };
-        let x = &mut data[start..end];
+        let x = f32_data_mut(s1, l1, ARG)?;
         let len = x.len();
         for_each_chunk(x, plane, len, |i, o| {
             let b = bias[i % bias.len()];

@@ -36,6 +36,18 @@ fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<
     Ok(&data[start..end])
 }
 
+/// [`f32_data`] of an in-place op's first argument, to write.
+fn f32_data_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    let dtype = storage.dtype();
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{what} must be f32, got {dtype:?}");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what} must be contiguous");
+    };
+    Ok(&mut data[start..end])
+}
+
 /// What the op tests share: each op is checked against Candle's own ops
 /// or against sums in f64.
 #[cfg(test)]
