@@ -1,8 +1,8 @@
 //! Tensor and box operations the model needs beyond Candle's: box geometry
 //! and NMS (torchvision.ops.boxes), a GEMM convolution with a fast backward,
-//! a max-pool with a backward pass, fused norms, parallel element-wise ops
-//! and the focal loss (torchvision.ops.focal_loss). The bottom layer: it
-//! imports nothing else of this crate.
+//! a max-pool with a backward pass, fused norms, parallel element-wise ops,
+//! the focal loss (torchvision.ops.focal_loss) and SGD's update in place.
+//! The bottom layer: it imports nothing else of this crate.
 
 pub(crate) mod batch_norm;
 pub(crate) mod boxes;
@@ -13,6 +13,7 @@ pub(crate) mod focal;
 pub(crate) mod group_norm;
 mod lane_sum;
 pub(crate) mod maxpool;
+pub(crate) mod sgd;
 
 pub use boxes::BoxXyxy;
 pub use conv::conv2d;
