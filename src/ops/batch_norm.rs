@@ -23,8 +23,8 @@ use candle_nn::{BatchNormConfig, Init, VarBuilder};
 use rayon::prelude::*;
 
 use super::elementwise::{relu, through_relu};
-use super::f32_data;
 use super::lane_sum::{lane_sum, lane_sums};
+use super::{f32_data, zeroed};
 
 #[derive(Debug, Clone)]
 pub(crate) struct BatchNorm {
@@ -211,7 +211,7 @@ impl CustomOp3 for BatchNormOp {
         );
         let (c, plane) = channels_and_plane(xl);
         let floor = if self.with_relu { 0.0 } else { f32::NEG_INFINITY };
-        let mut out = vec![0f32; x.len()];
+        let mut out = zeroed(x.len());
         out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (y, x))| {
             let ch = i % c;
             let (m, g, b) = (self.mean[ch], gamma[ch] * self.rstd[ch], beta[ch]);
@@ -327,7 +327,7 @@ impl CustomOp3 for InputGrad<'_> {
         let [x, dy, y] = grad_arguments([(xs, xl), (gs, gl), (ys, yl)])?;
         let (c, plane) = channels_and_plane(xl);
         let count = (x.len() / c) as f64;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = zeroed(x.len());
         let inputs = x.par_chunks(plane).zip(dy.par_chunks(plane)).zip(y.par_chunks(plane));
         dx.par_chunks_mut(plane).zip(inputs).enumerate().for_each(|(i, (dx, ((x, dy), y)))| {
             let ch = i % c;

@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use super::cuda_kernels::{conv_kernel, ConvKernel};
 use super::elementwise::{add_channel_bias_to_fresh, relu};
-use super::f32_data;
+use super::{f32_data, zeroed};
 use transpose::transpose;
 
 #[cfg(feature = "cudnn")]
@@ -720,7 +720,7 @@ impl CustomOp2 for ConvForward {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let (x, w) = (f32_data(xs, xl, "conv2d input")?, f32_data(ws, wl, "conv2d weight")?);
-        let mut out = vec![0f32; g.n * g.c_out * g.out_plane()];
+        let mut out = zeroed(g.n * g.c_out * g.out_plane());
         forward(g, x, w, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))))
     }
@@ -746,7 +746,7 @@ impl CustomOp2 for ConvInputGrad {
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let (grad, w) = (f32_data(gs, gl, "conv2d gradient")?, f32_data(ws, wl, "conv2d weight")?);
-        let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
+        let mut dx = zeroed(g.n * g.c_in * g.h * g.w);
         input_grad(g, grad, w, &mut dx);
         Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
     }

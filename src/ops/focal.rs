@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::cuda_kernels::own_f32_kernel;
 use super::elementwise::{for_each_chunk, CHUNK};
-use super::f32_data;
+use super::{f32_data, zeroed};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -279,7 +279,7 @@ impl ElementPass for LossGrad<'_> {
     fn run(self, focal: Focal, powers: impl Powers) -> Vec<f32> {
         let (x, t, w, k) = self.arguments;
         let rows = rows_per_task(k);
-        let mut out = vec![0f32; x.len()];
+        let mut out = zeroed(x.len());
         for_each_chunk(&mut out, rows * k, x.len(), |i, out| {
             for (r, out) in out.chunks_mut(k).enumerate() {
                 let row = i * rows + r;

@@ -22,8 +22,8 @@ use rayon::prelude::*;
 
 use super::cuda_kernels::own_f32_kernel;
 use super::elementwise::{relu, through_relu};
-use super::f32_data;
 use super::lane_sum::{lane_sum, lane_sums};
+use super::{f32_data, zeroed};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -140,7 +140,7 @@ impl CustomOp3 for GroupNormOp {
             candle_core::bail!("group norm: {} groups do not divide {c} channels", self.groups);
         }
         let (cpg, hw) = self.group_shape(dims);
-        let mut out = vec![0f32; x.len()];
+        let mut out = zeroed(x.len());
         out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(ng, (y, x))| {
             let (mean, rstd) = stats(x, self.eps);
             let first = (ng % self.groups) * cpg;
@@ -222,7 +222,7 @@ impl CustomOp3 for GroupNormCpuGrad<'_> {
         );
         let (op, g, c) = (self.op, &self.gamma, self.gamma.len());
         let (cpg, hw) = op.group_shape(xl.shape().dims());
-        let mut packed = vec![0f32; x.len() + 2 * c];
+        let mut packed = zeroed(x.len() + 2 * c);
         let (dx, sums) = packed.split_at_mut(x.len());
         let group = cpg * hw;
         // Per (image, group): dx, and per channel (dgamma, dbeta).

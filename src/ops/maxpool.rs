@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::conv::split_row;
 use super::cuda_kernels::own_f32_kernel;
-use super::f32_data;
+use super::{f32_data, zeroed};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -142,7 +142,7 @@ impl CustomOp1 for MaxPool3x3S2P1 {
         let (n, c, h, w) = layout.shape().dims4()?;
         let (idx, shape) = argmax_indices(x, (n, c, h, w));
         let out_plane = (out_size(h) * out_size(w)).max(1);
-        let mut out = vec![0f32; idx.len()];
+        let mut out = zeroed(idx.len());
         out.par_chunks_mut(out_plane)
             .zip(idx.par_chunks(out_plane))
             .zip(x.par_chunks((h * w).max(1)))
@@ -179,7 +179,7 @@ impl CustomOp2 for MaxPoolGrad {
         let (n, c, h, w) = xl.shape().dims4()?;
         let (idx, _) = argmax_indices(x, (n, c, h, w));
         let out_plane = (out_size(h) * out_size(w)).max(1);
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = zeroed(x.len());
         dx.par_chunks_mut((h * w).max(1))
             .zip(idx.par_chunks(out_plane))
             .zip(grad.par_chunks(out_plane))

@@ -22,8 +22,11 @@ pub use focal::{sigmoid_focal_loss, weighted_focal_loss_sum};
 pub use group_norm::group_norm_2d;
 pub use maxpool::max_pool_3x3_s2_p1;
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
 
 /// The contiguous f32 data of a custom op's argument (`what` names it in
 /// the error).
@@ -47,6 +50,28 @@ fn f32_data_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, what: &str) ->
         candle_core::bail!("{what} must be contiguous");
     };
     Ok(&mut data[start..end])
+}
+
+/// Values below which [`zeroed`] zeroes on this thread alone.
+const PARALLEL_ZEROING: usize = 1 << 18;
+
+/// `vec![0f32; len]`, zeroed on every thread when large. With `vec!` an
+/// op's output was zeroed on the calling thread while the others waited
+/// (glibc's calloc clears a reused heap block with one `memset`, and
+/// activations stay in the heap, `runtime.rs`); this way the `bccd`
+/// step took 1.72-1.85 s against 1.91-1.97 in four alternating rounds
+/// (BENCHMARKS.md, 2026-12-03, Intel).
+fn zeroed(len: usize) -> Vec<f32> {
+    if len < PARALLEL_ZEROING {
+        return vec![0f32; len];
+    }
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(PARALLEL_ZEROING)
+        .for_each(|chunk| chunk.fill(MaybeUninit::new(0.0)));
+    // SAFETY: the loop above wrote all `len` values.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// What the op tests share: each op is checked against Candle's own ops
@@ -74,5 +99,17 @@ mod testing {
         let diff: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
         let norm: f64 = b.iter().map(|y| y * y).sum();
         (diff / norm).sqrt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zeroed_is_zero_on_every_length() {
+        for len in [0, 5, super::PARALLEL_ZEROING, 3 * super::PARALLEL_ZEROING + 7] {
+            let zeros = super::zeroed(len);
+            assert_eq!(zeros.len(), len);
+            assert!(zeros.iter().all(|&v| v.to_bits() == 0), "length {len}");
+        }
     }
 }

@@ -32,7 +32,7 @@
 
 use rayon::prelude::*;
 
-use super::{phase_index, split_padded_row, threads, Geometry};
+use super::{phase_index, split_padded_row, threads, zeroed, Geometry};
 
 /// Output channels per micro-tile.
 const CHANNELS: usize = 3;
@@ -211,7 +211,7 @@ impl Reads {
 /// each row split into `stride` phases (`conv::phase_index`), in parallel.
 fn prepare(g: &Geometry, x: &[f32]) -> Vec<f32> {
     let (hp, wp) = (g.h + 2 * g.padding, g.w + 2 * g.padding);
-    let mut padded = vec![0f32; x.len() / (g.h * g.w) * hp * wp];
+    let mut padded = zeroed(x.len() / (g.h * g.w) * hp * wp);
     padded.par_chunks_mut(hp * wp).zip(x.par_chunks(g.h * g.w)).for_each(|(dst, src)| {
         for (y, row) in src.chunks(g.w).enumerate() {
             let dst = &mut dst[(y + g.padding) * wp..][..wp];
