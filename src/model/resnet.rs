@@ -7,12 +7,13 @@
 //! tensors and use their BatchNorm statistics folded into the convolution,
 //! as detectron2's `FrozenBatchNorm2d` conversion does.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::{BackboneConfig, BackboneNorm, ConvInit};
 use crate::ops::batch_norm::{batch_norm, BatchNorm};
 use crate::ops::conv::Conv2d;
+use crate::ops::conv_bn::conv_batch_norm;
 use crate::ops::elementwise::{add_relu_to_fresh, relu};
 use crate::ops::group_norm::{group_norm, GroupNorm};
 use crate::ops::maxpool::{max_pool_3x3_s2_p1, max_pool_3x3_s2_p1_inference};
@@ -116,11 +117,10 @@ impl ConvNorm {
 
     /// [n, c_in, h, w] -> [n, c_out, h / stride, w / stride], normalised.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.conv.forward(x)?;
         match &self.norm {
-            Norm::Folded => Ok(x),
-            Norm::Bn(bn) => bn.forward_t(&x, train),
-            Norm::Gn(gn) => gn.forward(&x),
+            Norm::Folded => self.conv.forward(x),
+            Norm::Bn(bn) => conv_batch_norm(&self.conv, bn, x, train, false),
+            Norm::Gn(gn) => gn.forward(&self.conv.forward(x)?),
         }
     }
 
@@ -129,7 +129,7 @@ impl ConvNorm {
     fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match &self.norm {
             Norm::Folded => self.conv.forward_relu(x),
-            Norm::Bn(bn) => bn.forward_relu(&self.conv.forward(x)?, train),
+            Norm::Bn(bn) => conv_batch_norm(&self.conv, bn, x, train, true),
             Norm::Gn(gn) => relu(&gn.forward(&self.conv.forward(x)?)?),
         }
     }

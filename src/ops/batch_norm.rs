@@ -11,7 +11,7 @@
 //! - `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`.
 //!
 //! Running statistics update as in PyTorch (momentum, unbiased variance).
-//! [`BatchNorm::forward_relu`] applies the ReLU that follows most norms in
+//! [`BatchNorm::forward_maybe_relu`] applies the ReLU that follows most norms in
 //! the same op: one graph node instead of two saves a pass each way and one
 //! of Candle's gradient accumulations (a zero-filled buffer and an add).
 //! Statistics and gradients read the tensors' storage in place (custom ops
@@ -71,12 +71,8 @@ impl ModuleT for BatchNorm {
 }
 
 impl BatchNorm {
-    /// `relu(forward_t(x, train))`, one op in CPU training.
-    pub(crate) fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_maybe_relu(x, train, true)
-    }
-
-    fn forward_maybe_relu(&self, x: &Tensor, train: bool, with_relu: bool) -> Result<Tensor> {
+    /// [`ModuleT::forward_t`], then a ReLU when `with_relu`.
+    pub(super) fn forward_maybe_relu(&self, x: &Tensor, train: bool, with_relu: bool) -> Result<Tensor> {
         if x.dtype() != self.weight.dtype() {
             // Mixed precision: normalise in f32, as torch.autocast does.
             let y = self.forward_maybe_relu(&x.to_dtype(self.weight.dtype())?, train, with_relu)?;
@@ -102,9 +98,22 @@ impl BatchNorm {
         }
         let [mean, var] = per_channel_pair(x.apply_op1_no_bwd(&ChannelStats)?)?;
         self.update_running(&mean, &var, count)?;
-        let rstd = var.iter().map(|v| (1.0 / (v + self.eps).sqrt()) as f32).collect();
-        let mean = mean.iter().map(|&m| m as f32).collect();
-        x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, BatchNormOp { mean, rstd, with_relu })
+        let op = BatchNormOp::new(&mean, &var, self.eps, with_relu);
+        x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)
+    }
+
+    /// [channels]: the affine weight (gamma).
+    pub(super) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// [channels]: the affine bias (beta).
+    pub(super) fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub(super) fn eps(&self) -> f64 {
+        self.eps
     }
 
     /// Evaluation: `x * scale + shift` per channel, with `scale = gamma /
@@ -120,7 +129,7 @@ impl BatchNorm {
 
     /// `running = (1 - momentum) * running + momentum * batch`, with the
     /// unbiased batch variance.
-    fn update_running(&self, mean: &[f64], var: &[f64], count: usize) -> Result<()> {
+    pub(super) fn update_running(&self, mean: &[f64], var: &[f64], count: usize) -> Result<()> {
         let m = self.momentum;
         let unbias = count as f64 / (count - 1) as f64;
         let blend = |running: &Tensor, batch: Vec<f32>| -> Result<()> {
@@ -167,24 +176,31 @@ impl CustomOp1 for ChannelStats {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_data(s, l, "batch norm input")?;
         let (c, plane) = channels_and_plane(l);
-        let count = (x.len() / c) as f64;
-        let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let planes = || channel_planes(x, c, plane, ch);
-                let mean = planes().map(|values| lane_sum(values, |v| v)).sum::<f64>() / count;
-                let m = mean as f32;
-                let var = planes().map(|values| lane_sum(values, |v| (v - m) * (v - m))).sum::<f64>() / count;
-                (mean, var)
-            })
-            .unzip();
+        let [mean, var] = channel_stats(x, c, plane);
         Ok((CpuStorage::F64([mean, var].concat()), Shape::from((2, c))))
     }
 }
 
+/// Each channel's mean and biased variance over (n, h, w) of a contiguous
+/// `[n, c, plane]` buffer, channels in parallel.
+pub(super) fn channel_stats(x: &[f32], c: usize, plane: usize) -> [Vec<f64>; 2] {
+    let count = (x.len() / c) as f64;
+    let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let planes = || channel_planes(x, c, plane, ch);
+            let mean = planes().map(|values| lane_sum(values, |v| v)).sum::<f64>() / count;
+            let m = mean as f32;
+            let var = planes().map(|values| lane_sum(values, |v| (v - m) * (v - m))).sum::<f64>() / count;
+            (mean, var)
+        })
+        .unzip();
+    [mean, var]
+}
+
 /// Normalises with the batch statistics computed beforehand, then applies
 /// a ReLU when `with_relu`.
-struct BatchNormOp {
+pub(super) struct BatchNormOp {
     mean: Vec<f32>,
     rstd: Vec<f32>,
     with_relu: bool,
@@ -210,16 +226,7 @@ impl CustomOp3 for BatchNormOp {
             f32_data(bs, bl, "batch norm bias")?,
         );
         let (c, plane) = channels_and_plane(xl);
-        let floor = if self.with_relu { 0.0 } else { f32::NEG_INFINITY };
-        let mut out = zeroed(x.len());
-        out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (y, x))| {
-            let ch = i % c;
-            let (m, g, b) = (self.mean[ch], gamma[ch] * self.rstd[ch], beta[ch]);
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = ((x - m) * g + b).max(floor);
-            }
-        });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        Ok((CpuStorage::F32(self.normalize(x, (c, plane), gamma, beta)), xl.shape().clone()))
     }
 
     fn bwd(
@@ -230,13 +237,49 @@ impl CustomOp3 for BatchNormOp {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, gamma, y, grad, [x.track_op(), gamma.track_op(), beta.track_op()])
+    }
+}
+
+impl BatchNormOp {
+    pub(super) fn new(mean: &[f64], var: &[f64], eps: f64, with_relu: bool) -> Self {
+        let rstd = var.iter().map(|v| (1.0 / (v + eps).sqrt()) as f32).collect();
+        let mean = mean.iter().map(|&m| m as f32).collect();
+        BatchNormOp { mean, rstd, with_relu }
+    }
+
+    /// `x [n, c, plane]` normalised, scaled by `gamma`, shifted by `beta`
+    /// (and through the ReLU).
+    pub(super) fn normalize(&self, x: &[f32], (c, plane): (usize, usize), gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+        let floor = if self.with_relu { 0.0 } else { f32::NEG_INFINITY };
+        let mut out = zeroed(x.len());
+        out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (y, x))| {
+            let ch = i % c;
+            let (m, g, b) = (self.mean[ch], gamma[ch] * self.rstd[ch], beta[ch]);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = ((x - m) * g + b).max(floor);
+            }
+        });
+        out
+    }
+
+    /// The gradients of the input `x`, of `gamma` and of the shift, each
+    /// where `wanted`, from the output `y` and its gradient.
+    pub(super) fn grads(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+        wanted: [bool; 3],
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let [sum_dy, sum_dy_xhat] = per_channel_pair(x.apply_op3_no_bwd(&grad, y, &GradSums(self))?)?;
         let to_tensor =
             |v: &[f64]| Tensor::from_vec(v.iter().map(|&v| v as f32).collect::<Vec<_>>(), v.len(), &Device::Cpu);
-        let dgamma = gamma.track_op().then(|| to_tensor(&sum_dy_xhat)).transpose()?;
-        let dbeta = beta.track_op().then(|| to_tensor(&sum_dy)).transpose()?;
-        let dx = match x.track_op() {
+        let dgamma = wanted[1].then(|| to_tensor(&sum_dy_xhat)).transpose()?;
+        let dbeta = wanted[2].then(|| to_tensor(&sum_dy)).transpose()?;
+        let dx = match wanted[0] {
             true => {
                 let gamma = gamma.to_vec1::<f32>()?;
                 Some(x.apply_op3_no_bwd(&grad, y, &InputGrad { op: self, gamma, sum_dy, sum_dy_xhat })?)
@@ -371,9 +414,10 @@ mod tests {
             }
             let (y, reference) = match with_relu {
                 false => (ours.forward_t(x.as_tensor(), true)?, theirs.fallback.forward_t(x.as_tensor(), true)?),
-                true => {
-                    (ours.forward_relu(x.as_tensor(), true)?, theirs.fallback.forward_t(x.as_tensor(), true)?.relu()?)
-                }
+                true => (
+                    ours.forward_maybe_relu(x.as_tensor(), true, true)?,
+                    theirs.fallback.forward_t(x.as_tensor(), true)?.relu()?,
+                ),
             };
             let what = format!("{n}x{c}x{h}x{w} relu {with_relu}");
             assert!(max_diff(&y, &reference)? < 1e-4, "forward {what}");

@@ -81,6 +81,13 @@ impl Conv2d {
         weight.to_dtype(dtype)
     }
 
+    /// `(weight, padding, stride)` of a convolution with neither bias nor
+    /// channel scale, which [`conv_bn`](super::conv_bn) can fuse.
+    pub(super) fn plain(&self) -> Option<(&Tensor, usize, usize)> {
+        let plain = self.bias.is_none() && self.channel_scale.is_none();
+        plain.then_some((&self.weight, self.padding, self.stride))
+    }
+
     /// `relu(forward(x))`, the bias and the ReLU in one op.
     pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
         let y = conv2d(x, &self.weight_as(x.dtype())?, self.padding, self.stride)?;
@@ -156,22 +163,22 @@ pub(crate) fn candle_conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride:
 
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Geometry {
-    n: usize,
+pub(super) struct Geometry {
+    pub(super) n: usize,
     c_in: usize,
     h: usize,
     w: usize,
-    c_out: usize,
+    pub(super) c_out: usize,
     kh: usize,
     kw: usize,
     padding: usize,
     stride: usize,
-    out_h: usize,
-    out_w: usize,
+    pub(super) out_h: usize,
+    pub(super) out_w: usize,
 }
 
 impl Geometry {
-    fn new(
+    pub(super) fn new(
         x: (usize, usize, usize, usize),
         w: (usize, usize, usize, usize),
         padding: usize,
@@ -195,7 +202,7 @@ impl Geometry {
         self.c_in * self.kh * self.kw
     }
 
-    fn out_plane(&self) -> usize {
+    pub(super) fn out_plane(&self) -> usize {
         self.out_h * self.out_w
     }
 
@@ -554,7 +561,7 @@ where
 
 /// `out = conv(x, w)`, one image at a time: `out [co, plane] = W [co,
 /// patch] x cols [patch, plane]`, band by band.
-fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
+pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], out: &mut [f32]) {
     let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
     if winograd::applies(g) {
         return winograd::forward(g, x, w, out);
@@ -726,13 +733,18 @@ impl CustomOp2 for ConvForward {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        // Only what the graph needs: the stem's input is the image batch,
-        // and frozen layers have constant weights.
-        let dx = x.track_op().then(|| grad.apply_op2_no_bwd(w, &ConvInputGrad(self.0))).transpose()?;
-        let dw = w.track_op().then(|| x.apply_op2_no_bwd(&grad, &ConvWeightGrad(self.0))).transpose()?;
-        Ok((dx, dw))
+        backward(self.0, x, w, grad)
     }
+}
+
+/// The gradients of `x` and `w` from the output's, each where the graph
+/// needs it: the stem's input is the image batch, and frozen layers have
+/// constant weights.
+pub(super) fn backward(g: Geometry, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let dx = x.track_op().then(|| grad.apply_op2_no_bwd(w, &ConvInputGrad(g))).transpose()?;
+    let dw = w.track_op().then(|| x.apply_op2_no_bwd(&grad, &ConvWeightGrad(g))).transpose()?;
+    Ok((dx, dw))
 }
 
 /// `dx` from arguments `grad [n, co, ho, wo]` and `w [co, c, kh, kw]`.
