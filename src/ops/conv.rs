@@ -26,12 +26,12 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::thread::LocalKey;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::cuda_kernels::{conv_kernel, ConvKernel};
-use super::elementwise::{add_channel_bias_to_fresh, relu};
+use super::elementwise::{add_channel_bias_in_place, add_channel_bias_to_fresh, channel_bias_grads, relu};
 use super::{f32_data, zeroed};
 use transpose::transpose;
 
@@ -90,11 +90,31 @@ impl Conv2d {
 
     /// `relu(forward(x))`, the bias and the ReLU in one op.
     pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight_as(x.dtype())?, self.padding, self.stride)?;
-        match &self.bias {
-            Some(b) => add_channel_bias_to_fresh(y, &b.to_dtype(x.dtype())?, true),
-            None => relu(&y),
+        self.forward_maybe_relu(x, true)
+    }
+
+    /// [`Module::forward`], then a ReLU when `with_relu`. With a bias, in
+    /// CPU training, the product, the bias and the ReLU are one graph node
+    /// ([`ConvBiasForward`]); otherwise the bias goes into the product's
+    /// fresh output (in place when nothing is differentiated).
+    fn forward_maybe_relu(&self, x: &Tensor, with_relu: bool) -> Result<Tensor> {
+        let weight = self.weight_as(x.dtype())?;
+        let Some(bias) = &self.bias else {
+            let y = conv2d(x, &weight, self.padding, self.stride)?;
+            return if with_relu { relu(&y) } else { Ok(y) };
+        };
+        let bias = bias.to_dtype(x.dtype())?;
+        let differentiated = [x, &weight, &bias].iter().any(|t| t.track_op());
+        if differentiated
+            && x.dtype() == DType::F32
+            && matches!(conv_kernel(x.device(), x.dtype()), ConvKernel::CpuGemm)
+        {
+            let geometry = Geometry::new(x.dims4()?, weight.dims4()?, self.padding, self.stride)?;
+            let op = ConvBiasForward { geometry, with_relu };
+            return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op);
         }
+        let y = conv2d(x, &weight, self.padding, self.stride)?;
+        add_channel_bias_to_fresh(y, &bias, with_relu)
     }
 }
 
@@ -103,11 +123,7 @@ impl Module for Conv2d {
     /// computed in `x`'s dtype: under mixed precision the f32 parameters are
     /// cast (differentiably) to bf16 for the product.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight_as(x.dtype())?, self.padding, self.stride)?;
-        match &self.bias {
-            Some(b) => add_channel_bias_to_fresh(y, &b.to_dtype(x.dtype())?, false),
-            None => Ok(y),
-        }
+        self.forward_maybe_relu(x, false)
     }
 }
 
@@ -747,6 +763,56 @@ pub(super) fn backward(g: Geometry, x: &Tensor, w: &Tensor, grad: &Tensor) -> Re
     Ok((dx, dw))
 }
 
+/// `out = conv(x, w) + bias[co]`, then a ReLU when `with_relu`, as one
+/// graph node (training); arguments `x [n, c, h, w]`, `w [co, c, kh, kw]`,
+/// `bias [co]`. As two nodes, Candle's backward zero-filled and added a
+/// gradient for the product's output on one thread, for every convolution
+/// of the heads and the FPN (BENCHMARKS.md, 2026-12-03, Intel).
+struct ConvBiasForward {
+    geometry: Geometry,
+    with_relu: bool,
+}
+
+impl CustomOp3 for ConvBiasForward {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let (x, w) = (f32_data(xs, xl, "conv2d input")?, f32_data(ws, wl, "conv2d weight")?);
+        let bias = f32_data(bs, bl, "conv2d bias")?;
+        if bias.len() != g.c_out {
+            candle_core::bail!("conv2d: {} bias values for {} output channels", bias.len(), g.c_out);
+        }
+        let mut out = zeroed(g.n * g.c_out * g.out_plane());
+        forward(g, x, w, &mut out);
+        add_channel_bias_in_place(&mut out, bias, g.out_plane(), self.with_relu);
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad, dbias) = channel_bias_grads(self.with_relu, bias, y, grad)?;
+        let (dx, dw) = backward(self.geometry, x, w, &grad)?;
+        Ok((dx, dw, dbias))
+    }
+}
+
 /// `dx` from arguments `grad [n, co, ho, wo]` and `w [co, c, kh, kw]`.
 struct ConvInputGrad(Geometry);
 
@@ -921,6 +987,43 @@ mod tests {
             assert_eq!(direct::applies_to_input_grad(&g), backward_too, "{g:?}");
             assert!(!winograd::applies(&g));
             check_against_candle((n, c, h, w), (co, c, k, k), p, s)?;
+        }
+        Ok(())
+    }
+
+    /// The product, bias and ReLU as one node against the product and
+    /// `elementwise`'s bias op as two: the same output and gradients to
+    /// the bit, with and without the ReLU, for a trained bias and for a
+    /// constant one (a frozen BatchNorm's, folded).
+    #[test]
+    fn bias_in_the_product_matches_the_bias_op() -> Result<()> {
+        use crate::ops::elementwise::{add_channel_bias, add_channel_bias_relu};
+        let dev = Device::Cpu;
+        for (with_relu, bias_trains) in [(false, true), (true, true), (true, false)] {
+            let x = Var::randn(0f32, 1., (2, 6, 9, 11), &dev)?;
+            let w = Var::randn(0f32, 0.3, (5, 6, 3, 3), &dev)?;
+            let b = Tensor::randn(0f32, 1., 5, &dev)?;
+            let b = if bias_trains { Var::from_tensor(&b)?.as_tensor().clone() } else { b };
+            let conv = Conv2d::new(w.as_tensor().clone(), Some(b.clone()), 1, 2);
+            let fused = conv.forward_maybe_relu(x.as_tensor(), with_relu)?;
+            let product = conv2d(x.as_tensor(), w.as_tensor(), 1, 2)?;
+            let two = if with_relu { add_channel_bias_relu(&product, &b)? } else { add_channel_bias(&product, &b)? };
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+            };
+            let what = format!("relu {with_relu}, bias trains {bias_trains}");
+            assert_eq!(bits(&fused)?, bits(&two)?, "output, {what}");
+            let (ours, theirs) = probed_gradients(&fused, &two)?;
+            for (t, name) in [(x.as_tensor(), "input"), (w.as_tensor(), "weight")] {
+                let (a, b) = (ours.get(t).expect("gradient"), theirs.get(t).expect("reference gradient"));
+                assert_eq!(bits(a)?, bits(b)?, "{name} gradient, {what}");
+            }
+            match bias_trains {
+                true => {
+                    assert_eq!(bits(ours.get(&b).expect("bias gradient"))?, bits(theirs.get(&b).expect("reference"))?)
+                }
+                false => assert!(ours.get(&b).is_none(), "a gradient for a constant bias"),
+            }
         }
         Ok(())
     }

@@ -231,10 +231,34 @@ impl CustomOp2 for ChannelBias {
     }
 
     fn bwd(&self, _x: &Tensor, bias: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = if self.with_relu { relu_grad(grad, y)? } else { grad.clone() };
-        let dbias = bias.track_op().then(|| grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)).transpose()?;
+        let (grad, dbias) = channel_bias_grads(self.with_relu, bias, y, grad)?;
         Ok((Some(grad), dbias))
     }
+}
+
+/// The gradient before `y = max(x + bias[c], floor)` (`with_relu`: floor
+/// 0) from the output `y` and its gradient, and the bias's gradient (the
+/// sum of that over each channel) where `bias` takes one.
+pub(crate) fn channel_bias_grads(
+    with_relu: bool,
+    bias: &Tensor,
+    y: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let grad = if with_relu { relu_grad(grad, y)? } else { grad.clone() };
+    let dbias = bias.track_op().then(|| grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)).transpose()?;
+    Ok((grad, dbias))
+}
+
+/// `x [.., plane]` += `bias[c]` for each plane of channel `c`, then
+/// `max(., 0)` when `with_relu`, in place (parallel for large `x`).
+pub(crate) fn add_channel_bias_in_place(x: &mut [f32], bias: &[f32], plane: usize, with_relu: bool) {
+    let floor = if with_relu { 0.0 } else { f32::NEG_INFINITY };
+    let len = x.len();
+    for_each_chunk(x, plane.max(1), len, |i, o| {
+        let b = bias[i % bias.len()];
+        o.iter_mut().for_each(|o| *o = (*o + b).max(floor));
+    });
 }
 
 impl ChannelBias {
@@ -256,14 +280,8 @@ impl InplaceOp2 for ChannelBias {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let bias = f32_data(s2, l2, ARG)?;
-        let plane = l1.shape().dims()[2..].iter().product::<usize>().max(1);
-        let floor = self.floor();
-        let x = f32_data_mut(s1, l1, ARG)?;
-        let len = x.len();
-        for_each_chunk(x, plane, len, |i, o| {
-            let b = bias[i % bias.len()];
-            o.iter_mut().for_each(|o| *o = (*o + b).max(floor));
-        });
+        let plane = l1.shape().dims()[2..].iter().product::<usize>();
+        add_channel_bias_in_place(f32_data_mut(s1, l1, ARG)?, bias, plane, self.with_relu);
         Ok(())
     }
 }
