@@ -8,6 +8,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::config::{HeadConfig, HeadNorm, HEAD_GN_GROUPS};
 use crate::ops::conv::Conv2d;
+use crate::ops::conv_norm::conv_group_norm;
 use crate::ops::group_norm::{group_norm, GroupNorm};
 
 /// Weight init of every head conv: normal(std = 0.01).
@@ -49,7 +50,7 @@ impl Tower {
 impl Module for Tower {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.layers.iter().try_fold(x.clone(), |x, (conv, gn)| match gn {
-            Some(gn) => gn.forward_relu(&conv.forward(&x)?),
+            Some(gn) => conv_group_norm(conv, gn, &x, true),
             None => conv.forward_relu(&x),
         })
     }

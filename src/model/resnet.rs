@@ -13,7 +13,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::config::{BackboneConfig, BackboneNorm, ConvInit};
 use crate::ops::batch_norm::{batch_norm, BatchNorm};
 use crate::ops::conv::Conv2d;
-use crate::ops::conv_bn::conv_batch_norm;
+use crate::ops::conv_norm::conv_batch_norm;
 use crate::ops::elementwise::{add_relu_to_fresh, relu};
 use crate::ops::group_norm::{group_norm, GroupNorm};
 use crate::ops::maxpool::{max_pool_3x3_s2_p1, max_pool_3x3_s2_p1_inference};

@@ -10,7 +10,7 @@
 //! - `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)` per channel.
 //!
 //! The sums run in f32 lanes gathered in f64 (`lane_sum.rs`), and
-//! [`GroupNorm::forward_relu`] applies the ReLU that follows each norm of
+//! [`GroupNorm::forward_maybe_relu`] applies the ReLU that follows each norm of
 //! the head in the same pass (on the CPU), its mask in the backward's.
 //!
 //! On CUDA the same op runs three kernels (`cuda`). Other devices and
@@ -62,12 +62,23 @@ impl Module for GroupNorm {
 }
 
 impl GroupNorm {
-    /// `relu(forward(x))` [n, c, h, w], one op on the CPU.
-    pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_maybe_relu(x, true)
+    /// [channels]: the affine weight (gamma).
+    pub(super) fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
-    fn forward_maybe_relu(&self, x: &Tensor, with_relu: bool) -> Result<Tensor> {
+    /// [channels]: the affine bias (beta).
+    pub(super) fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The op this norm applies (then a ReLU when `with_relu`).
+    pub(super) fn op(&self, with_relu: bool) -> GroupNormOp {
+        GroupNormOp::new(self.groups, self.eps, with_relu)
+    }
+
+    /// [`Module::forward`], then a ReLU when `with_relu`.
+    pub(super) fn forward_maybe_relu(&self, x: &Tensor, with_relu: bool) -> Result<Tensor> {
         if x.dtype() != self.weight.dtype() {
             // Mixed precision: normalise in f32, as torch.autocast does.
             let y = self.forward_maybe_relu(&x.to_dtype(self.weight.dtype())?, with_relu)?;
@@ -82,7 +93,7 @@ impl GroupNorm {
                 &self.weight.contiguous()?,
                 &self.bias.contiguous()?,
                 // The CUDA kernels normalise only: the ReLU follows them.
-                GroupNormOp { groups: self.groups, eps: self.eps, with_relu: with_relu && x.device().is_cpu() },
+                GroupNormOp::new(self.groups, self.eps, with_relu && x.device().is_cpu()),
             )?,
             false => self.fallback.forward(x)?,
         };
@@ -94,7 +105,7 @@ impl GroupNorm {
 }
 
 /// GroupNorm, then a ReLU when `with_relu` (CPU only).
-struct GroupNormOp {
+pub(super) struct GroupNormOp {
     groups: usize,
     eps: f64,
     with_relu: bool,
@@ -134,26 +145,7 @@ impl CustomOp3 for GroupNormOp {
             f32_data(ws, wl, "group norm weight")?,
             f32_data(bs, bl, "group norm bias")?,
         );
-        let dims = xl.shape().dims();
-        let c = dims[1];
-        if self.groups == 0 || !c.is_multiple_of(self.groups) {
-            candle_core::bail!("group norm: {} groups do not divide {c} channels", self.groups);
-        }
-        let (cpg, hw) = self.group_shape(dims);
-        let mut out = zeroed(x.len());
-        out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(ng, (y, x))| {
-            let (mean, rstd) = stats(x, self.eps);
-            let first = (ng % self.groups) * cpg;
-            for (j, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                let (g, b) = (gamma[first + j] * rstd, beta[first + j]);
-                if self.with_relu {
-                    y.iter_mut().zip(x).for_each(|(y, &x)| *y = ((x - mean) * g + b).max(0.0));
-                } else {
-                    y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x - mean) * g + b);
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        Ok((CpuStorage::F32(self.normalize(x, xl.shape().dims(), gamma, beta)?), xl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -180,15 +172,58 @@ impl CustomOp3 for GroupNormOp {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, gamma, y, grad, [x.track_op(), gamma.track_op(), beta.track_op()])
+    }
+}
+
+impl GroupNormOp {
+    pub(super) fn new(groups: usize, eps: f64, with_relu: bool) -> Self {
+        GroupNormOp { groups, eps, with_relu }
+    }
+
+    /// `x [n, c, h, w]` (`dims`) normalised per (image, group), scaled by
+    /// `gamma`, shifted by `beta` (and through the ReLU), on the CPU.
+    pub(super) fn normalize(&self, x: &[f32], dims: &[usize], gamma: &[f32], beta: &[f32]) -> Result<Vec<f32>> {
+        let c = dims[1];
+        if self.groups == 0 || !c.is_multiple_of(self.groups) {
+            candle_core::bail!("group norm: {} groups do not divide {c} channels", self.groups);
+        }
+        let (cpg, hw) = self.group_shape(dims);
+        let mut out = zeroed(x.len());
+        out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(ng, (y, x))| {
+            let (mean, rstd) = stats(x, self.eps);
+            let first = (ng % self.groups) * cpg;
+            for (j, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                let (g, b) = (gamma[first + j] * rstd, beta[first + j]);
+                if self.with_relu {
+                    y.iter_mut().zip(x).for_each(|(y, &x)| *y = ((x - mean) * g + b).max(0.0));
+                } else {
+                    y.iter_mut().zip(x).for_each(|(y, &x)| *y = (x - mean) * g + b);
+                }
+            }
+        });
+        Ok(out)
+    }
+
+    /// The gradients of the input `x`, of `gamma` and of the shift, each
+    /// where `wanted`, from the output `y` and its gradient.
+    pub(super) fn grads(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+        wanted: [bool; 3],
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let packed = match x.device().is_cuda() {
             true => grad.apply_op3_no_bwd(x, gamma, &GroupNormGrad { groups: self.groups, eps: self.eps })?,
             false => grad.apply_op3_no_bwd(x, y, &GroupNormCpuGrad { op: self, gamma: gamma.to_vec1()? })?,
         };
         let (len, c) = (x.elem_count(), gamma.elem_count());
-        let dx = x.track_op().then(|| packed.narrow(0, 0, len)?.reshape(x.shape())).transpose()?;
-        let dgamma = gamma.track_op().then(|| packed.narrow(0, len, c)).transpose()?;
-        let dbeta = beta.track_op().then(|| packed.narrow(0, len + c, c)).transpose()?;
+        let dx = wanted[0].then(|| packed.narrow(0, 0, len)?.reshape(x.shape())).transpose()?;
+        let dgamma = wanted[1].then(|| packed.narrow(0, len, c)).transpose()?;
+        let dbeta = wanted[2].then(|| packed.narrow(0, len + c, c)).transpose()?;
         Ok((dx, dgamma, dbeta))
     }
 }
@@ -345,7 +380,11 @@ mod tests {
             };
             let pairs = [
                 (ours.forward(x.as_tensor())?, ours.fallback.forward(x.as_tensor())?, "norm"),
-                (ours.forward_relu(x.as_tensor())?, ours.fallback.forward(x.as_tensor())?.relu()?, "norm and ReLU"),
+                (
+                    ours.forward_maybe_relu(x.as_tensor(), true)?,
+                    ours.fallback.forward(x.as_tensor())?.relu()?,
+                    "norm and ReLU",
+                ),
             ];
             for (y, reference, op) in pairs {
                 assert!(max_diff(&y, &reference)? < 1e-4, "{op} forward {n}x{c}x{h}x{w}/{groups}");

@@ -7,7 +7,7 @@
 pub(crate) mod batch_norm;
 pub(crate) mod boxes;
 pub(crate) mod conv;
-pub(crate) mod conv_bn;
+pub(crate) mod conv_norm;
 pub(crate) mod cuda_kernels;
 pub(crate) mod elementwise;
 pub(crate) mod focal;
