@@ -103,13 +103,19 @@ impl Isa {
 
 /// Whether [`forward`] and [`weight_grad`] compute this convolution: a
 /// square 3x3, 5x5 or 7x7 kernel, stride 1 or 2, padding smaller than the
-/// kernel, fewer than [`MAX_CHANNELS`] on one side, a plane of at most
-/// [`MAX_PLANE`], and a CPU with AVX-512 or AVX2 and FMA whose vectors (16
-/// or 8 floats) tile the output rows.
+/// kernel, fewer than [`MAX_CHANNELS`] on one side (and on the output side
+/// at stride 2), a plane of at most [`MAX_PLANE`], and a CPU with AVX-512
+/// or AVX2 and FMA whose vectors (16 or 8 floats) tile the output rows.
+///
+/// A stride-2 layer that widens to [`MAX_CHANNELS`] or more (a ResNet
+/// stage's entry, 64 -> 128) ran faster as im2col and GEMM, forward and
+/// both gradients: 37-39 ms a step against 24 at 64x64 (batch 2), 55-56
+/// against 43-46 at 48x64 (batch 4), while the heads' narrow outputs
+/// (256 -> 36) stay faster here (BENCHMARKS.md, 2026-12-03, Intel).
 pub(super) fn applies(g: &Geometry) -> bool {
     let shape = g.kh == g.kw && matches!(g.kh, 3 | 5 | 7) && matches!(g.stride, 1 | 2) && g.padding < g.kh;
     let sizes = g.n * g.c_in * g.c_out * g.out_h > 0 && g.out_w > 0;
-    let narrow = g.c_in.min(g.c_out) < MAX_CHANNELS;
+    let narrow = g.c_in.min(g.c_out) < MAX_CHANNELS && !(g.stride == 2 && g.c_out >= MAX_CHANNELS);
     shape && sizes && narrow && g.out_plane() <= MAX_PLANE && Isa::for_rows(g.out_w).is_some()
 }
 
@@ -661,7 +667,8 @@ mod tests {
     }
 
     /// Which layers of the presets' models take this path: the narrow ones
-    /// on small planes; 128 channels and more go to GEMM at any size.
+    /// on small planes; 128 channels and more (on either side, or on the
+    /// output side at stride 2) go to GEMM at any size.
     #[test]
     fn only_narrow_layers_on_small_planes_take_this_path() {
         if !has_avx2_fma() {
@@ -671,11 +678,19 @@ mod tests {
         let geometry = |c, co, size: (usize, usize), stride| {
             Geometry::new((4, c, size.0, size.1), (co, c, 3, 3), 1, stride).expect("geometry")
         };
-        for g in [geometry(64, 64, (32, 32), 1), geometry(64, 128, (96, 128), 2), geometry(127, 127, (12, 16), 1)] {
+        let narrow = [geometry(64, 64, (32, 32), 1), geometry(127, 127, (12, 16), 1), geometry(256, 36, (48, 64), 1)];
+        for g in narrow {
             assert!(applies(&g), "{g:?}");
         }
-        // The `bccd` body's last stage and its stride-2 entries, a head at P5.
-        for g in [geometry(512, 512, (12, 16), 1), geometry(256, 512, (24, 32), 2), geometry(128, 128, (12, 16), 1)] {
+        // The `bccd` body's last stage and its stride-2 entries (layer 2's
+        // widens from 64 channels), a head at P5.
+        let wide = [
+            geometry(512, 512, (12, 16), 1),
+            geometry(256, 512, (24, 32), 2),
+            geometry(64, 128, (96, 128), 2),
+            geometry(128, 128, (12, 16), 1),
+        ];
+        for g in wide {
             assert!(!applies(&g) && !applies_to_input_grad(&g), "{g:?}");
         }
         assert!(!applies(&geometry(64, 64, (128, 128), 1)), "a plane above MAX_PLANE");
