@@ -43,19 +43,32 @@ thread_local! {
 /// Values per tile: the 4x4 transformed tile.
 const TAPS: usize = 16;
 
-/// Narrowest layers that take this path. Each of the 16 products sums only
-/// `c` terms, so for narrow layers writing and re-reading them costs more
-/// than the multiplications saved: at 64 channels a 128x128 convolution
-/// ran at half its im2col speed, at 128 and more every case of
-/// `cargo bench --bench conv` ran faster.
+/// Narrowest layers that take this path on planes under [`WIDE_PLANE`].
+/// Each of the 16 products sums only `c` terms, so for narrow layers
+/// writing and re-reading them can cost more than the multiplications
+/// saved.
 ///
 /// On small planes narrow layers do gain (2026-12-02, AVX2, forward +
 /// backward: 64 channels 16x16 n8 8.6 ms against 9.9, 32x32 n8 26 against
 /// 37), and taking them made the `shapes` training step about 15% faster.
 /// But the quickstart then ended at AP 0.632 / AP50 0.890 against 0.654 /
 /// 0.914, and with `train.seed = 1` at 0.627 / 0.891 against 0.641 / 0.900
-/// (BENCHMARKS.md): lower with both seeds, so narrow layers stay on im2col.
+/// (BENCHMARKS.md): lower with both seeds, so narrow layers on small planes
+/// stay on im2col.
 const MIN_CHANNELS: usize = 128;
+
+/// Output planes from which 64-channel layers take this path too: a
+/// ResNet's layer 1 (64 channels at a quarter of the image's side). With
+/// the transforms a row at a time and the taps over the threads, the
+/// `bccd` recipe's layer 1 (96x128, batch 4) took 161-168 ms a step,
+/// forward and both gradients, against 271-306 with im2col, and a
+/// ResNet-18's at 128x128, batch 1 (inference), 20-21 ms against 30-34
+/// (BENCHMARKS.md, 2026-12-03, Intel). No layer of the `shapes` model is
+/// this wide on so large a plane.
+const WIDE_PLANE: usize = 64 * 64;
+
+/// The narrowest layers on a [`WIDE_PLANE`].
+const MIN_CHANNELS_WIDE_PLANE: usize = 64;
 
 /// Smallest output planes that take this path: a few tiles per image make
 /// 16 thin GEMMs, and transforming the weights costs more than the
@@ -63,10 +76,12 @@ const MIN_CHANNELS: usize = 128;
 const MIN_PLANE: usize = 16 * 16;
 
 /// Whether [`forward`] computes this convolution: 3x3, stride 1, padding at
-/// most 2 (so its input gradient is one too), wide and large enough.
+/// most 2 (so its input gradient is one too), wide enough for its plane
+/// ([`MIN_CHANNELS`], [`MIN_CHANNELS_WIDE_PLANE`]) and large enough.
 pub(super) fn applies(g: &Geometry) -> bool {
     let shape = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding <= 2;
-    shape && g.c_in.min(g.c_out) >= MIN_CHANNELS && g.out_plane() >= MIN_PLANE
+    let min_channels = if g.out_plane() >= WIDE_PLANE { MIN_CHANNELS_WIDE_PLANE } else { MIN_CHANNELS };
+    shape && g.c_in.min(g.c_out) >= min_channels && g.out_plane() >= MIN_PLANE
 }
 
 /// `out [n, co, out_h, out_w] = conv(x, w)` for a convolution that
@@ -411,14 +426,14 @@ mod tests {
     #[test]
     fn matches_f64_sums() {
         // Two images (a thread each on two threads) and one (the taps
-        // spread over the threads).
-        for n in [2, 1] {
-            matches_f64_sums_with(n);
+        // spread over the threads); and a 64-channel layer on a plane of
+        // 64x65 (a ResNet's layer 1).
+        for (n, c_in, c_out, h, w) in [(2, 128, 130, 18, 21), (1, 128, 130, 18, 21), (1, 64, 66, 64, 65)] {
+            matches_f64_sums_with(Geometry::new((n, c_in, h, w), (c_out, c_in, 3, 3), 1, 1).expect("geometry"));
         }
     }
 
-    fn matches_f64_sums_with(n: usize) {
-        let g = Geometry::new((n, 128, 18, 21), (130, 128, 3, 3), 1, 1).expect("geometry");
+    fn matches_f64_sums_with(g: Geometry) {
         assert!(applies(&g));
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
