@@ -11,9 +11,11 @@
 //! - `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`.
 //!
 //! Running statistics update as in PyTorch (momentum, unbiased variance).
-//! [`BatchNorm::forward_maybe_relu`] applies the ReLU that follows most norms in
-//! the same op: one graph node instead of two saves a pass each way and one
-//! of Candle's gradient accumulations (a zero-filled buffer and an add).
+//! [`BatchNorm::forward_maybe_relu`] applies the ReLU that follows most
+//! norms in the same op: one graph node instead of two saves a pass each
+//! way and one of Candle's gradient accumulations (a zero-filled buffer and
+//! an add); `conv_norm.rs` goes further and takes the convolution before
+//! the norm into the same node.
 //! Statistics and gradients read the tensors' storage in place (custom ops
 //! without a backward), never copies of it. Evaluation, other devices and
 //! dtypes use Candle's `BatchNorm`.

@@ -82,7 +82,7 @@ impl Conv2d {
     }
 
     /// `(weight, padding, stride)` of a convolution with neither bias nor
-    /// channel scale, which [`conv_bn`](super::conv_bn) can fuse.
+    /// channel scale, which [`conv_norm`](super::conv_norm) can fuse.
     pub(super) fn plain(&self) -> Option<(&Tensor, usize, usize)> {
         let plain = self.bias.is_none() && self.channel_scale.is_none();
         plain.then_some((&self.weight, self.padding, self.stride))

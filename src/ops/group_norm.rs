@@ -10,8 +10,10 @@
 //! - `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)` per channel.
 //!
 //! The sums run in f32 lanes gathered in f64 (`lane_sum.rs`), and
-//! [`GroupNorm::forward_maybe_relu`] applies the ReLU that follows each norm of
-//! the head in the same pass (on the CPU), its mask in the backward's.
+//! [`GroupNorm::forward_maybe_relu`] applies the ReLU that follows each
+//! norm of the head in the same pass (on the CPU), its mask in the
+//! backward's. In CPU training `conv_norm.rs` runs the convolution before
+//! the norm in the same op.
 //!
 //! On CUDA the same op runs three kernels (`cuda`). Other devices and
 //! dtypes, and `runtime.cuda_kernels = "stock"`, use Candle's `GroupNorm`.
