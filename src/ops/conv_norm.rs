@@ -111,7 +111,7 @@ enum Applied {
         mean: Vec<f64>,
         var: Vec<f64>,
     },
-    Group,
+    Group(GroupNormOp),
 }
 
 /// What the forward leaves the backward.
@@ -159,7 +159,9 @@ impl CustomOp3 for ConvNorm {
                 let op = BatchNormOp::new(&mean, &var, *eps, *with_relu);
                 (op.normalize(&conv_out, (c, plane), gamma, beta), Applied::Batch { op, mean, var })
             }
-            Norm::Group(op) => (op.normalize(&conv_out, &[g.n, c, g.out_h, g.out_w], gamma, beta)?, Applied::Group),
+            Norm::Group(op) => {
+                (op.normalize(&conv_out, &[g.n, c, g.out_h, g.out_w], gamma, beta)?, Applied::Group(*op))
+            }
         };
         let shape = Shape::from((g.n, c, g.out_h, g.out_w));
         let conv_out = Tensor::from_vec(conv_out, shape.clone(), &Device::Cpu)?;
@@ -181,10 +183,9 @@ impl CustomOp3 for ConvNorm {
         };
         let (gamma, train_params) = (params.get(0)?, params.track_op());
         let wanted = [true, train_params, train_params];
-        let (d_conv_out, dgamma, dbeta) = match (applied, &self.norm) {
-            (Applied::Batch { op, .. }, _) => op.grads(conv_out, &gamma, y, grad, wanted)?,
-            (Applied::Group, Norm::Group(op)) => op.grads(conv_out, &gamma, y, grad, wanted)?,
-            (Applied::Group, Norm::Batch { .. }) => candle_core::bail!("conv-norm: saved state of another norm"),
+        let (d_conv_out, dgamma, dbeta) = match applied {
+            Applied::Batch { op, .. } => op.grads(conv_out, &gamma, y, grad, wanted)?,
+            Applied::Group(op) => op.grads(conv_out, &gamma, y, grad, wanted)?,
         };
         let Some(d_conv_out) = d_conv_out else {
             candle_core::bail!("conv-norm: no gradient for the convolution's output");

@@ -107,6 +107,7 @@ impl GroupNorm {
 }
 
 /// GroupNorm, then a ReLU when `with_relu` (CPU only).
+#[derive(Debug, Clone, Copy)]
 pub(super) struct GroupNormOp {
     groups: usize,
     eps: f64,
