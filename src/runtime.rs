@@ -2,12 +2,17 @@
 
 /// Call before any tensor work.
 ///
-/// - Candle runs element-wise CPU ops on its own spinning thread pool,
-///   beside the rayon pool that runs GEMMs, im2col and the data loader. On
-///   a few cores the two pools spin against each other (a training step of
-///   the `shapes` preset took 2.5x longer on 2 cores), so element-wise ops,
-///   which are memory-bound, run on the calling thread unless
-///   `CANDLE_NUM_THREADS` says otherwise.
+/// - Candle runs large element-wise CPU ops (its backward pass's gradient
+///   sums above all) on its own thread pool, beside the rayon pool that
+///   runs the convolutions and the data loader. Its workers spin after
+///   each op, and on a few cores the two pools spun against each other (a
+///   `shapes` training step took 2.5x longer on 2 cores when they did), so
+///   they park at once unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` says
+///   otherwise. Running those ops on one thread instead (the setting until
+///   2026-12-03) left the other core idle during the gradient sums: the
+///   ResNet-50-FPN step from scratch took 2.72-2.89 s against 2.55-2.74
+///   with the pool, the `bccd` step 1.11-1.14 against 1.09-1.13, the
+///   `shapes` step the same (BENCHMARKS.md, 2026-12-03, Intel).
 /// - Candle asks for its thread count on every matmul, and without
 ///   `RAYON_NUM_THREADS` that parses /proc/cpuinfo each time (10% of a
 ///   `shapes` training step in the kernel's cpuinfo printer). The count is
@@ -24,8 +29,8 @@
 ///   (one shared arena made the `bccd` step 10% slower). BENCHMARKS.md,
 ///   2026-12-03, Intel.
 pub(crate) fn configure(only_infers: bool) {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
