@@ -32,7 +32,7 @@ use super::{
 };
 use f2::F2x2;
 use f4::F4x4;
-use transforms::Matrices;
+use transforms::{Matrices, LANES};
 
 mod f2;
 mod f4;
@@ -224,7 +224,9 @@ fn image_weight_grad<V: Matrices<O, S>, const O: usize, const S: usize>(
 
 /// `U = G k G^T` for the 3x3 kernel `k(o, i)` of every output channel `o`
 /// and input channel `i`, as `[co, tap, c]` (tap `xi` is the `[co, c]`
-/// matrix with rows `S^2 c` apart), output channels in parallel.
+/// matrix with rows `S^2 c` apart), output channels in parallel, `LANES`
+/// input channels at a time so that each tap's values are written as one
+/// run.
 fn transform_weights<V: Matrices<O, S>, const O: usize, const S: usize>(
     c_out: usize,
     c_in: usize,
@@ -232,8 +234,18 @@ fn transform_weights<V: Matrices<O, S>, const O: usize, const S: usize>(
 ) -> Vec<f32> {
     let mut u = vec![0f32; S * S * c_out * c_in];
     u.par_chunks_mut(S * S * c_in).enumerate().for_each(|(o, u)| {
-        for i in 0..c_in {
-            transforms::kernel::<V, O, S>(kernel(o, i), |tap, value| u[tap * c_in + i] = value);
+        for first in (0..c_in).step_by(LANES) {
+            let count = LANES.min(c_in - first);
+            let mut k = [[0f32; LANES]; 9];
+            for lane in 0..count {
+                for (tap, value) in k.iter_mut().zip(kernel(o, first + lane)) {
+                    tap[lane] = value;
+                }
+            }
+            let tile = transforms::kernels::<V, O, S>(&k);
+            for (tap, values) in tile.as_flattened().iter().enumerate() {
+                u[tap * c_in + first..][..count].copy_from_slice(&values[..count]);
+            }
         }
     });
     u

@@ -21,14 +21,25 @@ impl Matrices<4, 6> for F4x4 {
     /// [1/24, 1/12, 1/6], [1/24, -1/12, 1/6], [0, 0, 1]]`
     #[inline(always)]
     fn g([a, b, c]: [f32; 3]) -> [f32; 6] {
+        // Multiplied by the reciprocals: a division would cost more than
+        // the rest of the transform.
         let (ac, a4c) = (a + c, a + 4.0 * c);
-        [0.25 * a, -(ac + b) / 6.0, -(ac - b) / 6.0, (a4c + 2.0 * b) / 24.0, (a4c - 2.0 * b) / 24.0, c]
+        let (sixth, twenty_fourth) = (1.0 / 6.0, 1.0 / 24.0);
+        [
+            0.25 * a,
+            -(ac + b) * sixth,
+            (b - ac) * sixth,
+            (a4c + 2.0 * b) * twenty_fourth,
+            (a4c - 2.0 * b) * twenty_fourth,
+            c,
+        ]
     }
 
     #[inline(always)]
     fn g_t(u: [f32; 6]) -> [f32; 3] {
         let (s12, d12, s34, d34) = (u[1] + u[2], u[2] - u[1], u[3] + u[4], u[3] - u[4]);
-        [0.25 * u[0] - s12 / 6.0 + s34 / 24.0, d12 / 6.0 + d34 / 12.0, (s34 - s12) / 6.0 + u[5]]
+        let (sixth, twelfth, twenty_fourth) = (1.0 / 6.0, 1.0 / 12.0, 1.0 / 24.0);
+        [0.25 * u[0] - s12 * sixth + s34 * twenty_fourth, d12 * sixth + d34 * twelfth, (s34 - s12) * sixth + u[5]]
     }
 
     /// `B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],

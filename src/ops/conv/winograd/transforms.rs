@@ -32,16 +32,30 @@ pub(super) trait Matrices<const OUT: usize, const SIDE: usize> {
     fn a(d: [f32; OUT]) -> [f32; SIDE];
 }
 
-/// `U = G k G^T` of one 3x3 kernel `k`, tap by tap (row-major in the
-/// `SIDE x SIDE` tile): `put(tap, value)`.
-pub(super) fn kernel<V: Matrices<O, S>, const O: usize, const S: usize>(k: [f32; 9], mut put: impl FnMut(usize, f32)) {
-    let columns: [[f32; S]; 3] = array::from_fn(|j| V::g([k[j], k[3 + j], k[6 + j]]));
-    let rows: [[f32; S]; S] = array::from_fn(|r| V::g([columns[0][r], columns[1][r], columns[2][r]]));
-    for (r, row) in rows.iter().enumerate() {
-        for (j, &value) in row.iter().enumerate() {
-            put(r * S + j, value);
-        }
-    }
+/// `U = G k G^T` for the 3x3 kernels of `LANES` channel pairs at once
+/// (`k [tap][lane]`; the tap of a 3x3 kernel is row-major), as `[row]
+/// [column][lane]` of the `S x S` transformed tile. A lane at a time,
+/// which the compiler vectorises across the lanes.
+pub(super) fn kernels<V: Matrices<O, S>, const O: usize, const S: usize>(
+    k: &[[f32; LANES]; 9],
+) -> [[[f32; LANES]; S]; S] {
+    let mut u = [[[0f32; LANES]; S]; S];
+    vectorized(
+        #[inline(always)]
+        || {
+            for lane in 0..LANES {
+                let tap = |t: usize| k[t][lane];
+                let columns: [[f32; S]; 3] = array::from_fn(|j| V::g([tap(j), tap(3 + j), tap(6 + j)]));
+                for (r, row) in u.iter_mut().enumerate() {
+                    let values = V::g([columns[0][r], columns[1][r], columns[2][r]]);
+                    for (out, value) in row.iter_mut().zip(values) {
+                        out[lane] = value;
+                    }
+                }
+            }
+        },
+    );
+    u
 }
 
 /// `dk = G^T dU G` of one channel pair, from `du(tap)`.
@@ -183,7 +197,7 @@ fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Values per step of [`map_runs`] and the row splits: one AVX-512 vector.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// `outputs[j][x] = f(the inputs' values at x)[j]` for every `x` below
 /// the outputs' length, `K` runs into `N`. `LANES` values at a time
