@@ -54,20 +54,31 @@ fn report_oversized_writes() {
 #[cfg(not(unix))]
 fn report_oversized_writes() {}
 
-/// Stack of each rayon worker: the command runs on one, and Candle's
-/// backward pass walks the graph recursively (the main thread has 8 MiB).
-const WORKER_STACK: usize = 64 << 20;
-
-/// Runs `command` on a worker of rayon's global pool and waits for it.
+/// Runs `command` on this thread (the main one), made a worker of rayon's
+/// global pool, and returns what it returns.
 ///
-/// Why: the convolutions, GEMMs and element-wise ops split their work with
-/// rayon. Called from the main thread, every one of those calls hands its
-/// work to the pool and puts the main thread to sleep until the workers are
-/// done: two wake-ups per op, hundreds of ops per step. Called from a
-/// worker, the caller takes part itself and only the idle worker is woken.
+/// Why a worker: the convolutions, GEMMs and element-wise ops split their
+/// work with rayon. Called from outside the pool, every one of those calls
+/// hands its work to the pool and puts the caller to sleep until the
+/// workers are done: two wake-ups per op, hundreds of ops per step. Called
+/// from a worker, the caller takes part itself and only the idle worker is
+/// woken.
+///
+/// Why this thread rather than a worker of its own (until 2026-12-03):
+/// glibc gives every other thread an arena that grows in heaps of at most
+/// 64 MiB and unmaps a heap once it is empty, so activations of tens of MB
+/// came back as fresh pages every step (13% of the ResNet-50-FPN training
+/// step's samples were the kernel clearing pages), while the main thread's
+/// arena grows one heap and keeps it (`keep_freed_memory`). With the
+/// command here, peak memory above the start fell from 1209-1210 to
+/// 882-885 MiB for R18-FPN fine-tuning, 2483-2527 to 2115-2120 for R50-FPN
+/// from scratch and 1040-1116 to 944-979 for the `bccd` step, at the same
+/// speed (BENCHMARKS.md, 2026-12-03, Intel). Candle's backward pass walks
+/// the graph recursively, and the main thread's 8 MiB of stack are plenty:
+/// ResNet-101 trains with 2 MiB (`ulimit -s 2048`).
 pub(crate) fn on_worker<T: Send>(command: impl FnOnce() -> T + Send) -> T {
     // Fails only if the pool already exists, and then it is used as it is.
-    let _ = rayon::ThreadPoolBuilder::new().stack_size(WORKER_STACK).build_global();
+    let _ = rayon::ThreadPoolBuilder::new().use_current_thread().build_global();
     rayon::scope(|_| command())
 }
 
