@@ -7,9 +7,7 @@
 //! Their larger constants cost digits: against sums in f64 the relative
 //! error is a few times F(2x2, 3x3)'s (2e-6 against 3.5e-7 forward;
 //! `winograd.rs`'s tests), far below what training notices (TF32, which
-//! PyTorch allows for GPU convolutions, keeps 10 bits). The points 0, ±1,
-//! 1/2, -2 measured 1.5x more accurate in a simulation, with denser
-//! matrices.
+//! PyTorch allows for GPU convolutions, keeps 10 bits).
 
 use super::transforms::Matrices;
 

@@ -279,7 +279,9 @@ fn runs_at<const N: usize>(data: &mut [f32], starts: [usize; N], len: usize) -> 
 /// `P`-th of `dst`) holds columns `q, q + P, ...` of the bordered row.
 /// `LANES` groups of `P` at a time through local arrays, which the
 /// compiler turns into vector shuffles; the last, partial block through a
-/// zero-padded copy (the bordered row is zero past its end).
+/// zero-padded copy (the bordered row is zero past its end). `conv.rs`'s
+/// `split_padded_row`, which the direct kernels use, splits a row of any
+/// length into two unequal halves; the tiles here need `P` equal phases.
 #[inline(always)]
 fn split_padded_row<const P: usize>(row: &[f32], padding: usize, dst: &mut [f32]) {
     dst.fill(0.0);
