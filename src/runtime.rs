@@ -1,5 +1,8 @@
 //! Process-wide settings for fast CPU training, applied once at start-up.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
 /// Call before any tensor work.
 ///
 /// - Candle runs large element-wise CPU ops (its backward pass's gradient
@@ -76,10 +79,69 @@ fn report_oversized_writes() {}
 /// speed (BENCHMARKS.md, 2026-12-03, Intel). Candle's backward pass walks
 /// the graph recursively, and the main thread's 8 MiB of stack are plenty:
 /// ResNet-101 trains with 2 MiB (`ulimit -s 2048`).
+///
+/// Why the other workers stay awake ([`keep_warm`]): a rayon worker with no
+/// work sleeps after a few microseconds, and every op's first split then
+/// wakes it through the kernel. A `shapes` training step runs hundreds of
+/// small ops, and those wake-ups were 10-12% of its samples (scheduler and
+/// futex code) while the second core sat idle between them. Kept looking
+/// for jobs between ops, as OpenMP's threads spin in PyTorch, the step ran
+/// at 162-166 images/s against 142-148, a 1-epoch `shapes` training run
+/// (1200 images, evaluation included) took 8.1 s against 9.2-9.7, and the
+/// `bccd` and ResNet-50-FPN steps were unchanged within their noise
+/// (BENCHMARKS.md, 2026-12-04, Intel). An idle worker yields its core to
+/// any other thread that wants it (Candle's pool, the data loader) and
+/// naps once it has had nothing to do for [`SPIN`].
 pub(crate) fn on_worker<T: Send>(command: impl FnOnce() -> T + Send) -> T {
     // Fails only if the pool already exists, and then it is used as it is.
     let _ = rayon::ThreadPoolBuilder::new().use_current_thread().build_global();
-    rayon::scope(|_| command())
+    keeping_workers_warm(command)
+}
+
+/// Runs `command` in the current rayon pool while its other workers
+/// [`keep_warm`], and returns what it returns.
+fn keeping_workers_warm<T: Send>(command: impl FnOnce() -> T + Send) -> T {
+    let done = &AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let commander = rayon::current_thread_index();
+        scope.spawn_broadcast(move |_, worker| {
+            // Not on the command's own thread: there the loop would run
+            // inside one of the command's waits and never give it back.
+            if Some(worker.index()) != commander {
+                keep_warm(done);
+            }
+        });
+        let _stop = Stop(done);
+        command()
+    })
+}
+
+/// How long an idle worker keeps looking for jobs before it naps.
+const SPIN: Duration = Duration::from_millis(2);
+/// How long it naps before it looks again.
+const NAP: Duration = Duration::from_micros(200);
+
+/// Runs the pool's jobs as they come, from this worker, until `done`.
+fn keep_warm(done: &AtomicBool) {
+    let mut idle_since = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() < SPIN {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(NAP);
+        }
+    }
+}
+
+/// Sets its flag when dropped: the command returned or panicked.
+struct Stop<'a>(&'a AtomicBool);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Freed blocks stay in the heap; in one arena for all threads when
@@ -101,3 +163,30 @@ fn keep_freed_memory(one_arena: bool) {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory(_one_arena: bool) {}
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    use super::*;
+
+    fn pool() -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap()
+    }
+
+    #[test]
+    fn the_command_runs_beside_warm_workers_and_its_value_comes_back() {
+        let sum = pool().install(|| keeping_workers_warm(|| (0..1000u64).into_par_iter().sum::<u64>()));
+        assert_eq!(sum, 499_500);
+    }
+
+    #[test]
+    fn a_panicking_command_releases_the_workers() {
+        let pool = pool();
+        let run = || pool.install(|| keeping_workers_warm(|| panic!("failed")));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+        assert!(outcome.is_err());
+        // Every worker left `keep_warm`'s loop: a job on each one returns.
+        assert_eq!(pool.broadcast(|_| 1).len(), 3);
+    }
+}
