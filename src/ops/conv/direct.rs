@@ -16,16 +16,20 @@
 //!   [`Isa::vectors`] vectors: 3 of 8 outputs with AVX2 (9 accumulators:
 //!   3x3 ran faster on AVX2 machines than 4x3, whose 16 live registers
 //!   spilled, or 2x6, which loads more), 6 of 16 with AVX-512 where the
-//!   rows hold whole 16-float vectors (its 32 registers hold 18).
+//!   rows hold whole 16-float vectors (its 32 registers hold 18), and 6 of
+//!   8 with AVX-512's registers at AVX2's width (AVX512VL) where rows hold
+//!   8-float ones: on the `shapes` model's 8x8 planes that took its
+//!   training step from 156-165 to 169-175 images/s (Intel, 2026-12-04).
 //! - Input gradient: for a 3x3 stride-1 convolution with padding `p`, the
 //!   output gradient convolved with the kernel flipped and its channel axes
 //!   swapped, with padding `2 - p`: the same micro-tiles.
 //! - Weight gradient: for [`CHANNELS`] output channels, one input channel
-//!   and three taps of one kernel row, 3x3 vectors of products summed over
-//!   every output position, then across lanes.
+//!   and [`Isa::taps`] kernel taps (3 with AVX2, 9 with AVX-512's 32
+//!   registers), vectors
+//!   of products summed over every output position, then across lanes.
 //!
 //! Every sum runs in a fixed order, so results do not depend on threads
-//! (they do on the instruction set: AVX-512 sums 16 lanes where AVX2 sums 8).
+//! (they do on the lane count: AVX-512 sums 16 lanes where AVX2 sums 8).
 //! Wide 3x3 layers go to Winograd (`winograd.rs`); wide layers on small
 //! planes, other kernels, large planes, strided input gradients and CPUs
 //! without AVX2 to im2col and GEMM.
@@ -36,8 +40,6 @@ use super::{phase_index, split_padded_row, threads, zeroed, Geometry};
 
 /// Output channels per micro-tile.
 const CHANNELS: usize = 3;
-/// Kernel columns per weight-gradient pass.
-const COLUMNS: usize = 3;
 /// Most f32 values of the padded input rows one band of output rows reads
 /// (256 KiB: the band stays in L2 while every channel block passes over it).
 const BAND_INPUT: usize = 1 << 16;
@@ -60,6 +62,8 @@ const MAX_PLANE: usize = 64 * 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
     Avx2,
+    /// AVX-512's 32 registers at AVX2's width (AVX512VL), for rows of 8.
+    Avx512Ymm,
     Avx512,
 }
 
@@ -67,7 +71,7 @@ impl Isa {
     /// f32 lanes of one register.
     const fn lanes(self) -> usize {
         match self {
-            Isa::Avx2 => 8,
+            Isa::Avx2 | Isa::Avx512Ymm => 8,
             Isa::Avx512 => 16,
         }
     }
@@ -78,13 +82,27 @@ impl Isa {
     const fn vectors(self) -> usize {
         match self {
             Isa::Avx2 => 3,
-            Isa::Avx512 => 6,
+            Isa::Avx512Ymm | Isa::Avx512 => 6,
+        }
+    }
+
+    /// Kernel taps per weight-gradient pass: with [`CHANNELS`] output
+    /// channels, as many accumulators as the registers hold beside those
+    /// channels' gradients (AVX2: 9 and 3; AVX-512: 27 and 3). With nine
+    /// taps a pass instead of three, a 64-channel 16x16 layer's forward and
+    /// backward at batch 8 took 2.45 ms against 2.52, a 16-channel 32x32
+    /// one's 1.02 against 1.05 (Intel, 2026-12-04).
+    const fn taps(self) -> usize {
+        match self {
+            Isa::Avx2 => 3,
+            Isa::Avx512Ymm | Isa::Avx512 => 9,
         }
     }
 
     fn available(self) -> bool {
         match self {
             Isa::Avx2 => has_avx2_fma(),
+            Isa::Avx512Ymm => has_avx2_fma() && has_avx512vl(),
             Isa::Avx512 => has_avx512(),
         }
     }
@@ -92,7 +110,9 @@ impl Isa {
     /// The widest instruction set this CPU has whose vectors tile rows of
     /// `out_w` outputs.
     fn for_rows(out_w: usize) -> Option<Isa> {
-        [Isa::Avx512, Isa::Avx2].into_iter().find(|isa| out_w.is_multiple_of(isa.lanes()) && isa.available())
+        [Isa::Avx512, Isa::Avx512Ymm, Isa::Avx2]
+            .into_iter()
+            .find(|isa| out_w.is_multiple_of(isa.lanes()) && isa.available())
     }
 
     /// [`Isa::for_rows`] of a convolution that [`applies`].
@@ -142,6 +162,16 @@ fn has_avx512() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn has_avx512() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512vl() -> bool {
+    is_x86_feature_detected!("avx512vl")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512vl() -> bool {
     false
 }
 
@@ -234,7 +264,7 @@ fn prepare(g: &Geometry, x: &[f32]) -> Vec<f32> {
 
 /// `dw [co, c, k, k]` of a convolution that [`applies`], from its input `x`
 /// and output gradient `grad`: for each output channel block, input channel
-/// and three taps of a kernel row, vectors of products summed over every
+/// and [`Isa::taps`] kernel taps, vectors of products summed over every
 /// output position of a run of images, then across the vector's lanes.
 /// Runs of images as the GEMM path splits them, their sums added in order.
 pub(super) fn weight_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
@@ -284,31 +314,49 @@ fn weight_grad_block(g: &Geometry, reads: &Reads, prepared: &[f32], grads: &[f32
         row_step: g.stride * reads.wp,
         out_w: g.out_w,
     };
+    let block = Block { prepared, grads, planes, strides, channels };
+    match reads.isa {
+        Isa::Avx2 => weight_grad_passes::<{ Isa::Avx2.taps() }>(g, reads, &block, dw),
+        Isa::Avx512Ymm => weight_grad_passes::<{ Isa::Avx512Ymm.taps() }>(g, reads, &block, dw),
+        Isa::Avx512 => weight_grad_passes::<{ Isa::Avx512.taps() }>(g, reads, &block, dw),
+    }
+}
+
+/// What every weight-gradient pass of one output channel block reads.
+struct Block<'a> {
+    prepared: &'a [f32],
+    grads: &'a [f32],
+    /// Where each output channel's gradient plane starts in an image.
+    planes: [usize; CHANNELS],
+    strides: Strides,
+    /// Output channels of the block to write (at most [`CHANNELS`]).
+    channels: usize,
+}
+
+/// `dw [channels, c, k, k]` of one block, `J` taps of one input channel a
+/// pass (its last pass repeats the kernel's last tap and drops the sums).
+fn weight_grad_passes<const J: usize>(g: &Geometry, reads: &Reads, b: &Block, dw: &mut [f32]) {
+    let taps = reads.taps.len();
     for i in 0..g.c_in {
-        for ky in 0..k {
-            for kx in (0..k).step_by(COLUMNS) {
-                // Three taps of row ky from kx; past the row's end the last
-                // one again, its sums dropped.
-                let columns: [usize; COLUMNS] = std::array::from_fn(|j| {
-                    let tap = ky * k + (kx + j).min(k - 1);
-                    i * reads.in_plane + reads.taps[tap]
-                });
-                // SAFETY: the asserts above keep every read inside
-                // `prepared` and `grads`, and the CPU has the kernel's
-                // features.
-                #[cfg(target_arch = "x86_64")]
-                let sums = unsafe {
-                    match reads.isa {
-                        Isa::Avx2 => avx2::weight_grad_taps(prepared, grads, columns, planes, strides),
-                        Isa::Avx512 => avx512::weight_grad_taps(prepared, grads, columns, planes, strides),
-                    }
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let sums = [[0f32; COLUMNS]; CHANNELS];
-                let count = COLUMNS.min(k - kx);
-                for (o, row) in sums.iter().enumerate().take(channels) {
-                    dw[(o * g.c_in + i) * k * k + ky * k + kx..][..count].copy_from_slice(&row[..count]);
+        for first_tap in (0..taps).step_by(J) {
+            let columns: [usize; J] =
+                std::array::from_fn(|j| i * reads.in_plane + reads.taps[(first_tap + j).min(taps - 1)]);
+            // SAFETY: `weight_grad_block` asserted that every read stays
+            // inside `prepared` and `grads`, and that the CPU has the
+            // kernel's features.
+            #[cfg(target_arch = "x86_64")]
+            let sums = unsafe {
+                match reads.isa {
+                    Isa::Avx2 => avx2::weight_grad_taps(b.prepared, b.grads, columns, b.planes, b.strides),
+                    Isa::Avx512Ymm => avx512_ymm::weight_grad_taps(b.prepared, b.grads, columns, b.planes, b.strides),
+                    Isa::Avx512 => avx512::weight_grad_taps(b.prepared, b.grads, columns, b.planes, b.strides),
                 }
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let sums = [[0f32; J]; CHANNELS];
+            let count = J.min(taps - first_tap);
+            for (o, row) in sums.iter().enumerate().take(b.channels) {
+                dw[(o * g.c_in + i) * taps + first_tap..][..count].copy_from_slice(&row[..count]);
             }
         }
     }
@@ -391,10 +439,13 @@ fn convolve_group(g: &Geometry, reads: &Reads, image: &[f32], packed: &[f32], ds
                 (reads.read(g, y, x), y * g.out_w + x)
             })
             .collect();
+        // Tiles of equal size as far as they go: 8 vectors as 4 and 4, not
+        // 6 and 2 (8x8 planes ran 8% slower so).
+        let tile_len = vectors.len().div_ceil(vectors.len().div_ceil(reads.isa.vectors()));
         for block in 0..channels.div_ceil(CHANNELS) {
             let weights = &packed[block * block_len..][..block_len];
             let block_out = &mut dst[block * CHANNELS * plane..];
-            for tile in vectors.chunks(reads.isa.vectors()) {
+            for tile in vectors.chunks(tile_len) {
                 micro_tile(g, reads, image, weights, tile, block_out);
             }
         }
@@ -449,6 +500,14 @@ unsafe fn tile_of<const T: usize>(
         (Isa::Avx2, &[a, b, c]) => avx2::tile(image, weights, taps, [a, b, c], out, planes),
         (Isa::Avx2, &[a, b]) => avx2::tile(image, weights, taps, [a, b], out, planes),
         (Isa::Avx2, &[a]) => avx2::tile(image, weights, taps, [a], out, planes),
+        (Isa::Avx512Ymm, &[a, b, c, d, e, f]) => {
+            avx512_ymm::tile(image, weights, taps, [a, b, c, d, e, f], out, planes)
+        }
+        (Isa::Avx512Ymm, &[a, b, c, d, e]) => avx512_ymm::tile(image, weights, taps, [a, b, c, d, e], out, planes),
+        (Isa::Avx512Ymm, &[a, b, c, d]) => avx512_ymm::tile(image, weights, taps, [a, b, c, d], out, planes),
+        (Isa::Avx512Ymm, &[a, b, c]) => avx512_ymm::tile(image, weights, taps, [a, b, c], out, planes),
+        (Isa::Avx512Ymm, &[a, b]) => avx512_ymm::tile(image, weights, taps, [a, b], out, planes),
+        (Isa::Avx512Ymm, &[a]) => avx512_ymm::tile(image, weights, taps, [a], out, planes),
         (Isa::Avx512, &[a, b, c, d, e, f]) => avx512::tile(image, weights, taps, [a, b, c, d, e, f], out, planes),
         (Isa::Avx512, &[a, b, c, d, e]) => avx512::tile(image, weights, taps, [a, b, c, d, e], out, planes),
         (Isa::Avx512, &[a, b, c, d]) => avx512::tile(image, weights, taps, [a, b, c, d], out, planes),
@@ -496,7 +555,7 @@ macro_rules! kernels {
         mod $isa {
             use std::arch::x86_64::*;
 
-            use super::{halving_sum, Planes, Strides, CHANNELS, COLUMNS};
+            use super::{halving_sum, Planes, Strides, CHANNELS};
 
             const LANES: usize = $lanes;
 
@@ -543,7 +602,7 @@ macro_rules! kernels {
 
             /// `sums[o][j] = sum over images, rows y and vectors v of
             /// grads[image][planes[o] + y * out_w + LANES v + 0..LANES]
-            /// * input[image][columns[j] + y * row_step + LANES v + 0..LANES]`: three taps of
+            /// * input[image][columns[j] + y * row_step + LANES v + 0..LANES]`: J taps of
             /// the weight gradient of CHANNELS output channels (their planes at
             /// `planes`), each tap's input channel and offset in `columns`.
             ///
@@ -551,36 +610,39 @@ macro_rules! kernels {
             /// The CPU has the module's instruction set, and every offset named above lies inside
             /// its slice (the caller asserts both).
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn weight_grad_taps(
+            pub(super) unsafe fn weight_grad_taps<const J: usize>(
                 input: &[f32],
                 grads: &[f32],
-                columns: [usize; COLUMNS],
+                columns: [usize; J],
                 planes: [usize; CHANNELS],
                 s: Strides,
-            ) -> [[f32; COLUMNS]; CHANNELS] {
-                let mut acc = [[$zero(); COLUMNS]; CHANNELS];
-                let mut inputs = [$zero(); COLUMNS];
+            ) -> [[f32; J]; CHANNELS] {
+                let mut acc = [[$zero(); CHANNELS]; J];
+                let mut g = [$zero(); CHANNELS];
                 for image in 0..s.images {
                     let input = input.as_ptr().add(image * s.in_image);
                     let grad = grads.as_ptr().add(image * s.out_image);
                     for y in 0..s.rows {
                         for v in 0..s.vectors {
                             let row = input.add(y * s.row_step + v * LANES);
-                            for (value, &column) in inputs.iter_mut().zip(&columns) {
-                                *value = $load(row.add(column));
+                            for (g, &plane) in g.iter_mut().zip(&planes) {
+                                *g = $load(grad.add(plane + y * s.out_w + v * LANES));
                             }
-                            for (sums, &plane) in acc.iter_mut().zip(&planes) {
-                                let g = $load(grad.add(plane + y * s.out_w + v * LANES));
-                                for (sum, &value) in sums.iter_mut().zip(&inputs) {
+                            // Tap by tap, so only one input vector is live
+                            // beside the accumulators and gradients.
+                            for (sums, &column) in acc.iter_mut().zip(&columns) {
+                                let value = $load(row.add(column));
+                                for (sum, &g) in sums.iter_mut().zip(&g) {
                                     *sum = $fmadd(g, value, *sum);
                                 }
                             }
                         }
                     }
                 }
-                let mut sums = [[0f32; COLUMNS]; CHANNELS];
-                for (row, vectors) in sums.iter_mut().zip(&acc) {
-                    for (sum, &vector) in row.iter_mut().zip(vectors) {
+                let mut sums = [[0f32; J]; CHANNELS];
+                for (j, vectors) in acc.iter().enumerate() {
+                    for (row, &vector) in sums.iter_mut().zip(vectors) {
+                        let sum = &mut row[j];
                         let mut lanes = [0f32; LANES];
                         $store(lanes.as_mut_ptr(), vector);
                         *sum = halving_sum(lanes);
@@ -593,6 +655,16 @@ macro_rules! kernels {
 }
 
 kernels!(avx2, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps);
+kernels!(
+    avx512_ymm,
+    "avx512f,avx512vl,avx2,fma",
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps
+);
 kernels!(avx512, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps);
 
 #[cfg(test)]
@@ -653,8 +725,8 @@ mod tests {
             let weights: Vec<f32> = random(c * c * 9, &mut rng).iter().map(|v| v * 0.03).collect();
             let grad: Vec<f32> = random(2 * c * h * w, &mut rng).iter().map(|v| v * 1e-6).collect();
             let reference = input_grad_f64(&g, &grad, &weights);
-            for isa in [Isa::Avx2, Isa::Avx512] {
-                if isa == Isa::Avx512 && !(has_avx512() && w % 16 == 0) {
+            for isa in [Isa::Avx2, Isa::Avx512Ymm, Isa::Avx512] {
+                if !isa.available() || w % isa.lanes() != 0 {
                     continue;
                 }
                 let mut dx = vec![0f32; reference.len()];
@@ -696,13 +768,14 @@ mod tests {
         assert!(!applies(&geometry(64, 64, (128, 128), 1)), "a plane above MAX_PLANE");
     }
 
-    /// AVX-512's kernels against AVX2's (which `conv.rs` checks against
-    /// Candle) on the same convolutions: the forward, the weight gradient
-    /// and, for 3x3 stride 1, the input gradient. They sum the same products
-    /// in another order, so they agree to rounding.
+    /// AVX-512's kernels, at 16 lanes and at 8, against AVX2's (which
+    /// `conv.rs` checks against Candle) on the same convolutions: the
+    /// forward, the weight gradient and, for 3x3 stride 1, the input
+    /// gradient. They sum the same products in another order, so they agree
+    /// to rounding.
     #[test]
     fn avx512_kernels_match_avx2() {
-        if !(has_avx512() && has_avx2_fma()) {
+        if !(has_avx512() && has_avx512vl() && has_avx2_fma()) {
             eprintln!("skipped: this CPU lacks AVX-512");
             return;
         }
@@ -714,28 +787,36 @@ mod tests {
             ((2, 3, 64, 64), (16, 7, 3, 2)),
             ((2, 6, 31, 32), (4, 3, 1, 2)),
             ((1, 4, 16, 16), (3, 5, 2, 1)),
+            ((3, 9, 8, 8), (10, 3, 1, 1)),
+            ((2, 4, 12, 24), (5, 3, 1, 1)),
+            ((2, 3, 16, 16), (7, 3, 1, 2)),
         ];
         for ((n, c, h, w), (co, k, p, s)) in cases {
             let g = Geometry::new((n, c, h, w), (co, c, k, k), p, s).expect("geometry");
-            assert!(applies(&g) && Isa::of(&g) == Isa::Avx512, "{g:?}");
+            let isas =
+                if g.out_w.is_multiple_of(16) { vec![Isa::Avx512Ymm, Isa::Avx512] } else { vec![Isa::Avx512Ymm] };
+            assert!(applies(&g) && Isa::of(&g) == *isas.last().unwrap(), "{g:?}");
             let x = random(n * c * h * w, &mut rng);
             let weights = random(co * c * k * k, &mut rng);
             let grad = random(n * co * g.out_plane(), &mut rng);
-            let mut outs = [Isa::Avx2, Isa::Avx512].map(|isa| {
+            let forward = |isa| {
                 let mut out = vec![0f32; grad.len()];
                 forward_on(isa, &g, &x, &weights, &mut out);
                 out
-            });
-            assert_close(&outs[1], &outs[0], &format!("forward {g:?}"));
-            let [dw2, dw512] = [Isa::Avx2, Isa::Avx512].map(|isa| weight_grad_on(isa, &g, &x, &grad));
-            assert_close(&dw512, &dw2, &format!("weight gradient {g:?}"));
-            if applies_to_input_grad(&g) && g.w.is_multiple_of(16) {
-                outs = [Isa::Avx2, Isa::Avx512].map(|isa| {
-                    let mut dx = vec![0f32; x.len()];
-                    input_grad_on(isa, &g, &grad, &weights, &mut dx);
-                    dx
-                });
-                assert_close(&outs[1], &outs[0], &format!("input gradient {g:?}"));
+            };
+            let input_grad = |isa| {
+                let mut dx = vec![0f32; x.len()];
+                input_grad_on(isa, &g, &grad, &weights, &mut dx);
+                dx
+            };
+            let gradient_rows = gradient_geometry(&g).out_w;
+            for isa in isas {
+                assert_close(&forward(isa), &forward(Isa::Avx2), &format!("{isa:?} forward {g:?}"));
+                let dw = weight_grad_on(isa, &g, &x, &grad);
+                assert_close(&dw, &weight_grad_on(Isa::Avx2, &g, &x, &grad), &format!("{isa:?} weight gradient {g:?}"));
+                if applies_to_input_grad(&g) && gradient_rows.is_multiple_of(isa.lanes()) {
+                    assert_close(&input_grad(isa), &input_grad(Isa::Avx2), &format!("{isa:?} input gradient {g:?}"));
+                }
             }
         }
     }
