@@ -20,6 +20,11 @@
 //!   8 with AVX-512's registers at AVX2's width (AVX512VL) where rows hold
 //!   8-float ones: on the `shapes` model's 8x8 planes that took its
 //!   training step from 156-165 to 169-175 images/s (Intel, 2026-12-04).
+//!   With those 32 registers, 3x3 stride-1 tiles run down a column of
+//!   output vectors (`column_tile`), loading each input vector once for
+//!   the three output rows that read it: a 64-channel 16x16 forward at
+//!   batch 8 took 0.50 ms against 0.60-0.63 (torch: 0.43), the `shapes`
+//!   step rose from 166-173 to 176-178 images/s (Intel, 2026-12-04).
 //! - Input gradient: for a 3x3 stride-1 convolution with padding `p`, the
 //!   output gradient convolved with the kernel flipped and its channel axes
 //!   swapped, with padding `2 - p`: the same micro-tiles.
@@ -222,6 +227,10 @@ struct Reads {
     taps: Vec<usize>,
     /// The largest of `taps`.
     last_tap: usize,
+    /// Whether micro-tiles run down a column of output vectors
+    /// ([`avx512::column_tile`]): 3x3 stride-1 kernels with AVX-512's
+    /// registers.
+    columns: bool,
 }
 
 impl Reads {
@@ -230,7 +239,8 @@ impl Reads {
         let column = |kx: usize| phase_index(wp, g.stride, kx);
         let taps: Vec<usize> = (0..g.kh).flat_map(|ky| (0..g.kw).map(move |kx| ky * wp + column(kx))).collect();
         let last_tap = taps.iter().copied().max().unwrap_or(0);
-        Self { isa, wp, in_plane: hp * wp, taps, last_tap }
+        let columns = g.kh == 3 && g.kw == 3 && g.stride == 1 && isa != Isa::Avx2;
+        Self { isa, wp, in_plane: hp * wp, taps, last_tap, columns }
     }
 
     /// Where the output vector at row `y`, column `x` starts reading.
@@ -432,20 +442,25 @@ fn convolve_group(g: &Geometry, reads: &Reads, image: &[f32], packed: &[f32], ds
     for first_row in (0..g.out_h).step_by(band_rows) {
         let rows = band_rows.min(g.out_h - first_row);
         // Output vectors of the band, as (offset in the prepared plane of
-        // the first read, offset in the output plane).
-        let vectors: Vec<(usize, usize)> = (first_row * vectors_per_row..(first_row + rows) * vectors_per_row)
+        // the first read, offset in the output plane), row after row or,
+        // for column tiles, column after column.
+        let vectors: Vec<(usize, usize)> = (0..rows * vectors_per_row)
             .map(|v| {
-                let (y, x) = (v / vectors_per_row, v % vectors_per_row * lanes);
+                let (y, column) =
+                    if reads.columns { (v % rows, v / rows) } else { (v / vectors_per_row, v % vectors_per_row) };
+                let (y, x) = (first_row + y, column * lanes);
                 (reads.read(g, y, x), y * g.out_w + x)
             })
             .collect();
-        // Tiles of equal size as far as they go: 8 vectors as 4 and 4, not
-        // 6 and 2 (8x8 planes ran 8% slower so).
-        let tile_len = vectors.len().div_ceil(vectors.len().div_ceil(reads.isa.vectors()));
+        // Tiles within a run (a column, or the band), of equal size as far
+        // as they go: 8 vectors as 4 and 4, not 6 and 2 (8x8 planes ran 8%
+        // slower so).
+        let run_len = if reads.columns { rows } else { vectors.len() };
+        let tile_len = run_len.div_ceil(run_len.div_ceil(reads.isa.vectors()));
         for block in 0..channels.div_ceil(CHANNELS) {
             let weights = &packed[block * block_len..][..block_len];
             let block_out = &mut dst[block * CHANNELS * plane..];
-            for tile in vectors.chunks(tile_len) {
+            for tile in vectors.chunks(run_len).flat_map(|run| run.chunks(tile_len)) {
                 micro_tile(g, reads, image, weights, tile, block_out);
             }
         }
@@ -471,6 +486,11 @@ fn micro_tile(g: &Geometry, reads: &Reads, image: &[f32], weights: &[f32], tile:
     // writes, and the CPU has the features the kernel is compiled for.
     #[cfg(target_arch = "x86_64")]
     unsafe {
+        if reads.columns {
+            let down_a_column = tile.iter().enumerate().all(|(j, &(read, _))| read == tile[0].0 + j * reads.wp);
+            assert!(down_a_column, "direct conv: a column tile's vectors are one below the other");
+            return column_tile_of(reads.isa, image, weights, tile[0], tile.len(), (reads.wp, g.out_w), out, planes);
+        }
         match reads.taps.len() {
             9 => tile_of::<9>(reads.isa, image, weights, &reads.taps, tile, out, planes),
             25 => tile_of::<25>(reads.isa, image, weights, &reads.taps, tile, out, planes),
@@ -515,6 +535,40 @@ unsafe fn tile_of<const T: usize>(
         (Isa::Avx512, &[a, b]) => avx512::tile(image, weights, taps, [a, b], out, planes),
         (Isa::Avx512, &[a]) => avx512::tile(image, weights, taps, [a], out, planes),
         _ => {}
+    }
+}
+
+/// [`avx512::column_tile`] or [`avx512_ymm::column_tile`] for a tile of 1
+/// to [`Isa::vectors`] vectors.
+///
+/// # Safety
+/// As for [`avx512::column_tile`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn column_tile_of(
+    isa: Isa,
+    image: &[f32],
+    weights: &[f32],
+    first: (usize, usize),
+    len: usize,
+    rows: (usize, usize),
+    out: &mut [f32],
+    planes: Planes,
+) {
+    match (isa, len) {
+        (Isa::Avx512, 6) => avx512::column_tile::<6>(image, weights, first, rows, out, planes),
+        (Isa::Avx512, 5) => avx512::column_tile::<5>(image, weights, first, rows, out, planes),
+        (Isa::Avx512, 4) => avx512::column_tile::<4>(image, weights, first, rows, out, planes),
+        (Isa::Avx512, 3) => avx512::column_tile::<3>(image, weights, first, rows, out, planes),
+        (Isa::Avx512, 2) => avx512::column_tile::<2>(image, weights, first, rows, out, planes),
+        (Isa::Avx512, 1) => avx512::column_tile::<1>(image, weights, first, rows, out, planes),
+        (Isa::Avx512Ymm, 6) => avx512_ymm::column_tile::<6>(image, weights, first, rows, out, planes),
+        (Isa::Avx512Ymm, 5) => avx512_ymm::column_tile::<5>(image, weights, first, rows, out, planes),
+        (Isa::Avx512Ymm, 4) => avx512_ymm::column_tile::<4>(image, weights, first, rows, out, planes),
+        (Isa::Avx512Ymm, 3) => avx512_ymm::column_tile::<3>(image, weights, first, rows, out, planes),
+        (Isa::Avx512Ymm, 2) => avx512_ymm::column_tile::<2>(image, weights, first, rows, out, planes),
+        (Isa::Avx512Ymm, 1) => avx512_ymm::column_tile::<1>(image, weights, first, rows, out, planes),
+        _ => unreachable!("direct conv: column tiles of 1 to 6 vectors with AVX-512's registers"),
     }
 }
 
@@ -596,6 +650,55 @@ macro_rules! kernels {
                 for (o, row) in acc.iter().enumerate().take(p.channels) {
                     for (sum, &(_, write)) in row.iter().zip(&vectors) {
                         $store(out.as_mut_ptr().add(o * p.out_plane + write), *sum);
+                    }
+                }
+            }
+
+            /// [`tile`] for a 3x3 stride-1 kernel and `R` vectors one below
+            /// the other: the first reads at `first.0` and writes at `first.1`,
+            /// `rows = (padded input row, output row)` floats apart. Each
+            /// input vector is loaded once for the up to three output rows
+            /// that read it, where [`tile`] loads it for each (18 loads of
+            /// 8 rows for 6 vectors and one kernel column), with the kernel
+            /// column's nine weights held in registers.
+            ///
+            /// # Safety
+            /// As for [`tile`], with every read of rows `first.0 ..=
+            /// first.0 + (R + 1) rows.0 + 2` in each input channel.
+            #[target_feature(enable = $feature)]
+            #[allow(dead_code)] // AVX2's 16 registers hold no column tile
+            pub(super) unsafe fn column_tile<const R: usize>(
+                image: &[f32],
+                weights: &[f32],
+                first: (usize, usize),
+                rows: (usize, usize),
+                out: &mut [f32],
+                p: Planes,
+            ) {
+                let mut acc = [[$zero(); R]; CHANNELS];
+                for i in 0..p.c_in {
+                    let channel = image.as_ptr().add(i * p.in_plane + first.0);
+                    let kernel = weights.as_ptr().add(i * 9 * CHANNELS);
+                    for kx in 0..3 {
+                        let w: [[_; CHANNELS]; 3] = std::array::from_fn(|ky| {
+                            std::array::from_fn(|o| $set1(*kernel.add((ky * 3 + kx) * CHANNELS + o)))
+                        });
+                        for r in 0..R + 2 {
+                            let input = $load(channel.add(r * rows.0 + kx));
+                            // Output row j = r - ky reads this input row with kernel row ky.
+                            for (ky, weights) in w.iter().enumerate() {
+                                if r >= ky && r - ky < R {
+                                    for (row, &weight) in acc.iter_mut().zip(weights) {
+                                        row[r - ky] = $fmadd(weight, input, row[r - ky]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for (o, row) in acc.iter().enumerate().take(p.channels) {
+                    for (j, sum) in row.iter().enumerate() {
+                        $store(out.as_mut_ptr().add(o * p.out_plane + first.1 + j * rows.1), *sum);
                     }
                 }
             }
@@ -790,6 +893,8 @@ mod tests {
             ((3, 9, 8, 8), (10, 3, 1, 1)),
             ((2, 4, 12, 24), (5, 3, 1, 1)),
             ((2, 3, 16, 16), (7, 3, 1, 2)),
+            // Bands of 10 rows (`BAND_INPUT`), column tiles of 5 and 5.
+            ((1, 100, 40, 48), (8, 3, 1, 1)),
         ];
         for ((n, c, h, w), (co, k, p, s)) in cases {
             let g = Geometry::new((n, c, h, w), (co, c, k, k), p, s).expect("geometry");
