@@ -382,6 +382,60 @@ mod tests {
         }
     }
 
+    /// The transforms compiled for AVX-512, AVX2 and baseline x86-64
+    /// (`pulp`'s dispatch picks the CPU's widest at run time) give the same
+    /// bits, forward and both gradients, F(2x2) and F(4x4): the same
+    /// operations in the same order on every lane. Each level this CPU has
+    /// runs, so an AVX-512 machine checks the AVX2 version too.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn transforms_give_the_same_bits_on_every_instruction_set() {
+        let levels: Vec<pulp::Arch> = [
+            Some(pulp::Arch::Scalar),
+            pulp::x86::V3::try_new().map(pulp::Arch::V3),
+            pulp::x86::V4::try_new().map(pulp::Arch::V4),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        eprintln!("instruction sets: {:?}", levels.iter().map(|&arch| name(arch)).collect::<Vec<_>>());
+        for g in test_geometries() {
+            let f2 = levels.iter().map(|&arch| outputs_on::<F2x2, 2, 4>(&g, arch)).collect::<Vec<_>>();
+            let f4 = levels.iter().map(|&arch| outputs_on::<F4x4, 4, 6>(&g, arch)).collect::<Vec<_>>();
+            for (runs, variant) in [(f2, "F(2x2)"), (f4, "F(4x4)")] {
+                for (run, arch) in runs.iter().zip(&levels).skip(1) {
+                    assert!(run == &runs[0], "{variant} on {} differs from baseline x86-64 on {g:?}", name(*arch));
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn name(arch: pulp::Arch) -> &'static str {
+        match arch {
+            pulp::Arch::V4(_) => "AVX-512",
+            pulp::Arch::V3(_) => "AVX2",
+            _ => "baseline x86-64",
+        }
+    }
+
+    /// The forward, input gradient and weight gradient's bits with the
+    /// transforms on `arch`, from fixed random tensors.
+    #[cfg(target_arch = "x86_64")]
+    fn outputs_on<V: Matrices<O, S>, const O: usize, const S: usize>(g: &Geometry, arch: pulp::Arch) -> Vec<u32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let (x, w) = (random(g.n * g.c_in * g.h * g.w), random(g.c_out * g.c_in * 9));
+        let dy = random(g.n * g.c_out * g.out_plane());
+        let (mut y, mut dx) = (vec![0f32; dy.len()], vec![0f32; x.len()]);
+        *transforms::FORCED_ARCH.write().expect("the forced instruction set") = Some(arch);
+        forward_with::<V, O, S>(g, &x, &w, &mut y);
+        input_grad_with::<V, O, S>(g, &dy, &w, &mut dx);
+        let dw = weight_grad_with::<V, O, S>(g, &x, &dy);
+        *transforms::FORCED_ARCH.write().expect("the forced instruction set") = None;
+        [y, dx, dw].concat().iter().map(|v| v.to_bits()).collect()
+    }
+
     /// Two images (a thread each on two threads) and one (the taps spread
     /// over the threads); a 64-channel layer on a plane of 64x65 (a
     /// ResNet's layer 1); and padding 0 and 2 (the input gradient of each

@@ -193,8 +193,26 @@ pub(super) fn output_grad<V: Matrices<O, S>, const O: usize, const S: usize>(
 /// `#[inline(always)]` on the closures and helpers here.
 #[inline(always)]
 fn vectorized<R>(f: impl FnOnce() -> R) -> R {
-    pulp::Arch::new().dispatch(f)
+    arch().dispatch(f)
 }
+
+#[cfg(not(test))]
+#[inline(always)]
+fn arch() -> pulp::Arch {
+    pulp::Arch::new()
+}
+
+/// In tests, the instruction set a test forces ([`FORCED_ARCH`]), else
+/// the CPU's widest.
+#[cfg(test)]
+fn arch() -> pulp::Arch {
+    FORCED_ARCH.read().expect("the forced instruction set").unwrap_or_default()
+}
+
+/// The instruction set the transforms run on in tests, when not the CPU's
+/// widest: so that one machine runs the AVX2 and baseline versions too.
+#[cfg(test)]
+pub(super) static FORCED_ARCH: std::sync::RwLock<Option<pulp::Arch>> = std::sync::RwLock::new(None);
 
 /// Values per step of [`map_runs`] and the row splits: one AVX-512 vector.
 pub(super) const LANES: usize = 16;
