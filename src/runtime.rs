@@ -89,7 +89,7 @@ fn report_oversized_writes() {}
 /// at 162-166 images/s against 142-148, a 1-epoch `shapes` training run
 /// (1200 images, evaluation included) took 8.1 s against 9.2-9.7, and the
 /// `bccd` and ResNet-50-FPN steps were unchanged within their noise
-/// (BENCHMARKS.md, 2026-12-04, Intel). An idle worker yields its core to
+/// (BENCHMARKS.md, 2026-12-03, Intel). An idle worker yields its core to
 /// any other thread that wants it (Candle's pool, the data loader) and
 /// naps once it has had nothing to do for [`SPIN`].
 pub(crate) fn on_worker<T: Send>(command: impl FnOnce() -> T + Send) -> T {

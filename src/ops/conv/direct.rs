@@ -19,19 +19,19 @@
 //!   rows hold whole 16-float vectors (its 32 registers hold 18), and 6 of
 //!   8 with AVX-512's registers at AVX2's width (AVX512VL) where rows hold
 //!   8-float ones: on the `shapes` model's 8x8 planes that took its
-//!   training step from 156-165 to 169-175 images/s (Intel, 2026-12-04).
+//!   training step from 156-165 to 169-175 images/s (Intel, 2026-12-03).
 //!   With those 32 registers, 3x3 stride-1 tiles run down a column of
 //!   output vectors (`column_tile`), loading each input vector once for
 //!   the three output rows that read it: a 64-channel 16x16 forward at
 //!   batch 8 took 0.50 ms against 0.60-0.63 (torch: 0.43), the `shapes`
-//!   step rose from 166-173 to 176-178 images/s (Intel, 2026-12-04).
+//!   step rose from 166-173 to 176-178 images/s (Intel, 2026-12-03).
 //! - Input gradient: for a 3x3 stride-1 convolution with padding `p`, the
 //!   output gradient convolved with the kernel flipped and its channel axes
 //!   swapped, with padding `2 - p`: the same micro-tiles.
 //! - Weight gradient: for [`CHANNELS`] output channels, one input channel
 //!   and [`Isa::taps`] kernel taps (3 with AVX2, 9 with AVX-512's 32
-//!   registers), vectors
-//!   of products summed over every output position, then across lanes.
+//!   registers), vectors of products summed over every output position,
+//!   then across lanes.
 //!
 //! Every sum runs in a fixed order, so results do not depend on threads
 //! (they do on the lane count: AVX-512 sums 16 lanes where AVX2 sums 8).
@@ -96,7 +96,7 @@ impl Isa {
     /// channels' gradients (AVX2: 9 and 3; AVX-512: 27 and 3). With nine
     /// taps a pass instead of three, a 64-channel 16x16 layer's forward and
     /// backward at batch 8 took 2.45 ms against 2.52, a 16-channel 32x32
-    /// one's 1.02 against 1.05 (Intel, 2026-12-04).
+    /// one's 1.02 against 1.05 (Intel, 2026-12-03).
     const fn taps(self) -> usize {
         match self {
             Isa::Avx2 => 3,
@@ -487,7 +487,11 @@ fn micro_tile(g: &Geometry, reads: &Reads, image: &[f32], weights: &[f32], tile:
     #[cfg(target_arch = "x86_64")]
     unsafe {
         if reads.columns {
-            let down_a_column = tile.iter().enumerate().all(|(j, &(read, _))| read == tile[0].0 + j * reads.wp);
+            let (first_read, first_write) = tile[0];
+            let down_a_column = tile
+                .iter()
+                .enumerate()
+                .all(|(j, &(read, write))| read == first_read + j * reads.wp && write == first_write + j * g.out_w);
             assert!(down_a_column, "direct conv: a column tile's vectors are one below the other");
             return column_tile_of(reads.isa, image, weights, tile[0], tile.len(), (reads.wp, g.out_w), out, planes);
         }

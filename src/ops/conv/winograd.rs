@@ -79,7 +79,7 @@ const MIN_CHANNELS_WIDE_PLANE: usize = 64;
 /// `bccd` recipe's last stage, 48 tiles an image) the forward and backward
 /// at batch 4 took 28.5-30.5 ms against 33.8-34.0 through im2col for 512
 /// channels, 8.6 against 10.1 for 256, and the same for 128 (3.5 and 3.4;
-/// Intel, 2026-12-04).
+/// Intel, 2026-12-03).
 const MIN_PLANE: usize = 12 * 16;
 
 /// Smallest output planes that take F(4x4, 3x3) rather than F(2x2, 3x3):
