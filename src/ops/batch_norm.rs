@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use super::elementwise::{relu, through_relu};
 use super::lane_sum::{lane_sum, lane_sums};
-use super::{f32_data, zeroed};
+use super::{f32_data, written};
 
 #[derive(Debug, Clone)]
 pub(crate) struct BatchNorm {
@@ -254,15 +254,11 @@ impl BatchNormOp {
     /// (and through the ReLU).
     pub(super) fn normalize(&self, x: &[f32], (c, plane): (usize, usize), gamma: &[f32], beta: &[f32]) -> Vec<f32> {
         let floor = if self.with_relu { 0.0 } else { f32::NEG_INFINITY };
-        let mut out = zeroed(x.len());
-        out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (y, x))| {
+        written(x.len(), plane, |i| {
             let ch = i % c;
             let (m, g, b) = (self.mean[ch], gamma[ch] * self.rstd[ch], beta[ch]);
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = ((x - m) * g + b).max(floor);
-            }
-        });
-        out
+            x[i * plane..].iter().map(move |&x| ((x - m) * g + b).max(floor))
+        })
     }
 
     /// The gradients of the input `x`, of `gamma` and of the shift, each
@@ -372,16 +368,16 @@ impl CustomOp3 for InputGrad<'_> {
         let [x, dy, y] = grad_arguments([(xs, xl), (gs, gl), (ys, yl)])?;
         let (c, plane) = channels_and_plane(xl);
         let count = (x.len() / c) as f64;
-        let mut dx = zeroed(x.len());
-        let inputs = x.par_chunks(plane).zip(dy.par_chunks(plane)).zip(y.par_chunks(plane));
-        dx.par_chunks_mut(plane).zip(inputs).enumerate().for_each(|(i, (dx, ((x, dy), y)))| {
+        let dx = written(x.len(), plane, |i| {
             let ch = i % c;
             let (m, r) = (op.mean[ch], op.rstd[ch]);
             let (mean_dy, mean_dy_xhat) = ((self.sum_dy[ch] / count) as f32, (self.sum_dy_xhat[ch] / count) as f32);
             let scale = self.gamma[ch] * r;
-            for (dx, ((&x, &dy), &y)) in dx.iter_mut().zip(x.iter().zip(dy).zip(y)) {
-                *dx = scale * (through_relu(op.with_relu, dy, y) - mean_dy - (x - m) * r * mean_dy_xhat);
-            }
+            let with_relu = op.with_relu;
+            let inputs = x[i * plane..].iter().zip(&dy[i * plane..]).zip(&y[i * plane..]);
+            inputs.map(move |((&x, &dy), &y)| {
+                scale * (through_relu(with_relu, dy, y) - mean_dy - (x - m) * r * mean_dy_xhat)
+            })
         });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }

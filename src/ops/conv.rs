@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use super::cuda_kernels::{conv_kernel, ConvKernel};
 use super::elementwise::{add_channel_bias_in_place, add_channel_bias_to_fresh, channel_bias_grads, relu};
-use super::{f32_data, zeroed};
+use super::{f32_data, uninit, zeroed};
 use transpose::transpose;
 
 #[cfg(feature = "cudnn")]
@@ -637,9 +637,31 @@ fn forward_bands_on_threads(g: &Geometry, image: &[f32], w: &[f32], bands: Vec<B
     }
 }
 
+/// `dx [n, c, h, w]` from `grad` and `w`, in a buffer zeroed only where
+/// col2im sums patches into it: the other paths write each value once.
+fn input_grad(g: &Geometry, grad: &[f32], w: &[f32]) -> Vec<f32> {
+    let len = g.n * g.c_in * g.h * g.w;
+    let mut dx = if input_grad_overwrites(g) {
+        // SAFETY: on these paths `input_grad_into` writes every value
+        // without reading one (checked by the tests'
+        // `input_grad_writes_every_value_and_reads_none`).
+        unsafe { uninit(len) }
+    } else {
+        zeroed(len)
+    };
+    input_grad_into(g, grad, w, &mut dx);
+    dx
+}
+
+/// Whether [`input_grad_into`] writes every value of `dx` rather than
+/// summing into it: all paths but col2im's.
+fn input_grad_overwrites(g: &Geometry) -> bool {
+    winograd::applies(g) || direct::applies_to_input_grad(g) || g.is_pointwise()
+}
+
 /// `dx` from `grad` and `w`, one image at a time: `dcols [patch, plane] =
 /// W^T x grad [co, plane]`, then col2im, band by band.
-fn input_grad(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
+fn input_grad_into(g: &Geometry, grad: &[f32], w: &[f32], dx: &mut [f32]) {
     let (in_image, out_image, plane) = (g.c_in * g.h * g.w, g.c_out * g.out_plane(), g.out_plane());
     if winograd::applies(g) {
         return winograd::input_grad(g, grad, w, dx);
@@ -743,7 +765,9 @@ impl CustomOp2 for ConvForward {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let (x, w) = (f32_data(xs, xl, "conv2d input")?, f32_data(ws, wl, "conv2d weight")?);
-        let mut out = zeroed(g.n * g.c_out * g.out_plane());
+        // SAFETY: `forward` writes every output value without reading one
+        // (checked by the tests' `forward_writes_every_output_and_reads_none`).
+        let mut out = unsafe { uninit(g.n * g.c_out * g.out_plane()) };
         forward(g, x, w, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))))
     }
@@ -793,7 +817,8 @@ impl CustomOp3 for ConvBiasForward {
         if bias.len() != g.c_out {
             candle_core::bail!("conv2d: {} bias values for {} output channels", bias.len(), g.c_out);
         }
-        let mut out = zeroed(g.n * g.c_out * g.out_plane());
+        // SAFETY: as in `ConvForward`.
+        let mut out = unsafe { uninit(g.n * g.c_out * g.out_plane()) };
         forward(g, x, w, &mut out);
         add_channel_bias_in_place(&mut out, bias, g.out_plane(), self.with_relu);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.c_out, g.out_h, g.out_w))))
@@ -824,8 +849,7 @@ impl CustomOp2 for ConvInputGrad {
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let (grad, w) = (f32_data(gs, gl, "conv2d gradient")?, f32_data(ws, wl, "conv2d weight")?);
-        let mut dx = zeroed(g.n * g.c_in * g.h * g.w);
-        input_grad(g, grad, w, &mut dx);
+        let dx = input_grad(g, grad, w);
         Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
     }
 }
@@ -922,6 +946,9 @@ mod tests {
         let x_var = Var::from_tensor(&Tensor::randn(0f32, 1., x, &dev)?)?;
         let weight = Var::from_tensor(&Tensor::randn(0f32, 1., w, &dev)?)?;
         let y = conv2d(x_var.as_tensor(), weight.as_tensor(), p, s)?;
+        let geometry = Geometry::new(x, w, p, s)?;
+        forward_writes_every_output_and_reads_none(&geometry, x_var.as_tensor(), weight.as_tensor())?;
+        input_grad_writes_every_value_and_reads_none(&geometry, &y, weight.as_tensor())?;
         let reference = candle_conv2d(x_var.as_tensor(), weight.as_tensor(), p, s)?;
         assert_eq!(y.dims(), reference.dims());
         let what = format!("input {x:?} weight {w:?} p{p} s{s}");
@@ -931,6 +958,39 @@ mod tests {
             let (a, b) = (ours.get(var.as_tensor()), theirs.get(var.as_tensor()));
             assert_close(a.expect("gradient"), b.expect("gradient"), &format!("{what} {name} gradient"))?;
         }
+        Ok(())
+    }
+
+    /// `forward` on an output buffer of NaNs gives the bits it gives on one
+    /// of zeros: it writes every value and reads none, as the ops that hand
+    /// it an uninitialised buffer ([`uninit`]) need. Run by
+    /// `check_against_candle`, so on every path the tests here take.
+    fn forward_writes_every_output_and_reads_none(g: &Geometry, x: &Tensor, w: &Tensor) -> Result<()> {
+        let (x, w) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
+        let len = g.n * g.c_out * g.out_plane();
+        let (mut on_zeros, mut on_nans) = (vec![0f32; len], vec![f32::NAN; len]);
+        forward(g, &x, &w, &mut on_zeros);
+        forward(g, &x, &w, &mut on_nans);
+        let same = on_zeros.iter().zip(&on_nans).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{g:?}: the output depends on what the buffer held");
+        Ok(())
+    }
+
+    /// The same of `input_grad_into` on the paths that [`uninit`] serves
+    /// (`input_grad_overwrites`), with `like_grad`'s shape for the output
+    /// gradient.
+    fn input_grad_writes_every_value_and_reads_none(g: &Geometry, like_grad: &Tensor, w: &Tensor) -> Result<()> {
+        if !input_grad_overwrites(g) {
+            return Ok(());
+        }
+        let grad = Tensor::randn(0f32, 1., like_grad.shape(), &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let w = w.flatten_all()?.to_vec1::<f32>()?;
+        let len = g.n * g.c_in * g.h * g.w;
+        let (mut on_zeros, mut on_nans) = (vec![0f32; len], vec![f32::NAN; len]);
+        input_grad_into(g, &grad, &w, &mut on_zeros);
+        input_grad_into(g, &grad, &w, &mut on_nans);
+        let same = on_zeros.iter().zip(&on_nans).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{g:?}: the input gradient depends on what the buffer held");
         Ok(())
     }
 

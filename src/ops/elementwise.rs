@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_data, f32_data_mut, zeroed};
+use super::{f32_data, f32_data_mut, written};
 
 /// What errors call an argument of these ops.
 const ARG: &str = "element-wise op argument";
@@ -117,14 +117,7 @@ pub(super) fn for_each_chunk(out: &mut [f32], size: usize, touched: usize, f: im
 
 /// `out[i] = f(a[i], b[i])`.
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = zeroed(a.len());
-    for_each_chunk(&mut out, CHUNK, a.len(), |i, o| {
-        let (a, b) = (&a[i * CHUNK..][..o.len()], &b[i * CHUNK..][..o.len()]);
-        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-            *o = f(a, b);
-        }
-    });
-    out
+    written(a.len(), CHUNK, |i| a[i * CHUNK..].iter().zip(&b[i * CHUNK..]).map(|(&a, &b)| f(a, b)))
 }
 
 /// `grad * (y > 0)`: the gradient through a ReLU whose output is `y`.
@@ -141,10 +134,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_data(s, l, ARG)?;
-        let mut out = zeroed(x.len());
-        for_each_chunk(&mut out, CHUNK, x.len(), |i, o| {
-            o.iter_mut().zip(&x[i * CHUNK..]).for_each(|(o, &x)| *o = x.max(0.0));
-        });
+        let out = written(x.len(), CHUNK, |i| x[i * CHUNK..].iter().map(|&x| x.max(0.0)));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -222,10 +212,9 @@ impl CustomOp2 for ChannelBias {
         let (x, bias) = (f32_data(s1, l1, ARG)?, f32_data(s2, l2, ARG)?);
         let plane = l1.shape().dims()[2..].iter().product::<usize>().max(1);
         let floor = self.floor();
-        let mut out = zeroed(x.len());
-        for_each_chunk(&mut out, plane, x.len(), |i, o| {
+        let out = written(x.len(), plane, |i| {
             let b = bias[i % bias.len()];
-            o.iter_mut().zip(&x[i * plane..]).for_each(|(o, &x)| *o = (x + b).max(floor));
+            x[i * plane..].iter().map(move |&x| (x + b).max(floor))
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

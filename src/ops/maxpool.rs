@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::conv::split_row;
 use super::cuda_kernels::own_f32_kernel;
-use super::{f32_data, zeroed};
+use super::{f32_data, written, zeroed};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -142,11 +142,10 @@ impl CustomOp1 for MaxPool3x3S2P1 {
         let (n, c, h, w) = layout.shape().dims4()?;
         let (idx, shape) = argmax_indices(x, (n, c, h, w));
         let out_plane = (out_size(h) * out_size(w)).max(1);
-        let mut out = zeroed(idx.len());
-        out.par_chunks_mut(out_plane)
-            .zip(idx.par_chunks(out_plane))
-            .zip(x.par_chunks((h * w).max(1)))
-            .for_each(|((out, idx), plane)| out.iter_mut().zip(idx).for_each(|(o, &i)| *o = plane[i as usize]));
+        let out = written(idx.len(), out_plane, |i| {
+            let plane = &x[i * h * w..][..h * w];
+            idx[i * out_plane..].iter().map(|&j| plane[j as usize])
+        });
         Ok((CpuStorage::F32(out), shape))
     }
 

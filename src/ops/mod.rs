@@ -56,12 +56,12 @@ fn f32_data_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, what: &str) ->
 /// Values below which [`zeroed`] zeroes on this thread alone.
 const PARALLEL_ZEROING: usize = 1 << 18;
 
-/// `vec![0f32; len]`, zeroed on every thread when large. With `vec!` an
-/// op's output was zeroed on the calling thread while the others waited
-/// (glibc's calloc clears a reused heap block with one `memset`, and
-/// activations stay in the heap, `runtime.rs`); this way the `bccd`
-/// step took 1.72-1.85 s against 1.91-1.97 in four alternating rounds
-/// (BENCHMARKS.md, 2026-12-03, Intel).
+/// `vec![0f32; len]`, zeroed on every thread when large, for outputs that
+/// are summed into. With `vec!` an op's output was zeroed on the calling
+/// thread while the others waited (glibc's calloc clears a reused heap
+/// block with one `memset`, and activations stay in the heap,
+/// `runtime.rs`); this way the `bccd` step took 1.72-1.85 s against
+/// 1.91-1.97 in four alternating rounds (BENCHMARKS.md, 2026-12-03, Intel).
 fn zeroed(len: usize) -> Vec<f32> {
     if len < PARALLEL_ZEROING {
         return vec![0f32; len];
@@ -71,6 +71,56 @@ fn zeroed(len: usize) -> Vec<f32> {
         .par_chunks_mut(PARALLEL_ZEROING)
         .for_each(|chunk| chunk.fill(MaybeUninit::new(0.0)));
     // SAFETY: the loop above wrote all `len` values.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `len` values written chunk by chunk, with no pass that zeroes them
+/// first: chunk `i` (`chunk` values, the last one shorter) takes them from
+/// `values(i)`, on every thread when `len` exceeds [`elementwise::CHUNK`].
+/// For outputs computed value by value (a norm's, a ReLU's), where
+/// [`zeroed`]'s pass was one more write of an activation-sized buffer:
+/// without those passes (and without them under the convolutions'
+/// outputs, [`uninit`]) the `bccd` step took 1.00 s against 1.03 (medians
+/// of 8 and 15 alternating runs) and the `shapes` step ran at 177 against
+/// 170 images/s (BENCHMARKS.md, 2026-12-04, Intel).
+///
+/// Panics if `values(i)` yields fewer values than its chunk holds.
+fn written<I: Iterator<Item = f32>>(len: usize, chunk: usize, values: impl Fn(usize) -> I + Sync) -> Vec<f32> {
+    let fill = |(i, out): (usize, &mut [MaybeUninit<f32>])| {
+        let mut count = 0;
+        for (slot, value) in out.iter_mut().zip(values(i)) {
+            slot.write(value);
+            count += 1;
+        }
+        assert_eq!(count, out.len(), "chunk {i}: {count} values for {} places", out.len());
+    };
+    let mut out = Vec::with_capacity(len);
+    let places = &mut out.spare_capacity_mut()[..len];
+    if len <= elementwise::CHUNK {
+        places.chunks_mut(chunk.max(1)).enumerate().for_each(fill);
+    } else {
+        places.par_chunks_mut(chunk.max(1)).enumerate().for_each(fill);
+    }
+    // SAFETY: every chunk of the first `len` places was written in full
+    // (the assert above), or the call panicked before this line.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `len` values as the allocator hands them over, for a kernel that
+/// writes every one of them without reading any: the convolution's
+/// forward, whose output is the largest buffer of most layers. Candle
+/// allocates its own ops' outputs the same way (`alloc_uninit`).
+///
+/// # Safety
+/// The caller writes all `len` values before any is read, and names the
+/// test that checks its kernel does.
+#[allow(clippy::uninit_vec, reason = "the caller writes every value before reading one")]
+unsafe fn uninit(len: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: f32 has no drop and every bit pattern is a value; the
+    // caller writes every value before reading one.
     unsafe { out.set_len(len) };
     out
 }
@@ -105,6 +155,22 @@ mod testing {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn written_takes_every_chunk_from_its_values() {
+        let chunk = 1000;
+        for len in [0, 7, chunk, 3 * super::elementwise::CHUNK + 5] {
+            let out = super::written(len, chunk, |i| (i * chunk..len).map(|v| v as f32));
+            assert_eq!(out.len(), len);
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i as f32), "length {len}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "values for")]
+    fn written_refuses_a_chunk_left_short() {
+        super::written(10, 4, |i| (0..if i == 1 { 3 } else { 4 }).map(|v| v as f32));
+    }
+
     #[test]
     fn zeroed_is_zero_on_every_length() {
         for len in [0, 5, super::PARALLEL_ZEROING, 3 * super::PARALLEL_ZEROING + 7] {
