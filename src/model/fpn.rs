@@ -2,12 +2,13 @@
 //! with `LastLevelP6P7`): `inner_blocks.N.0` 1x1 laterals, `layer_blocks.N.0`
 //! 3x3 outputs, `extra_blocks.p6`/`p7` stride-2 3x3 convs.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::{FpnConfig, P6Source};
 use crate::ops::conv::Conv2d;
 use crate::ops::elementwise::relu;
+use crate::ops::upsample::add_upsampled;
 
 /// torchvision's FPN init: kaiming_uniform_(a=1), zero bias.
 const FPN_INIT: Init = Init::Kaiming {
@@ -21,32 +22,6 @@ fn conv(c_in: usize, c_out: usize, kernel: usize, stride: usize, vb: VarBuilder)
     let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", FPN_INIT)?;
     let bias = vb.get_with_hints(c_out, "bias", Init::Const(0.0))?;
     Ok(Conv2d::new(weight, Some(bias), kernel / 2, stride))
-}
-
-/// Nearest-neighbour resize to (h, w), as `F.interpolate(size=..., mode="nearest")`:
-/// source index `floor(dst * in / out)`; exact 2x uses Candle's kernel.
-fn upsample_nearest(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
-    let (_, _, in_h, in_w) = x.dims4()?;
-    if h == 2 * in_h && w == 2 * in_w {
-        // Candle 0.11's backward of upsample_nearest2d *assigns* its gradient
-        // to the input instead of adding it (backprop.rs: `*sum_grad =
-        // conv_sum`), which dropped every gradient the FPN's upper levels got
-        // from their own heads (fix pending upstream: huggingface/candle#3507).
-        // Upsampling a copy gives that op an input of its own; the copy's
-        // backward then adds correctly. tests/train_parity.rs catches a relapse.
-        if x.device().is_cpu() && x.dtype() != DType::F32 {
-            // That backward is a convolution, which Candle's CPU backend
-            // has no bf16 kernel for; copies of values are exact in f32.
-            return upsample_nearest(&x.to_dtype(DType::F32)?, (h, w))?.to_dtype(x.dtype());
-        }
-        return x.copy()?.upsample_nearest2d(h, w);
-    }
-    let index = |out: usize, input: usize| -> Result<Tensor> {
-        let scale = input as f32 / out as f32;
-        let idx: Vec<u32> = (0..out).map(|i| ((i as f32 * scale) as usize).min(input - 1) as u32).collect();
-        Tensor::from_vec(idx, out, x.device())
-    };
-    x.index_select(&index(h, in_h)?, 2)?.index_select(&index(w, in_w)?, 3)
 }
 
 #[derive(Debug, Clone)]
@@ -82,9 +57,9 @@ impl Fpn {
     pub(super) fn forward(&self, [c3, c4, c5]: &[Tensor; 3]) -> Result<Vec<Tensor>> {
         let lateral5 = self.inner[2].forward(c5)?;
         let lateral4 = self.inner[1].forward(c4)?;
-        let top4 = (upsample_nearest(&lateral5, (lateral4.dim(2)?, lateral4.dim(3)?))? + lateral4)?;
+        let top4 = add_upsampled(&lateral4, &lateral5)?;
         let lateral3 = self.inner[0].forward(c3)?;
-        let top3 = (upsample_nearest(&top4, (lateral3.dim(2)?, lateral3.dim(3)?))? + lateral3)?;
+        let top3 = add_upsampled(&lateral3, &top4)?;
         let p3 = self.layer[0].forward(&top3)?;
         let p4 = self.layer[1].forward(&top4)?;
         let p5 = self.layer[2].forward(&lateral5)?;
@@ -102,32 +77,6 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
-
-    #[test]
-    fn nearest_matches_torch_for_odd_sizes() -> Result<()> {
-        // F.interpolate(arange(3).view(1,1,1,3), size=(1,5)) = [0, 0, 1, 1, 2].
-        let x = Tensor::arange(0f32, 3., &Device::Cpu)?.reshape((1, 1, 1, 3))?;
-        let y = upsample_nearest(&x, (1, 5))?.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(y, [0.0, 0.0, 1.0, 1.0, 2.0]);
-        let y = upsample_nearest(&x, (2, 6))?.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(y, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
-        Ok(())
-    }
-
-    #[test]
-    fn upsampled_tensor_keeps_its_other_gradients() -> Result<()> {
-        // y = sum(3 x) + sum(upsample(x)): dy/dx = 3 + the cells each input fills.
-        // 2x3 -> 4x6 (exact 2x): 4 each; 2x3 -> 3x5: rows [0, 0, 1], columns [0, 0, 1, 1, 2].
-        let cases = [((4, 6), [7.0; 6]), ((3, 5), [7.0, 7.0, 5.0, 5.0, 5.0, 4.0])];
-        for (size, expected) in cases {
-            let x = candle_core::Var::ones((1, 1, 2, 3), DType::F32, &Device::Cpu)?;
-            let y = ((x.as_tensor() * 3.0)?.sum_all()? + upsample_nearest(x.as_tensor(), size)?.sum_all()?)?;
-            let grads = y.backward()?;
-            let g = grads.get(x.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
-            assert_eq!(g, expected, "upsampled to {size:?}");
-        }
-        Ok(())
-    }
 
     #[test]
     fn level_shapes_and_names() -> Result<()> {

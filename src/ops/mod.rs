@@ -15,6 +15,7 @@ pub(crate) mod group_norm;
 mod lane_sum;
 pub(crate) mod maxpool;
 pub(crate) mod sgd;
+pub(crate) mod upsample;
 
 pub use boxes::BoxXyxy;
 pub use conv::conv2d;
