@@ -27,9 +27,7 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{
-    for_each_image, matmul, matmul_by_transposed, sum_over_image_runs, threads, with_columns, Geometry, BAND_COLUMNS,
-};
+use super::{for_each_image, matmul, matmul_by_transposed, sum_over_image_runs, threads, with_columns, Geometry};
 use f2::F2x2;
 use f4::F4x4;
 use transforms::{Matrices, LANES};
@@ -255,7 +253,16 @@ fn transform_weights<V: Matrices<O, S>, const O: usize, const S: usize>(
     u
 }
 
-/// Tile rows and columns of one output plane, and the band height.
+/// Most transformed input values of one band of tile rows (8 MiB; as many
+/// again for its products). Half of that cut a 128-channel 56x76 layer
+/// (the `bccd` recipe's P3 at 448x608) into bands of 11 and 3 tile rows,
+/// and its forward at batch 4 took 8.2-8.6 ms against 7.4-7.6 in one band;
+/// ResNet-50-FPN's 256-channel 100x152 head layer (800x1333, batch 1)
+/// 25.5 ms against 19.6 (2026-12-04, Intel).
+const BAND_VALUES: usize = 1 << 21;
+
+/// Tile rows and columns of one output plane, and the band height: bands
+/// of equal height, each within [`BAND_VALUES`].
 #[derive(Debug, Clone, Copy)]
 struct Tiles {
     rows: usize,
@@ -267,7 +274,8 @@ impl Tiles {
     /// Tiles of `out` outputs a side, `taps` transformed values each.
     fn new(g: &Geometry, out: usize, taps: usize) -> Self {
         let (rows, cols) = (g.out_h.div_ceil(out), g.out_w.div_ceil(out));
-        let band_rows = (BAND_COLUMNS / (taps * g.c_in * cols).max(1)).clamp(1, rows.max(1));
+        let most = (BAND_VALUES / (taps * g.c_in * cols).max(1)).clamp(1, rows.max(1));
+        let band_rows = rows.max(1).div_ceil(rows.max(1).div_ceil(most));
         Self { rows, cols, band_rows }
     }
 }
@@ -444,6 +452,22 @@ mod tests {
     /// over the threads); a 64-channel layer on a plane of 64x65 (a
     /// ResNet's layer 1); and padding 0 and 2 (the input gradient of each
     /// other).
+    /// Bands of tile rows hold at most [`BAND_VALUES`] transformed values
+    /// (unless one row holds more) and are of equal height but for the
+    /// last; the tall case is `conv.rs`'s several-band test.
+    #[test]
+    fn bands_are_even_and_within_the_budget() {
+        for ((h, w), c, several) in [((120, 64), 128, true), ((56, 76), 128, false), ((28, 38), 256, false)] {
+            let g = Geometry::new((1, c, h, w), (c, c, 3, 3), 1, 1).expect("geometry");
+            let (out, taps) = if large_tiles(&g) { (4, 36) } else { (2, 16) };
+            let tiles = Tiles::new(&g, out, taps);
+            let bands = tiles.rows.div_ceil(tiles.band_rows);
+            assert_eq!(bands > 1, several, "{h}x{w}: {tiles:?}");
+            assert!(tiles.band_rows * tiles.cols * taps * c <= BAND_VALUES, "{h}x{w}: {tiles:?}");
+            assert!(tiles.rows - (bands - 1) * tiles.band_rows + 1 >= tiles.band_rows, "{h}x{w}: {tiles:?}");
+        }
+    }
+
     fn test_geometries() -> Vec<Geometry> {
         [(2, 128, 130, 18, 21, 1), (1, 128, 130, 18, 21, 1), (1, 64, 66, 64, 65, 1), (1, 128, 128, 19, 22, 0)]
             .into_iter()
