@@ -967,13 +967,17 @@ mod tests {
     /// `check_against_candle`, so on every path the tests here take.
     fn forward_writes_every_output_and_reads_none(g: &Geometry, x: &Tensor, w: &Tensor) -> Result<()> {
         let (x, w) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
-        let len = g.n * g.c_out * g.out_plane();
-        let (mut on_zeros, mut on_nans) = (vec![0f32; len], vec![f32::NAN; len]);
-        forward(g, &x, &w, &mut on_zeros);
-        forward(g, &x, &w, &mut on_nans);
-        let same = on_zeros.iter().zip(&on_nans).all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "{g:?}: the output depends on what the buffer held");
+        assert_overwrites(g.n * g.c_out * g.out_plane(), &format!("{g:?}: the output"), |out| forward(g, &x, &w, out));
         Ok(())
+    }
+
+    /// `write` on a buffer of `len` NaNs gives the bits it gives on zeros.
+    fn assert_overwrites(len: usize, what: &str, write: impl Fn(&mut [f32])) {
+        let (mut on_zeros, mut on_nans) = (vec![0f32; len], vec![f32::NAN; len]);
+        write(&mut on_zeros);
+        write(&mut on_nans);
+        let same = on_zeros.iter().zip(&on_nans).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{what} depends on what the buffer held");
     }
 
     /// The same of `input_grad_into` on the paths that [`uninit`] serves
@@ -985,12 +989,8 @@ mod tests {
         }
         let grad = Tensor::randn(0f32, 1., like_grad.shape(), &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         let w = w.flatten_all()?.to_vec1::<f32>()?;
-        let len = g.n * g.c_in * g.h * g.w;
-        let (mut on_zeros, mut on_nans) = (vec![0f32; len], vec![f32::NAN; len]);
-        input_grad_into(g, &grad, &w, &mut on_zeros);
-        input_grad_into(g, &grad, &w, &mut on_nans);
-        let same = on_zeros.iter().zip(&on_nans).all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "{g:?}: the input gradient depends on what the buffer held");
+        let what = format!("{g:?}: the input gradient");
+        assert_overwrites(g.n * g.c_in * g.h * g.w, &what, |dx| input_grad_into(g, &grad, &w, dx));
         Ok(())
     }
 
