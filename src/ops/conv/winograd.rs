@@ -275,7 +275,8 @@ impl Tiles {
     fn new(g: &Geometry, out: usize, taps: usize) -> Self {
         let (rows, cols) = (g.out_h.div_ceil(out), g.out_w.div_ceil(out));
         let most = (BAND_VALUES / (taps * g.c_in * cols).max(1)).clamp(1, rows.max(1));
-        let band_rows = rows.max(1).div_ceil(rows.max(1).div_ceil(most));
+        let bands = rows.max(1).div_ceil(most);
+        let band_rows = rows.max(1).div_ceil(bands);
         Self { rows, cols, band_rows }
     }
 }
@@ -448,10 +449,6 @@ mod tests {
         [y, dx, dw].concat().iter().map(|v| v.to_bits()).collect()
     }
 
-    /// Two images (a thread each on two threads) and one (the taps spread
-    /// over the threads); a 64-channel layer on a plane of 64x65 (a
-    /// ResNet's layer 1); and padding 0 and 2 (the input gradient of each
-    /// other).
     /// Bands of tile rows hold at most [`BAND_VALUES`] transformed values
     /// (unless one row holds more) and are of equal height but for the
     /// last; the tall case is `conv.rs`'s several-band test.
@@ -468,6 +465,10 @@ mod tests {
         }
     }
 
+    /// Two images (a thread each on two threads) and one (the taps spread
+    /// over the threads); a 64-channel layer on a plane of 64x65 (a
+    /// ResNet's layer 1); and padding 0 and 2 (the input gradient of each
+    /// other).
     fn test_geometries() -> Vec<Geometry> {
         [(2, 128, 130, 18, 21, 1), (1, 128, 130, 18, 21, 1), (1, 64, 66, 64, 65, 1), (1, 128, 128, 19, 22, 0)]
             .into_iter()
